@@ -1,0 +1,57 @@
+"""The fedmerge ClientApp.
+
+Message contract (what :mod:`strategies` sends and expects back):
+
+* ``query`` → reply ``MetricRecord({"partition-id", "num-partitions"})`` so the server can give each
+  client its own training plan.
+* ``train`` carrying ``{"arrays": θ0, "config": ConfigRecord}``, the config holding the data spec
+  (``dataset``, ``num-clients``, ``partition``, ``alpha``, ``classes-per-client``, ``seed``, …),
+  ``model`` and this client's plan (``local-steps``, ``lr``, ``batch-size``, ``optimizer``,
+  ``weight-decay``) → reply ``{"arrays": τ_i, "metrics": MetricRecord}`` with ``num-examples``,
+  ``local-steps``, ``train-loss``, ``local-accuracy`` and ``partition-id``.
+"""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedmerge.data import DataSpec, load_federated
+from fedmerge.local import local_update
+from fedmerge.records import from_config
+from fedmerge.training import TrainPlan
+
+app = ClientApp()
+
+
+def _partition(context: Context) -> tuple[int, int]:
+    return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+
+
+@app.query()
+def identify(msg: Message, context: Context) -> Message:
+    pid, n = _partition(context)
+    return Message(RecordDict({"metrics": MetricRecord({"partition-id": pid, "num-partitions": n})}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    pid, num_partitions = _partition(context)
+    config: ConfigRecord = msg.content["config"]
+    spec = from_config(DataSpec, config)
+    if spec.num_clients != num_partitions:
+        raise ValueError(f"server expects {spec.num_clients} clients, this node is one of {num_partitions}")
+    data = load_federated(spec)
+    base = msg.content["arrays"].to_torch_state_dict()
+    update = local_update(
+        str(config["model"]), base, data.clients[pid], from_config(TrainPlan, config),
+        seed=spec.seed, input_shape=data.input_shape, num_classes=data.num_classes,
+    )
+    metrics = MetricRecord({
+        "num-examples": update.num_examples,
+        "local-steps": update.local_steps,
+        "train-loss": float(update.train_loss),
+        "local-accuracy": float(update.accuracy),
+        "partition-id": pid,
+    })
+    return Message(RecordDict({"arrays": ArrayRecord(dict(update.task_vector)), "metrics": metrics}), reply_to=msg)

@@ -1,0 +1,183 @@
+"""Datasets and federated partitions.
+
+The embedded default is scikit-learn's bundled handwritten digits (1,797 8×8 images, 10 classes):
+real data, no network. One seed splits it into a pre-training set (disjoint from every client), a
+global test set and a client pool; flwr-datasets partitioners split the pool across clients, and each
+client keeps a held-out local test split of its own partition.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fedmerge.errors import ConfigError
+
+PARTITIONS = ("iid", "dirichlet", "pathological")
+MIN_CLIENT_EXAMPLES = 10  # a client needs enough data for a train and a local test split
+
+
+@dataclass(frozen=True)
+class Split:
+    """Inputs ``x`` (N × C × H × W, float32) and integer labels ``y`` (N)."""
+
+    x: Tensor
+    y: Tensor
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def subset(self, index: np.ndarray | Tensor) -> Split:
+        index = torch.as_tensor(index, dtype=torch.long)
+        return Split(self.x[index], self.y[index])
+
+    def label_counts(self, num_classes: int) -> list[int]:
+        return torch.bincount(self.y, minlength=num_classes).tolist()
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    data: Split
+    num_classes: int
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.data.x.shape[1:])
+
+
+def _load_digits() -> Dataset:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = torch.tensor(bunch.images / 16.0, dtype=torch.float32).unsqueeze(1)  # N × 1 × 8 × 8 in [0, 1]
+    return Dataset("digits", Split(x, torch.tensor(bunch.target, dtype=torch.long)), 10)
+
+
+DATASETS: dict[str, Callable[[], Dataset]] = {"digits": _load_digits}
+
+
+@functools.lru_cache(maxsize=4)
+def load_dataset(name: str) -> Dataset:
+    if name not in DATASETS:
+        raise ConfigError(f"dataset={name!r} is not known; known: {', '.join(sorted(DATASETS))}")
+    return DATASETS[name]()
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Everything that determines every split: two equal specs give identical data."""
+
+    num_clients: int
+    partition: str = "iid"
+    alpha: float = 0.5
+    classes_per_client: int = 2
+    seed: int = 0
+    dataset: str = "digits"
+    pretrain_fraction: float = 0.1
+    test_fraction: float = 0.2
+    local_test_fraction: float = 0.2
+
+
+@dataclass(frozen=True)
+class ClientData:
+    partition_id: int
+    train: Split
+    test: Split
+
+
+@dataclass(frozen=True)
+class FederatedData:
+    spec: DataSpec
+    num_classes: int
+    input_shape: tuple[int, ...]
+    pretrain: Split
+    test: Split
+    clients: tuple[ClientData, ...]
+
+
+def _partitioner(spec: DataSpec):
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
+
+    n = spec.num_clients
+    if spec.partition == "iid":
+        return IidPartitioner(num_partitions=n)  # contiguous chunks of the seed-shuffled pool
+    if spec.partition == "dirichlet":
+        return DirichletPartitioner(
+            num_partitions=n, partition_by="label", alpha=spec.alpha,
+            min_partition_size=MIN_CLIENT_EXAMPLES, self_balancing=False, seed=spec.seed,
+        )
+    if spec.partition == "pathological":
+        return PathologicalPartitioner(
+            num_partitions=n, partition_by="label", num_classes_per_partition=spec.classes_per_client,
+            class_assignment_mode="first-deterministic", seed=spec.seed,
+        )
+    raise ConfigError(f"partition={spec.partition!r} is not known; known: {', '.join(PARTITIONS)}")
+
+
+def partition_indices(labels: np.ndarray, spec: DataSpec) -> list[np.ndarray]:
+    """Row indices of each client's partition, through a flwr-datasets partitioner."""
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    import datasets
+
+    datasets.disable_progress_bars()
+    table = datasets.Dataset.from_dict({"label": labels.tolist(), "row": list(range(len(labels)))})
+    partitioner = _partitioner(spec)
+    partitioner.dataset = table
+    try:
+        parts = [np.asarray(partitioner.load_partition(i)["row"], dtype=np.int64) for i in range(spec.num_clients)]
+    except ValueError as exc:  # Dirichlet gives up when it cannot meet min_partition_size
+        raise ConfigError(
+            f"partition={spec.partition!r} could not serve num-clients={spec.num_clients} "
+            f"with at least {MIN_CLIENT_EXAMPLES} examples each ({exc}); use fewer clients or a larger alpha"
+        ) from None
+    return parts
+
+
+def _validate(spec: DataSpec, pool_size: int) -> None:
+    if spec.num_clients < 1:
+        raise ConfigError(f"num-clients must be at least 1, got {spec.num_clients}")
+    if spec.partition == "dirichlet" and not spec.alpha > 0:
+        raise ConfigError(f"alpha must be > 0, got {spec.alpha}")
+    for name, frac in (("pretrain-fraction", spec.pretrain_fraction), ("test-fraction", spec.test_fraction),
+                       ("local-test-fraction", spec.local_test_fraction)):
+        if not 0 < frac < 1:
+            raise ConfigError(f"{name} must lie strictly between 0 and 1, got {frac}")
+    if spec.pretrain_fraction + spec.test_fraction >= 0.9:
+        raise ConfigError("pretrain-fraction + test-fraction must leave at least 10% of the data to the clients")
+    most = pool_size // MIN_CLIENT_EXAMPLES
+    if spec.num_clients > most:
+        raise ConfigError(
+            f"num-clients={spec.num_clients} is more than the {spec.dataset} client pool of {pool_size} "
+            f"examples can serve (at most {most} clients with {MIN_CLIENT_EXAMPLES} examples each)"
+        )
+
+
+@functools.lru_cache(maxsize=8)
+def load_federated(spec: DataSpec) -> FederatedData:
+    """All splits of ``spec``; deterministic in ``spec.seed`` and cached per process."""
+    ds = load_dataset(spec.dataset)
+    n = len(ds.data)
+    order = np.random.default_rng(spec.seed).permutation(n)
+    n_pre, n_test = round(spec.pretrain_fraction * n), round(spec.test_fraction * n)
+    _validate(spec, n - n_pre - n_test)
+    pretrain = ds.data.subset(order[:n_pre])
+    test = ds.data.subset(order[n_pre:n_pre + n_test])
+    pool = ds.data.subset(order[n_pre + n_test:])
+    clients = []
+    for pid, rows in enumerate(partition_indices(pool.y.numpy(), spec)):
+        if len(rows) < 2:
+            raise ConfigError(
+                f"client {pid} received {len(rows)} examples under partition={spec.partition!r}; "
+                "use fewer clients or more classes-per-client"
+            )
+        rows = np.random.default_rng([spec.seed, pid]).permutation(rows)
+        n_local_test = min(len(rows) - 1, max(1, round(spec.local_test_fraction * len(rows))))
+        clients.append(ClientData(pid, pool.subset(rows[n_local_test:]), pool.subset(rows[:n_local_test])))
+    return FederatedData(spec, ds.num_classes, ds.input_shape, pretrain, test, tuple(clients))

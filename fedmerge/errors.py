@@ -1,0 +1,23 @@
+"""Exceptions a user can cause. Each carries one clear line naming what is wrong."""
+
+from __future__ import annotations
+
+
+class FedmergeError(Exception):
+    """Base class for every error fedmerge raises on purpose."""
+
+
+class MergeError(FedmergeError, ValueError):
+    """Task vectors, weights or options that a merging method cannot accept."""
+
+
+class ConfigError(FedmergeError, ValueError):
+    """An experiment setting that is unknown, of the wrong type or out of range."""
+
+
+class CheckpointError(FedmergeError, ValueError):
+    """A checkpoint or task-vector file that is missing, unreadable or mismatched."""
+
+
+class FederationError(FedmergeError, RuntimeError):
+    """A federated round that cannot finish: nodes missing, too few valid replies."""

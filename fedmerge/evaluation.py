@@ -1,0 +1,53 @@
+"""Accuracy and loss of a model on a split, and the normalized accuracy of merged models."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from fedmerge.data import Split
+
+
+@dataclass(frozen=True)
+class Scores:
+    loss: float
+    accuracy: float  # fraction in [0, 1]
+
+
+@torch.no_grad()
+def score(model: nn.Module, data: Split, batch_size: int = 1024) -> Scores:
+    model.eval()
+    total_loss, correct = 0.0, 0
+    for start in range(0, len(data), batch_size):
+        x, y = data.x[start:start + batch_size], data.y[start:start + batch_size]
+        logits = model(x)
+        total_loss += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
+        correct += int((logits.argmax(dim=1) == y).sum())
+    n = max(1, len(data))
+    return Scores(total_loss / n, correct / n)
+
+
+class Evaluator:
+    """Scores many state dicts of one architecture on fixed splits, reusing one model object."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def accuracy(self, state: Mapping[str, Tensor], data: Split) -> float:
+        self.model.load_state_dict(state)
+        return score(self.model, data).accuracy
+
+    def accuracies(self, state: Mapping[str, Tensor], splits: Sequence[Split]) -> list[float]:
+        self.model.load_state_dict(state)
+        return [score(self.model, s).accuracy for s in splits]
+
+
+def normalized_accuracy(merged: Sequence[float], own: Sequence[float]) -> float:
+    """Mean over clients of acc(merged, split_i) / acc(θ_i, split_i) (TSV paper, Eq. 9).
+
+    A client whose own model scores 0 is left out (its ratio is undefined)."""
+    ratios = [m / o for m, o in zip(merged, own) if o > 0]
+    return sum(ratios) / len(ratios) if ratios else float("nan")

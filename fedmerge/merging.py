@@ -1,0 +1,299 @@
+"""One-shot merging rules: one verb, one registry.
+
+``merge(method, task_vectors, weights=None, **options)`` returns the merged task vector τ_merged
+(not yet scaled by λ, not yet added to θ0; use :func:`fedmerge.apply`). ``METHODS`` maps every
+registered name to its :class:`MergeMethod`. With p_i the normalised ``weights`` (uniform when
+omitted):
+
+===================  ==================================================================================
+``task_arithmetic``  Σ_i τ_i  (Ilharco et al., 2023; weights ignored by definition)
+``fedavg``           Σ_i p_i τ_i  (McMahan et al., 2017, one round with server learning rate 1)
+``fednova``          (Σ_j p_j K_j) · Σ_i p_i τ_i / K_i  (Wang et al., 2020), ``local_steps`` = [K_i]
+``median``           coordinate-wise median (mean of the two middle values when n is even)
+``fedgma``           m ⊙ Σ_i p_i τ_i, A = |Σ_i sign τ_i| / n, m = 1 where A ≥ rho else A
+                     (Tenison et al., 2022)
+``cclip``            Σ_i p_i τ_i · min(1, rho / ‖τ_i‖₂)  (Karimireddy et al., 2021, centre θ0)
+``tsv``              TSV-Merge (Gargiulo et al., CVPR 2025) on 2-D tensors, Σ_i p_i τ_i elsewhere
+===================  ==================================================================================
+
+Every method validates its inputs up front and raises :class:`~fedmerge.errors.MergeError` naming
+the client and tensor at fault. Inputs are never mutated; each output tensor keeps its input dtype
+(half precision is computed in float32, SVDs in float64).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fedmerge.errors import MergeError
+from fedmerge.task_vector import compute_dtype
+
+TaskVectors = Sequence[Mapping[str, Tensor]]
+Combine = Callable[..., dict[str, Tensor]]
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A registered merging rule.
+
+    ``combine(task_vectors, p, **options)`` receives validated task vectors and normalised weights.
+    ``options`` are its keyword-only parameters with their defaults (``None`` marks "derived from the
+    inputs"); ``required`` must be given; ``per_client`` options hold one value per task vector.
+    ``natural_scale`` says whether the merged vector has the size of one task vector ("mean") or of
+    their sum ("sum"), which tells what λ to try first.
+    """
+
+    name: str
+    combine: Combine
+    summary: str
+    natural_scale: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+    required: frozenset[str] = frozenset()
+    per_client: frozenset[str] = frozenset()
+
+
+METHODS: dict[str, MergeMethod] = {}
+
+
+def register(name: str, *, natural_scale: str, per_client: Sequence[str] = ()) -> Callable[[Combine], Combine]:
+    """Add a combine function to ``METHODS``; its keyword-only parameters become its options."""
+
+    def deco(fn: Combine) -> Combine:
+        params = inspect.signature(fn).parameters.values()
+        kw = [p for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
+        METHODS[name] = MergeMethod(
+            name=name,
+            combine=fn,
+            summary=(fn.__doc__ or "").strip().splitlines()[0],
+            natural_scale=natural_scale,
+            options={p.name: (None if p.default is inspect.Parameter.empty else p.default) for p in kw},
+            required=frozenset(p.name for p in kw if p.default is inspect.Parameter.empty),
+            per_client=frozenset(per_client),
+        )
+        return fn
+
+    return deco
+
+
+# ------------------------------------------------------------------------------------------------
+# Validation
+# ------------------------------------------------------------------------------------------------
+
+
+def validate_task_vector(tv: Mapping[str, Tensor], reference: Mapping[str, Tensor], who: str) -> None:
+    """Check one task vector against a reference (same names, shapes, floating and finite values)."""
+    if not isinstance(tv, Mapping):
+        raise MergeError(f"{who}: task vector must be a mapping of name to tensor, got {type(tv).__name__}")
+    missing, extra = sorted(set(reference) - set(tv)), sorted(set(tv) - set(reference))
+    if missing:
+        raise MergeError(f"{who}: tensor {missing[0]!r} is missing")
+    if extra:
+        raise MergeError(f"{who}: unexpected tensor {extra[0]!r}")
+    for key, ref in reference.items():
+        t = tv[key]
+        if not torch.is_tensor(t):
+            raise MergeError(f"{who}, tensor {key!r}: not a tensor ({type(t).__name__})")
+        if not t.is_floating_point():
+            raise MergeError(f"{who}, tensor {key!r}: dtype {t.dtype} is not floating point")
+        if t.shape != ref.shape:
+            raise MergeError(f"{who}, tensor {key!r}: shape {tuple(t.shape)} != {tuple(ref.shape)}")
+        if not bool(torch.isfinite(t).all()):
+            raise MergeError(f"{who}, tensor {key!r}: contains NaN or Inf")
+
+
+def validate_task_vectors(task_vectors: TaskVectors) -> None:
+    """Check that there is at least one task vector and that all agree with the first."""
+    if isinstance(task_vectors, Mapping) or not isinstance(task_vectors, Sequence):
+        raise MergeError("task_vectors must be a sequence of task vectors (one mapping per client)")
+    if len(task_vectors) == 0:
+        raise MergeError("no task vectors to merge")
+    first = task_vectors[0]
+    if not isinstance(first, Mapping) or len(first) == 0:
+        raise MergeError("client 0: task vector is empty or not a mapping")
+    for i, tv in enumerate(task_vectors):
+        validate_task_vector(tv, first, f"client {i}")
+
+
+def _per_client_values(name: str, values: Any, n: int, *, positive: bool) -> list[float]:
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence | Tensor):
+        raise MergeError(f"{name} must be a sequence with one number per client, got {values!r}")
+    vals = [float(v) for v in values]
+    if len(vals) != n:
+        raise MergeError(f"{name} has {len(vals)} entries for {n} clients")
+    for i, v in enumerate(vals):
+        if not math.isfinite(v) or v < 0 or (positive and v == 0):
+            kind = "positive" if positive else "non-negative"
+            raise MergeError(f"{name}[{i}] (client {i}) must be a finite {kind} number, got {v}")
+    return vals
+
+
+def normalised_weights(weights: Sequence[float] | None, n: int) -> list[float]:
+    """p_i = w_i / Σ_j w_j; uniform when ``weights`` is None."""
+    if weights is None:
+        return [1.0 / n] * n
+    w = _per_client_values("weights", weights, n, positive=False)
+    total = sum(w)
+    if total <= 0:
+        raise MergeError("weights sum to zero")
+    return [x / total for x in w]
+
+
+# ------------------------------------------------------------------------------------------------
+# The verb
+# ------------------------------------------------------------------------------------------------
+
+
+def merge(
+    method: str,
+    task_vectors: TaskVectors,
+    weights: Sequence[float] | None = None,
+    **options: Any,
+) -> dict[str, Tensor]:
+    """Merge task vectors with a registered method; see the module docstring for the formulas."""
+    if method not in METHODS:
+        raise MergeError(f"unknown merging method {method!r}; known: {', '.join(sorted(METHODS))}")
+    spec = METHODS[method]
+    validate_task_vectors(task_vectors)
+    n = len(task_vectors)
+    p = normalised_weights(weights, n)
+    unknown = sorted(set(options) - set(spec.options))
+    if unknown:
+        known = ", ".join(sorted(spec.options)) or "none"
+        raise MergeError(f"{method}: unknown option {unknown[0]!r} (options: {known})")
+    missing = sorted(spec.required - set(options))
+    if missing:
+        raise MergeError(f"{method}: required option {missing[0]!r} is missing")
+    for name in spec.per_client & set(options):
+        options[name] = _per_client_values(name, options[name], n, positive=True)
+    return spec.combine(list(task_vectors), p, **options)
+
+
+# ------------------------------------------------------------------------------------------------
+# Building blocks
+# ------------------------------------------------------------------------------------------------
+
+
+def linear_combination(
+    task_vectors: TaskVectors, coefficients: Sequence[float], keys: Sequence[str] | None = None
+) -> dict[str, Tensor]:
+    """Σ_i c_i τ_i over ``keys`` (all by default), one task vector at a time (no n × model stack)."""
+    out: dict[str, Tensor] = {}
+    for key in task_vectors[0] if keys is None else keys:
+        ref = task_vectors[0][key]
+        dt = compute_dtype(ref.dtype)
+        acc = torch.zeros(ref.shape, dtype=dt)
+        for c, tv in zip(coefficients, task_vectors):
+            acc.add_(tv[key].to(dt), alpha=c)
+        out[key] = acc.to(ref.dtype)
+    return out
+
+
+def _check_rho(method: str, rho: float, lo: float, hi: float) -> float:
+    try:
+        rho = float(rho)
+    except (TypeError, ValueError):
+        raise MergeError(f"{method}: rho must be a number, got {rho!r}") from None
+    if not (lo <= rho <= hi) or not math.isfinite(rho):
+        raise MergeError(f"{method}: rho must lie in [{lo}, {hi}], got {rho}")
+    return rho
+
+
+# ------------------------------------------------------------------------------------------------
+# Methods
+# ------------------------------------------------------------------------------------------------
+
+
+@register("task_arithmetic", natural_scale="sum")
+def task_arithmetic(task_vectors: TaskVectors, p: Sequence[float]) -> dict[str, Tensor]:
+    """Task Arithmetic: the plain sum Σ_i τ_i (weights ignored; λ = η/N makes it one-shot FedAvg)."""
+    return linear_combination(task_vectors, [1.0] * len(task_vectors))
+
+
+@register("fedavg", natural_scale="mean")
+def fedavg(task_vectors: TaskVectors, p: Sequence[float]) -> dict[str, Tensor]:
+    """FedAvg: the weighted mean Σ_i p_i τ_i."""
+    return linear_combination(task_vectors, p)
+
+
+@register("fednova", natural_scale="mean", per_client=("local_steps",))
+def fednova(task_vectors: TaskVectors, p: Sequence[float], *, local_steps: Sequence[float]) -> dict[str, Tensor]:
+    """FedNova: (Σ_j p_j K_j) · Σ_i p_i τ_i / K_i, removing the bias towards long-trained clients."""
+    tau_eff = sum(pj * kj for pj, kj in zip(p, local_steps))
+    return linear_combination(task_vectors, [tau_eff * pi / ki for pi, ki in zip(p, local_steps)])
+
+
+@register("median", natural_scale="mean")
+def median(task_vectors: TaskVectors, p: Sequence[float]) -> dict[str, Tensor]:
+    """Coordinate-wise median over clients (mean of the two middle values when n is even)."""
+    n = len(task_vectors)
+    out: dict[str, Tensor] = {}
+    for key, ref in task_vectors[0].items():
+        stack = torch.stack([tv[key].to(compute_dtype(ref.dtype)) for tv in task_vectors])
+        if n % 2:
+            mid = stack.kthvalue(n // 2 + 1, dim=0).values
+        else:
+            mid = (stack.kthvalue(n // 2, dim=0).values + stack.kthvalue(n // 2 + 1, dim=0).values) / 2
+        out[key] = mid.to(ref.dtype)
+    return out
+
+
+@register("fedgma", natural_scale="mean")
+def fedgma(task_vectors: TaskVectors, p: Sequence[float], *, rho: float = 0.5) -> dict[str, Tensor]:
+    """FedGMA: the weighted mean masked by sign agreement A = |Σ sign τ_i| / n (soft below rho)."""
+    rho = _check_rho("fedgma", rho, 0.0, 1.0)
+    n = len(task_vectors)
+    mean = linear_combination(task_vectors, p)
+    out: dict[str, Tensor] = {}
+    for key, m in mean.items():
+        dt = compute_dtype(m.dtype)
+        agreement = sum(torch.sign(tv[key].to(dt)) for tv in task_vectors).abs() / n
+        mask = torch.where(agreement >= rho, torch.ones_like(agreement), agreement)
+        out[key] = (mask * m.to(dt)).to(m.dtype)
+    return out
+
+
+@register("cclip", natural_scale="mean")
+def cclip(task_vectors: TaskVectors, p: Sequence[float], *, rho: float | None = None) -> dict[str, Tensor]:
+    """Centred clipping at θ0: Σ_i p_i τ_i · min(1, rho / ‖τ_i‖₂); rho defaults to the median norm."""
+    norms = [math.sqrt(sum(float(t.double().pow(2).sum()) for t in tv.values())) for tv in task_vectors]
+    if rho is None:
+        rho = float(torch.tensor(norms, dtype=torch.float64).quantile(0.5))
+    rho = _check_rho("cclip", rho, 0.0, math.inf)
+    factors = [1.0 if nrm == 0 else min(1.0, rho / nrm) for nrm in norms]
+    return linear_combination(task_vectors, [pi * f for pi, f in zip(p, factors)])
+
+
+def polar_factor(x: Tensor) -> Tensor:
+    """The orthogonal polar factor P Qᵀ of x = P D Qᵀ: the nearest matrix with orthonormal columns."""
+    u, _, vh = torch.linalg.svd(x, full_matrices=False)
+    return u @ vh
+
+
+def tsv_merge_matrix(matrices: Sequence[Tensor]) -> Tensor:
+    """TSV-M for one layer: top k = max(1, ⌊min(m,n)/T⌋) triplets per task, orthogonalised bases."""
+    t = len(matrices)
+    rows, cols = matrices[0].shape
+    k = max(1, min(rows, cols) // t)
+    u, s, vh = torch.linalg.svd(torch.stack([m.double() for m in matrices]), full_matrices=False)
+    u_cat = u[:, :, :k].permute(1, 0, 2).reshape(rows, t * k)
+    s_cat = s[:, :k].reshape(t * k)
+    v_cat = vh[:, :k, :].permute(2, 0, 1).reshape(cols, t * k)
+    return (polar_factor(u_cat) * s_cat) @ polar_factor(v_cat).T
+
+
+@register("tsv", natural_scale="sum")
+def tsv(task_vectors: TaskVectors, p: Sequence[float]) -> dict[str, Tensor]:
+    """TSV-Merge: per 2-D tensor U⊥ diag(σ) V⊥ᵀ of the tasks' top singular triplets; other tensors Σ p_i τ_i."""
+    first = task_vectors[0]
+    out = linear_combination(task_vectors, p, keys=[k for k, v in first.items() if v.dim() != 2])
+    for key, ref in first.items():
+        if ref.dim() == 2:
+            out[key] = tsv_merge_matrix([tv[key] for tv in task_vectors]).to(ref.dtype)
+    return {key: out[key] for key in first}

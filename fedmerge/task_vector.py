@@ -1,0 +1,180 @@
+"""Task vectors: fine-tuned weights minus pre-trained weights, with arithmetic that reads like math.
+
+A task vector holds only the floating-point tensors of a ``state_dict``. Integer buffers (BatchNorm's
+``num_batches_tracked``) stay with the base model and are never merged. Following
+``mlfoundations/task_vectors``, ``TaskVector`` supports ``+``, ``-``, negation and scalar ``*``, and
+``apply_to(base, scale)`` gives θ0 + scale · τ.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from fedmerge.errors import CheckpointError, MergeError
+
+StateDict = Mapping[str, Tensor]
+
+
+def floating_items(state: StateDict) -> dict[str, Tensor]:
+    """The floating-point tensors of a state dict: the part that task vectors and merging touch."""
+    return {k: v for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point()}
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Half-precision tensors are combined in float32 and written back in their own dtype."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+class TaskVector(Mapping[str, Tensor]):
+    """An immutable mapping from parameter name to the difference θ_i − θ0 for that parameter."""
+
+    __slots__ = ("_tensors",)
+
+    def __init__(self, tensors: Mapping[str, Tensor]):
+        bad = [k for k, v in tensors.items() if not (torch.is_tensor(v) and v.is_floating_point())]
+        if bad:
+            raise MergeError(f"task vector entry {bad[0]!r} is not a floating-point tensor")
+        self._tensors = dict(tensors)
+
+    @classmethod
+    def between(cls, base: StateDict, finetuned: StateDict) -> TaskVector:
+        """τ = finetuned − base over the floating-point tensors of ``base``."""
+        base_f = floating_items(base)
+        missing = sorted(set(base_f) - set(finetuned))
+        if missing:
+            raise MergeError(f"fine-tuned weights lack tensor {missing[0]!r} of the base model")
+        out = {}
+        for k, b in base_f.items():
+            f = finetuned[k]
+            if f.shape != b.shape:
+                raise MergeError(f"tensor {k!r}: fine-tuned shape {tuple(f.shape)} != base {tuple(b.shape)}")
+            dt = compute_dtype(b.dtype)
+            out[k] = (f.detach().to(dt) - b.detach().to(dt)).to(b.dtype)
+        return cls(out)
+
+    # Mapping protocol -------------------------------------------------------------------------
+    def __getitem__(self, key: str) -> Tensor:
+        return self._tensors[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def __repr__(self) -> str:
+        return f"TaskVector({len(self)} tensors, {self.numel()} values, norm={self.norm():.4g})"
+
+    # Arithmetic -------------------------------------------------------------------------------
+    def _zip(self, other: Mapping[str, Tensor], op) -> TaskVector:
+        if set(other) != set(self._tensors):
+            raise MergeError("task vectors have different tensor names")
+        return TaskVector({k: op(v, other[k]) for k, v in self._tensors.items()})
+
+    def __add__(self, other: Mapping[str, Tensor]) -> TaskVector:
+        return self._zip(other, torch.add)
+
+    def __radd__(self, other):  # lets sum([tv1, tv2]) work
+        return self if other == 0 else self.__add__(other)
+
+    def __sub__(self, other: Mapping[str, Tensor]) -> TaskVector:
+        return self._zip(other, torch.sub)
+
+    def __neg__(self) -> TaskVector:
+        return TaskVector({k: -v for k, v in self._tensors.items()})
+
+    def __mul__(self, scalar: float) -> TaskVector:
+        if not isinstance(scalar, (int, float)):
+            return NotImplemented
+        return TaskVector({k: v * scalar for k, v in self._tensors.items()})
+
+    __rmul__ = __mul__
+
+    # Measures ---------------------------------------------------------------------------------
+    def numel(self) -> int:
+        return sum(v.numel() for v in self._tensors.values())
+
+    def norm(self) -> float:
+        """L2 norm over every entry of every tensor (float64 accumulation)."""
+        return math.sqrt(sum(float(v.double().pow(2).sum()) for v in self._tensors.values()))
+
+    def flatten(self) -> Tensor:
+        """All entries as one 1-D float tensor, in key order."""
+        return torch.cat([v.reshape(-1).float() for v in self._tensors.values()])
+
+    def apply_to(self, base: StateDict, scale: float = 1.0) -> dict[str, Tensor]:
+        """θ0 + scale · τ; see :func:`apply`."""
+        return apply(base, self, scale)
+
+    # Files ------------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        save_state(self._tensors, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> TaskVector:
+        return cls(floating_items(load_state(path)))
+
+
+def apply(base: StateDict, merged: Mapping[str, Tensor], scale: float) -> dict[str, Tensor]:
+    """θ0 + scale · merged, as a new state dict; tensors absent from ``merged`` are copied from base."""
+    if not math.isfinite(scale):
+        raise MergeError(f"scale must be finite, got {scale}")
+    unknown = sorted(set(merged) - set(base))
+    if unknown:
+        raise MergeError(f"merged tensor {unknown[0]!r} is not in the base model")
+    out: dict[str, Tensor] = {}
+    for k, b in base.items():
+        if k in merged:
+            m = merged[k]
+            if m.shape != b.shape:
+                raise MergeError(f"tensor {k!r}: merged shape {tuple(m.shape)} != base {tuple(b.shape)}")
+            dt = compute_dtype(b.dtype)
+            out[k] = (b.to(dt) + scale * m.to(dt)).to(b.dtype)
+        else:
+            out[k] = b.clone()
+    return out
+
+
+def save_state(tensors: Mapping[str, Tensor], path: str | os.PathLike) -> None:
+    """Write tensors as safetensors atomically: a crash never leaves a half-written file."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_state(path: str | os.PathLike) -> dict[str, Tensor]:
+    """Read a safetensors file, or a PyTorch state dict with ``weights_only=True`` (never pickle code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for bad pickles
+        raise CheckpointError(f"{path}: not a safetensors file or a weights-only PyTorch state dict ({exc})") from None
+    if not isinstance(state, Mapping) or not all(torch.is_tensor(v) for v in state.values()):
+        raise CheckpointError(f"{path}: does not hold a state dict of tensors")
+    return dict(state)

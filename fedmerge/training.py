@@ -1,0 +1,115 @@
+"""Local training that runs exactly K optimizer steps, and a cached pre-trained base model."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fedmerge.data import FederatedData, Split
+from fedmerge.errors import ConfigError
+from fedmerge.models import build_model
+from fedmerge.task_vector import load_state, save_state
+
+OPTIMIZERS = ("sgd", "adam")
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """How one client trains: K = ``local_steps`` optimizer steps (not epochs) of mini-batch training."""
+
+    local_steps: int
+    lr: float = 0.05
+    batch_size: int = 32
+    optimizer: str = "sgd"
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.local_steps, int) or self.local_steps < 1:
+            raise ConfigError(f"local-steps must be an integer >= 1, got {self.local_steps!r}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ConfigError(f"batch-size must be an integer >= 1, got {self.batch_size!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer={self.optimizer!r} is not known; known: {', '.join(OPTIMIZERS)}")
+        if not self.weight_decay >= 0:
+            raise ConfigError(f"weight-decay must be >= 0, got {self.weight_decay}")
+
+
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """Run torch on one thread: small models train faster, and results do not depend on the core count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _optimizer(model: nn.Module, plan: TrainPlan) -> torch.optim.Optimizer:
+    if plan.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=plan.lr, weight_decay=plan.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=plan.lr, weight_decay=plan.weight_decay)
+
+
+def batches(n: int, batch_size: int, steps: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """``steps`` index batches: consecutive reshuffled passes over ``n`` examples."""
+    batch_size = min(batch_size, n)
+    order, pos = torch.randperm(n, generator=generator), 0
+    for _ in range(steps):
+        if pos + batch_size > n:
+            order, pos = torch.randperm(n, generator=generator), 0
+        yield order[pos:pos + batch_size]
+        pos += batch_size
+
+
+def train(model: nn.Module, data: Split, plan: TrainPlan, seed: int) -> None:
+    """Fine-tune ``model`` in place for exactly ``plan.local_steps`` optimizer steps."""
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = _optimizer(model, plan)
+    loss_fn = nn.CrossEntropyLoss()
+    model.train()
+    for index in batches(len(data), plan.batch_size, plan.local_steps, generator):
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn(model(data.x[index]), data.y[index]).backward()
+        optimizer.step()
+
+
+@dataclass(frozen=True)
+class PretrainSpec:
+    """Settings of the shared pre-trained base; its cache file is keyed by all of them."""
+
+    model: str
+    steps: int = 100
+    lr: float = 0.1
+    batch_size: int = 32
+    seed: int = 0
+
+    def cache_key(self, data: FederatedData) -> str:
+        key = {"format": 1, **asdict(self), "dataset": data.spec.dataset,
+               "pretrain_fraction": data.spec.pretrain_fraction, "data_seed": data.spec.seed}
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def pretrained_base(spec: PretrainSpec, data: FederatedData, cache_dir: Path | None) -> tuple[dict, bool]:
+    """θ0: the model trained on the pre-training split. Returns (state dict, came from cache)."""
+    path = None if cache_dir is None else Path(cache_dir) / f"base-{spec.model}-{spec.cache_key(data)}.safetensors"
+    model = build_model(spec.model, data.input_shape, data.num_classes, seed=spec.seed)
+    if path is not None and path.is_file():
+        model.load_state_dict(load_state(path))
+        return model.state_dict(), True
+    plan = TrainPlan(local_steps=spec.steps, lr=spec.lr, batch_size=spec.batch_size)
+    with single_thread():
+        train(model, data.pretrain, plan, seed=spec.seed)
+    state = model.state_dict()
+    if path is not None:
+        save_state(state, path)
+    return state, False

@@ -1,0 +1,1 @@
+"""Top layer: ServerApp, engines, config and presets, results, and the ``fedmerge`` CLI."""

@@ -1,0 +1,320 @@
+"""Experiment configuration: one validated object, built from a preset, overrides and defaults.
+
+Keys use Flower's hyphenated style. Every check names the key and the bad value, so a user sees one
+clear line. The same object is saved with the results (``config.toml``) so a run can be repeated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import random
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedmerge.data import PARTITIONS, DataSpec
+from fedmerge.errors import ConfigError
+from fedmerge.merging import METHODS
+from fedmerge.models import MODELS
+from fedmerge.records import to_config
+from fedmerge.training import OPTIMIZERS, PretrainSpec, TrainPlan
+
+ENGINES = ("ray", "inprocess")
+WEIGHTINGS = ("num-examples", "uniform")
+PRESETS_DIR = Path(__file__).parent / "presets"
+DEFAULT_PRESET = PRESETS_DIR / "default.toml"
+
+# Training-plan keys that may differ per client: one value, a list with one per client, or "MIN:MAX".
+PER_CLIENT_KEYS = {"local-steps": int, "lr": float, "batch-size": int, "optimizer": str, "weight-decay": float}
+PerClient = int | float | str | list
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """Every setting of one experiment. Field ``num_clients`` is key ``num-clients``, and so on."""
+
+    name: str = "default"
+    num_clients: int = 8
+    model: str = "mlp"
+    dataset: str = "digits"
+    partition: str = "dirichlet"
+    alpha: float = 0.5
+    classes_per_client: int = 2
+    local_steps: PerClient = 50
+    lr: PerClient = 0.1
+    batch_size: PerClient = 32
+    optimizer: PerClient = "sgd"
+    weight_decay: PerClient = 0.0
+    strategies: tuple[str, ...] = ("fedavg", "fednova", "median", "tsv")
+    scale: float | Mapping[str, float] = 1.0
+    method_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    weighting: str = "num-examples"
+    seed: int = 0
+    engine: str = "ray"
+    min_clients: int = 2
+    timeout: float = 600.0
+    client_cpus: int = 1
+    client_gpus: float = 0.0
+    pretrain_steps: int = 100
+    pretrain_lr: float = 0.1
+    pretrain_fraction: float = 0.1
+    test_fraction: float = 0.2
+    local_test_fraction: float = 0.2
+    cache_dir: str = ""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # -- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> ExperimentConfig:
+        """Build and validate from hyphenated keys; unknown keys are an error."""
+        names = {f.name.replace("_", "-"): f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(names))
+        if unknown:
+            raise ConfigError(f"unknown config key {unknown[0]!r}; known keys: {', '.join(sorted(names))}")
+        return cls(**{names[k]: v for k, v in values.items()})
+
+    def replace(self, **overrides: Any) -> ExperimentConfig:
+        """A validated copy with hyphenated-key overrides, e.g. ``replace(**{"num-clients": 4})``."""
+        return ExperimentConfig.from_mapping({**self.to_dict(), **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The effective config with hyphenated keys, as written to ``config.toml``."""
+        out = to_config(self)
+        out["strategies"] = list(self.strategies)
+        out["scale"] = dict(self.scale) if isinstance(self.scale, Mapping) else self.scale
+        out["method-options"] = {k: dict(v) for k, v in self.method_options.items()}
+        return out
+
+    # -- validation ------------------------------------------------------------------------------
+    def validate(self) -> None:
+        _set = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
+        for name, kind in (("num_clients", int), ("classes_per_client", int), ("seed", int), ("min_clients", int),
+                           ("client_cpus", int), ("pretrain_steps", int)):
+            _set(name, _as(kind, getattr(self, name), name))
+        for name in ("alpha", "timeout", "client_gpus", "pretrain_lr", "pretrain_fraction", "test_fraction",
+                     "local_test_fraction"):
+            _set(name, _as(float, getattr(self, name), name))
+        for name in ("name", "model", "dataset", "partition", "weighting", "engine", "cache_dir"):
+            _set(name, _as(str, getattr(self, name), name))
+        _choice("model", self.model, sorted(MODELS))
+        _choice("partition", self.partition, PARTITIONS)
+        _choice("weighting", self.weighting, WEIGHTINGS)
+        _choice("engine", self.engine, ENGINES)
+        _positive("num-clients", self.num_clients)
+        _positive("alpha", self.alpha)
+        _positive("classes-per-client", self.classes_per_client)
+        _positive("timeout", self.timeout)
+        _positive("client-cpus", self.client_cpus)
+        _positive("pretrain-steps", self.pretrain_steps)
+        _positive("pretrain-lr", self.pretrain_lr)
+        if self.client_gpus < 0:
+            raise ConfigError(f"client-gpus must be >= 0, got {self.client_gpus}")
+        if not 1 <= self.min_clients <= self.num_clients:
+            raise ConfigError(f"min-clients must lie in [1, num-clients={self.num_clients}], got {self.min_clients}")
+        for key, kind in PER_CLIENT_KEYS.items():
+            attr = key.replace("-", "_")
+            _set(attr, _per_client_setting(key, getattr(self, attr), kind, self.num_clients))
+        _set("strategies", self._strategies())
+        _set("scale", self._scale())
+        _set("method_options", self._method_options())
+        self.client_plans()  # range and type checks of every client's plan
+
+    def _strategies(self) -> tuple[str, ...]:
+        value = self.strategies
+        if isinstance(value, str):
+            value = [s.strip() for s in value.split(",") if s.strip()]
+        if not isinstance(value, Sequence) or not value or not all(isinstance(s, str) for s in value):
+            raise ConfigError(f"strategies must be a non-empty list of method names, got {value!r}")
+        for s in value:
+            _choice("strategies", s, sorted(METHODS))
+        if len(set(value)) != len(value):
+            raise ConfigError(f"strategies lists a method twice: {list(value)}")
+        return tuple(value)
+
+    def _scale(self) -> float | dict[str, float]:
+        if isinstance(self.scale, Mapping):
+            extra = sorted(set(self.scale) - set(self.strategies))
+            if extra:
+                raise ConfigError(f"scale names {extra[0]!r}, which is not in strategies")
+            out = {m: _finite("scale." + m, v) for m, v in self.scale.items()}
+            return {m: out.get(m, 1.0) for m in self.strategies}
+        return _finite("scale", self.scale)
+
+    def _method_options(self) -> dict[str, dict[str, Any]]:
+        if not isinstance(self.method_options, Mapping):
+            raise ConfigError(f"method-options must be a table of tables, got {self.method_options!r}")
+        out = {}
+        for method, options in self.method_options.items():
+            _choice("method-options", method, sorted(METHODS))
+            if not isinstance(options, Mapping):
+                raise ConfigError(f"method-options.{method} must be a table, got {options!r}")
+            spec = METHODS[method]
+            for opt in options:
+                if opt not in spec.options or opt in spec.per_client:
+                    settable = sorted(set(spec.options) - spec.per_client)
+                    raise ConfigError(
+                        f"method-options.{method}.{opt} is not an option of {method} "
+                        f"(options: {', '.join(settable) or 'none'})"
+                    )
+            out[method] = dict(options)
+        return out
+
+    # -- derived settings ----------------------------------------------------------------------------
+    def scale_of(self, method: str) -> float:
+        return self.scale[method] if isinstance(self.scale, Mapping) else self.scale
+
+    def data_spec(self) -> DataSpec:
+        return DataSpec(
+            num_clients=self.num_clients, partition=self.partition, alpha=self.alpha,
+            classes_per_client=self.classes_per_client, seed=self.seed, dataset=self.dataset,
+            pretrain_fraction=self.pretrain_fraction, test_fraction=self.test_fraction,
+            local_test_fraction=self.local_test_fraction,
+        )
+
+    def pretrain_spec(self) -> PretrainSpec:
+        return PretrainSpec(model=self.model, steps=self.pretrain_steps, lr=self.pretrain_lr, seed=self.seed)
+
+    def client_plans(self) -> list[TrainPlan]:
+        """Each client's training plan; "MIN:MAX" ranges are drawn from the seed, once per key."""
+        columns = {}
+        for key, kind in PER_CLIENT_KEYS.items():
+            rng = random.Random(f"{self.seed}:{key}")
+            columns[key] = _resolve(getattr(self, key.replace("-", "_")), kind, self.num_clients, rng)
+        return [
+            TrainPlan(local_steps=columns["local-steps"][i], lr=columns["lr"][i], batch_size=columns["batch-size"][i],
+                      optimizer=columns["optimizer"][i], weight_decay=columns["weight-decay"][i])
+            for i in range(self.num_clients)
+        ]
+
+    def cache_path(self) -> Path:
+        if self.cache_dir:
+            return Path(self.cache_dir).expanduser()
+        return Path(os.environ.get("FEDMERGE_CACHE", Path.home() / ".cache" / "fedmerge"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Value checks, each naming the key
+# ------------------------------------------------------------------------------------------------
+
+
+def _as(kind: type, value: Any, name: str) -> Any:
+    key = name.replace("_", "-")
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ConfigError(f"{key} must be {'a number' if kind is float else 'an integer' if kind is int else 'a string'}"
+                          f", got {value!r}")
+    return value
+
+
+def _choice(key: str, value: str, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not known; choose from {', '.join(allowed)}")
+
+
+def _positive(key: str, value: float) -> None:
+    if not value > 0 or (isinstance(value, float) and not math.isfinite(value)):
+        raise ConfigError(f"{key} must be > 0, got {value}")
+
+
+def _finite(key: str, value: Any) -> float:
+    value = _as(float, value, key)
+    if not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, got {value}")
+    return value
+
+
+def _per_client_setting(key: str, value: Any, kind: type, n: int) -> PerClient:
+    """Normalise a per-client value: scalar, list of n, "a,b,c" (from flat configs) or "MIN:MAX"."""
+    if isinstance(value, str) and "," in value:
+        value = [v.strip() for v in value.split(",")]
+        value = [v if kind is str else _parse_number(key, v) for v in value]
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ConfigError(f"{key} has {len(value)} entries but num-clients is {n}")
+        return [_as(kind, v, key) for v in value]
+    if isinstance(value, str) and kind is not str:
+        if ":" not in value:
+            return _as(kind, _parse_number(key, value), key)
+        lo, _, hi = value.partition(":")
+        lo, hi = _as(kind, _parse_number(key, lo), key), _as(kind, _parse_number(key, hi), key)
+        if lo > hi:
+            raise ConfigError(f"{key} range {value!r} has MIN > MAX")
+        return f"{lo}:{hi}"
+    return _as(kind, value, key)
+
+
+def _parse_number(key: str, text: str) -> int | float:
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"{key}: {text!r} is not a number") from None
+
+
+def _resolve(value: PerClient, kind: type, n: int, rng: random.Random) -> list:
+    if isinstance(value, list):
+        return list(value)
+    if isinstance(value, str) and kind is not str:
+        lo, hi = (kind(_parse_number("", v)) for v in value.split(":"))
+        return [rng.randint(lo, hi) if kind is int else rng.uniform(lo, hi) for _ in range(n)]
+    return [value] * n
+
+
+# ------------------------------------------------------------------------------------------------
+# Files and overrides
+# ------------------------------------------------------------------------------------------------
+
+
+def read_toml(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such preset file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc})") from None
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key=value`` with ``value`` read as TOML (``[1, 2]``, ``0.5``, ``true``) or else as a string."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key, value
+
+
+def load_config(preset: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Defaults ← preset (the shipped default when None) ← ``--set`` overrides, validated once."""
+    values = read_toml(preset if preset is not None else DEFAULT_PRESET)
+    for text in overrides:
+        key, value = parse_override(text)
+        values[key] = value
+    return ExperimentConfig.from_mapping(values)
+
+
+def write_toml(config: ExperimentConfig, path: str | os.PathLike) -> None:
+    import tomli_w
+
+    values = config.to_dict()
+    if not values["method-options"]:
+        del values["method-options"]
+    Path(path).write_text(tomli_w.dumps(values))

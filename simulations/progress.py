@@ -1,0 +1,46 @@
+"""Terminal progress for a run: one rich progress line per stage, clients counted as they reply."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+
+class RunProgress:
+    """Stages of a run (pre-training, clients n/N, merging, evaluating); silent when disabled."""
+
+    def __init__(self, console: Console | None = None, enabled: bool = True) -> None:
+        self._progress = (
+            Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                     TimeElapsedColumn(), console=console or Console(stderr=True))
+            if enabled else None
+        )
+        self._task: Any = None
+
+    def __enter__(self) -> RunProgress:
+        if self._progress:
+            self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._finish_task()
+        if self._progress:
+            self._progress.stop()
+
+    def _finish_task(self) -> None:
+        if self._progress is not None and self._task is not None:
+            task = self._progress.tasks[-1]
+            self._progress.update(self._task, total=task.total or 1, completed=task.total or 1)
+        self._task = None
+
+    def stage(self, description: str, total: int | None = None) -> None:
+        """Close the current stage and open the next; ``total`` counts its steps (None: one step)."""
+        self._finish_task()
+        if self._progress is not None:
+            self._task = self._progress.add_task(description, total=total or 1, completed=0)
+
+    def advance(self, steps: int = 1) -> None:
+        if self._progress is not None and self._task is not None:
+            self._progress.advance(self._task, steps)

@@ -1,0 +1,103 @@
+"""Writing and showing results: results.json, results.csv, config.toml and the summary table.
+
+``results.json`` holds: ``config`` (effective), ``base`` {accuracy, client_accuracy,
+normalized_accuracy}, ``clients`` (one entry per accepted client: plan, num_examples, train_loss,
+accuracy of its own model on its local test split, global_accuracy, task_vector_norm), ``failures``,
+``strategies.<name>`` {scale, accuracy, client_accuracy, normalized_accuracy, client_accuracies,
+merge_seconds} and ``timing`` (seconds per stage). Accuracies are fractions in [0, 1].
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from fedmerge.errors import ConfigError
+from simulations.config import ExperimentConfig, write_toml
+
+CSV_COLUMNS = ("row", "scale", "accuracy", "client_accuracy", "normalized_accuracy")
+
+
+def default_out_dir(config: ExperimentConfig) -> Path:
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{config.name}-{stamp}"
+
+
+def check_out_dir(out: Path) -> None:
+    """Refuse, before any work, to write into a directory that already holds something."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"--out {out} already exists and is not empty; choose a new directory")
+
+
+def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Reference rows (base, mean of the clients' own models) then one row per strategy."""
+    clients = results["clients"]
+    mean = lambda key: sum(c[key] for c in clients) / len(clients)  # noqa: E731
+    rows = [
+        {"row": "base (pre-trained)", "scale": None, **{k: results["base"][k] for k in CSV_COLUMNS[2:]}},
+        {"row": "clients' own models (mean)", "scale": None, "accuracy": mean("global_accuracy"),
+         "client_accuracy": mean("accuracy"), "normalized_accuracy": 1.0},
+    ]
+    for name, r in results["strategies"].items():
+        rows.append({"row": name, **{k: r[k] for k in CSV_COLUMNS[1:]}})
+    return rows
+
+
+def write_results(results: dict[str, Any], config: ExperimentConfig, out: Path) -> Path:
+    """Write every file into a staging directory, then move it into place in one rename."""
+    check_out_dir(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        (staging / "results.json").write_text(json.dumps(results, indent=2, default=_json_default) + "\n")
+        with (staging / "results.csv").open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
+            writer.writeheader()
+            writer.writerows(summary_rows(results))
+        write_toml(config, staging / "config.toml")
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def _pct(value: float | None) -> str:
+    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.2f}"
+
+
+def print_table(results: dict[str, Any], console: Console) -> None:
+    table = Table(title=f"fedmerge: {results['config']['name']} ({len(results['clients'])} clients)")
+    table.add_column("strategy")
+    table.add_column("λ", justify="right")
+    table.add_column("test acc %", justify="right")
+    table.add_column("client acc %", justify="right")
+    table.add_column("normalized %", justify="right")
+    rows = summary_rows(results)
+    best = max((r["accuracy"] for r in rows[2:]), default=None)
+    for i, r in enumerate(rows):
+        style = "dim" if i < 2 else ("bold green" if r["accuracy"] == best else None)
+        scale = "" if r["scale"] is None else f"{r['scale']:g}"
+        table.add_row(r["row"], scale, _pct(r["accuracy"]), _pct(r["client_accuracy"]),
+                      _pct(r["normalized_accuracy"]), style=style, end_section=(i == 1))
+    console.print(table)
+    for f in results["failures"]:
+        console.print(f"[yellow]left out:[/] client {f['partition_id']} (node {f['node_id']}): {f['reason']}")

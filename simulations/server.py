@@ -1,0 +1,147 @@
+"""The fedmerge ServerApp: pre-trained base → one-shot round → every merge → evaluation → results.
+
+``run_server`` is the whole server side of an experiment. ``make_server_app`` wraps it for the two
+engines; the module-level ``app`` is the component that ``flwr run .`` loads (config from
+``[tool.flwr.app.config]`` / ``--run-config``, results written to the ``out`` key's directory).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType
+from flwr.serverapp import Grid, ServerApp
+
+from fedmerge.data import load_federated
+from fedmerge.evaluation import Evaluator, normalized_accuracy
+from fedmerge.models import build_model
+from fedmerge.records import to_config
+from fedmerge.task_vector import TaskVector, apply
+from fedmerge.training import pretrained_base
+from simulations.config import ExperimentConfig
+from simulations.engine import ProgressGrid
+from simulations.progress import RunProgress
+from strategies import OneShotMerge
+
+
+def build_strategy(config: ExperimentConfig) -> OneShotMerge:
+    return OneShotMerge(
+        config.strategies,
+        scale={m: config.scale_of(m) for m in config.strategies},
+        method_options=config.method_options,
+        min_train_nodes=config.min_clients,
+        min_available_nodes=config.num_clients,
+        weighted_by_key="num-examples" if config.weighting == "num-examples" else None,
+        train_plans={i: to_config(plan) for i, plan in enumerate(config.client_plans())},
+        node_wait_timeout=max(120.0, config.timeout),
+    )
+
+
+def run_server(grid: Grid, config: ExperimentConfig, progress: RunProgress) -> dict[str, Any]:
+    """Run one experiment on ``grid`` and return its results (see ``simulations.results``)."""
+    timing: dict[str, float] = {}
+    t0 = time.perf_counter()
+    progress.stage("Pre-training base model")
+    data = load_federated(config.data_spec())
+    base, cached = pretrained_base(config.pretrain_spec(), data, config.cache_path())
+    timing["pretrain"] = time.perf_counter() - t0
+
+    strategy = build_strategy(config)
+    train_config = ConfigRecord({"model": config.model, **to_config(config.data_spec())})
+
+    def on_send(messages: list[Message]) -> None:
+        if messages and messages[0].metadata.message_type == MessageType.TRAIN:
+            progress.stage("Clients fine-tuning", total=len(messages))
+
+    def on_reply(reply: Message) -> None:
+        if reply.metadata.message_type == MessageType.TRAIN:
+            progress.advance()
+
+    progress.stage(f"Waiting for {config.num_clients} clients")
+    strategy.start(grid=ProgressGrid(grid, on_send, on_reply), initial_arrays=ArrayRecord(base), num_rounds=1,
+                   timeout=config.timeout, train_config=train_config)
+    timing.update({k.replace("-", "_"): v for k, v in strategy.timing.items()})
+    timing["merging"] = sum(strategy.merge_seconds.values())
+
+    progress.stage("Evaluating base, clients and merged models", total=1 + len(strategy.reports) + len(strategy.merged))
+    t0 = time.perf_counter()
+    results = evaluate(config, data, base, strategy, progress)
+    timing["evaluation"] = time.perf_counter() - t0
+    results["base"]["from_cache"] = cached
+    results["timing"] = timing
+    return results
+
+
+def evaluate(config: ExperimentConfig, data, base, strategy: OneShotMerge, progress: RunProgress) -> dict[str, Any]:
+    """Score θ0, every client's θ_i and every θ0 + λ·τ_merged on the global and local test splits."""
+    evaluator = Evaluator(build_model(config.model, data.input_shape, data.num_classes))
+    reports = strategy.reports
+    local_tests = [data.clients[r.partition_id].test for r in reports]
+    plans = config.client_plans()
+
+    def scores(state) -> tuple[float, list[float]]:
+        progress.advance()
+        return evaluator.accuracy(state, data.test), evaluator.accuracies(state, local_tests)
+
+    base_acc, base_local = scores(base)
+    clients, own = [], []
+    for r, test in zip(reports, local_tests):
+        theta_i = apply(base, r.task_vector, 1.0)
+        global_acc, own_acc = evaluator.accuracies(theta_i, [data.test, test])
+        progress.advance()
+        own.append(own_acc)
+        plan = plans[r.partition_id]
+        clients.append({
+            "partition_id": r.partition_id, "node_id": r.node_id,
+            "local_steps": int(r.metrics["local-steps"]), "num_examples": int(r.metrics["num-examples"]),
+            "lr": plan.lr, "batch_size": plan.batch_size, "optimizer": plan.optimizer,
+            "weight_decay": plan.weight_decay, "train_loss": float(r.metrics["train-loss"]),
+            "accuracy": own_acc, "reported_accuracy": float(r.metrics["local-accuracy"]),
+            "global_accuracy": global_acc, "task_vector_norm": TaskVector(r.task_vector).norm(),
+        })
+    strategies = {}
+    for method, merged in strategy.merged.items():
+        scale = strategy.scale[method]
+        acc, local = scores(apply(base, merged, scale))
+        strategies[method] = {
+            "scale": scale, "accuracy": acc, "client_accuracy": sum(local) / len(local),
+            "normalized_accuracy": normalized_accuracy(local, own), "client_accuracies": local,
+            "merge_seconds": strategy.merge_seconds[method],
+        }
+    return {
+        "config": config.to_dict(),
+        "base": {"accuracy": base_acc, "client_accuracy": sum(base_local) / len(base_local),
+                 "normalized_accuracy": normalized_accuracy(base_local, own)},
+        "clients": clients,
+        "failures": [{"partition_id": f.partition_id, "node_id": f.node_id, "reason": f.reason}
+                     for f in strategy.failures],
+        "strategies": strategies,
+    }
+
+
+def make_server_app(config: ExperimentConfig, progress: RunProgress, sink: dict[str, Any]) -> ServerApp:
+    """A ServerApp that runs ``config`` and leaves its results in ``sink["results"]``."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        sink["results"] = run_server(grid, config, progress)
+
+    return app
+
+
+# The component `flwr run .` loads ([tool.flwr.app.components] in pyproject.toml).
+app = ServerApp()
+
+
+@app.main()
+def flwr_main(grid: Grid, context: Context) -> None:
+    from simulations.results import default_out_dir, write_results
+
+    values = dict(context.run_config)
+    out = str(values.pop("out", "") or "")
+    config = ExperimentConfig.from_mapping(values)
+    results = run_server(grid, config, RunProgress(enabled=False))
+    write_results(results, config, Path(out) if out else default_out_dir(config))
