@@ -39,7 +39,7 @@ def run(
     try:
         config = load_config(preset, set_)
         out_dir = out if out is not None else default_out_dir(config)
-        results = run_experiment(config, out_dir, progress=not quiet, console=err_console)
+        results = run_experiment(config, out_dir, progress=not quiet, console=err_console).results
     except FederationError as exc:
         raise _fail(exc, 1) from None
     except FedmergeError as exc:

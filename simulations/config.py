@@ -138,10 +138,14 @@ class ExperimentConfig:
         return tuple(value)
 
     def _scale(self) -> float | dict[str, float]:
+        if isinstance(self.scale, str) and "=" in self.scale:  # flat configs: "fedavg=1,tsv=0.25"
+            pairs = [item.partition("=") for item in self.scale.split(",") if item.strip()]
+            object.__setattr__(self, "scale", {m.strip(): _parse_number("scale", v) for m, _, v in pairs})
         if isinstance(self.scale, Mapping):
-            extra = sorted(set(self.scale) - set(self.strategies))
-            if extra:
-                raise ConfigError(f"scale names {extra[0]!r}, which is not in strategies")
+            # Entries for known methods that this run does not use are allowed (and dropped), so a
+            # preset's table survives `--set strategies=[...]`; an unknown name is a typo.
+            for m in self.scale:
+                _choice("scale", m, sorted(METHODS))
             out = {m: _finite("scale." + m, v) for m, v in self.scale.items()}
             return {m: out.get(m, 1.0) for m in self.strategies}
         return _finite("scale", self.scale)

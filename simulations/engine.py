@@ -27,6 +27,7 @@ OFFLINE_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "HF_DATASETS_OFFLINE": "1",
     "HF_HUB_OFFLINE": "1",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
 }
 
 
@@ -169,8 +170,14 @@ def run_ray(server_app: ServerApp, client_app: ClientApp, num_nodes: int, num_cp
         "client_resources": {"num_cpus": num_cpus, "num_gpus": num_gpus},
         "init_args": {"logging_level": logging.ERROR, "log_to_driver": False, "configure_logging": True},
     }
-    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_nodes,
-                   backend_config=backend_config)
+    flwr_logger = logging.getLogger("flwr")
+    level = flwr_logger.level
+    flwr_logger.setLevel(logging.ERROR)  # hides run_simulation's deprecation notice; failures still surface
+    try:
+        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_nodes,
+                       backend_config=backend_config)
+    finally:
+        flwr_logger.setLevel(level)
 
 
 def quiet_flower_logs() -> None:

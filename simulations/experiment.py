@@ -8,21 +8,24 @@ from typing import Any
 
 from rich.console import Console
 
+from fedmerge.data import load_federated
+
 from simulations.config import ExperimentConfig
 from simulations.engine import quiet_flower_logs, run_inprocess, run_ray, set_offline_env
 from simulations.progress import RunProgress
 from simulations.results import check_out_dir, write_results
-from simulations.server import make_server_app
+from simulations.server import ServerOutput, make_server_app
 
 
 def run_experiment(
     config: ExperimentConfig, out: Path | None = None, *, progress: bool = True, console: Console | None = None
-) -> dict[str, Any]:
-    """Run ``config``; when ``out`` is given, write results.json, results.csv and config.toml there."""
+) -> ServerOutput:
+    """Run ``config``; when ``out`` is given, write its results directory there (see ``write_results``)."""
     import clients  # the ClientApp; imported here so that `simulations` can load without Flower clients
 
     if out is not None:
         check_out_dir(out)  # fail before any work, not after it
+    load_federated(config.data_spec())  # a bad data setting fails here, before any engine starts
     set_offline_env()
     quiet_flower_logs()
     sink: dict[str, Any] = {}
@@ -33,9 +36,9 @@ def run_experiment(
             run_inprocess(server_app, clients.app, config.num_clients)
         else:
             run_ray(server_app, clients.app, config.num_clients, config.client_cpus, config.client_gpus)
-    results = sink["results"]
-    results["timing"]["total"] = time.perf_counter() - t0
-    results["timing"]["engine"] = config.engine
+    output: ServerOutput = sink["output"]
+    output.results["timing"]["total"] = time.perf_counter() - t0
+    output.results["timing"]["engine"] = config.engine
     if out is not None:
-        write_results(results, config, out)
-    return results
+        write_results(output, config, out)
+    return output

@@ -1,4 +1,9 @@
-"""Writing and showing results: results.json, results.csv, config.toml and the summary table.
+"""Writing and showing results: results.json, results.csv, config.toml, tensors and the table.
+
+A results directory holds ``results.json``, ``results.csv`` (one row per strategy plus the base and
+the clients' own models), ``config.toml`` (the effective config: ``fedmerge run config.toml``
+repeats the run), ``base.safetensors`` (θ0) and ``merged/<method>.safetensors`` (each merged task
+vector before λ, so θ = θ0 + λ·τ can be rebuilt or re-scaled offline).
 
 ``results.json`` holds: ``config`` (effective), ``base`` {accuracy, client_accuracy,
 normalized_accuracy}, ``clients`` (one entry per accepted client: plan, num_examples, train_loss,
@@ -17,13 +22,17 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
 
 from fedmerge.errors import ConfigError
+from fedmerge.task_vector import save_state
 from simulations.config import ExperimentConfig, write_toml
+
+if TYPE_CHECKING:
+    from simulations.server import ServerOutput
 
 CSV_COLUMNS = ("row", "scale", "accuracy", "client_accuracy", "normalized_accuracy")
 
@@ -53,8 +62,9 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def write_results(results: dict[str, Any], config: ExperimentConfig, out: Path) -> Path:
+def write_results(output: ServerOutput, config: ExperimentConfig, out: Path) -> Path:
     """Write every file into a staging directory, then move it into place in one rename."""
+    results = output.results
     check_out_dir(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -65,6 +75,9 @@ def write_results(results: dict[str, Any], config: ExperimentConfig, out: Path) 
             writer.writeheader()
             writer.writerows(summary_rows(results))
         write_toml(config, staging / "config.toml")
+        save_state(output.base, staging / "base.safetensors")
+        for method, merged in output.merged.items():
+            save_state(merged, staging / "merged" / f"{method}.safetensors")
         if out.exists():
             out.rmdir()  # empty, checked above
         os.replace(staging, out)

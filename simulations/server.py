@@ -8,11 +8,13 @@ engines; the module-level ``app`` is the component that ``flwr run .`` loads (co
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType
 from flwr.serverapp import Grid, ServerApp
+from torch import Tensor
 
 from fedmerge.data import load_federated
 from fedmerge.evaluation import Evaluator, normalized_accuracy
@@ -39,12 +41,24 @@ def build_strategy(config: ExperimentConfig) -> OneShotMerge:
     )
 
 
-def run_server(grid: Grid, config: ExperimentConfig, progress: RunProgress) -> dict[str, Any]:
-    """Run one experiment on ``grid`` and return its results (see ``simulations.results``)."""
+@dataclass
+class ServerOutput:
+    """What one run leaves behind: the results dict and the tensors behind it."""
+
+    results: dict[str, Any]
+    base: dict[str, Tensor]
+    merged: dict[str, dict[str, Tensor]]  # method -> merged task vector (before λ)
+    task_vectors: dict[int, dict[str, Tensor]]  # partition-id -> τ_i of every accepted client
+
+
+def run_server(grid: Grid, config: ExperimentConfig, progress: RunProgress) -> ServerOutput:
+    """Run one experiment on ``grid``: results (see ``simulations.results``) and its tensors."""
     timing: dict[str, float] = {}
     t0 = time.perf_counter()
-    progress.stage("Pre-training base model")
+    progress.stage("Loading data and pre-trained base")
     data = load_federated(config.data_spec())
+    timing["data"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     base, cached = pretrained_base(config.pretrain_spec(), data, config.cache_path())
     timing["pretrain"] = time.perf_counter() - t0
 
@@ -71,7 +85,8 @@ def run_server(grid: Grid, config: ExperimentConfig, progress: RunProgress) -> d
     timing["evaluation"] = time.perf_counter() - t0
     results["base"]["from_cache"] = cached
     results["timing"] = timing
-    return results
+    task_vectors = {r.partition_id: r.task_vector for r in strategy.reports}
+    return ServerOutput(results, base, dict(strategy.merged), task_vectors)
 
 
 def evaluate(config: ExperimentConfig, data, base, strategy: OneShotMerge, progress: RunProgress) -> dict[str, Any]:
@@ -122,12 +137,12 @@ def evaluate(config: ExperimentConfig, data, base, strategy: OneShotMerge, progr
 
 
 def make_server_app(config: ExperimentConfig, progress: RunProgress, sink: dict[str, Any]) -> ServerApp:
-    """A ServerApp that runs ``config`` and leaves its results in ``sink["results"]``."""
+    """A ServerApp that runs ``config`` and leaves its :class:`ServerOutput` in ``sink["output"]``."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        sink["results"] = run_server(grid, config, progress)
+        sink["output"] = run_server(grid, config, progress)
 
     return app
 
@@ -143,5 +158,5 @@ def flwr_main(grid: Grid, context: Context) -> None:
     values = dict(context.run_config)
     out = str(values.pop("out", "") or "")
     config = ExperimentConfig.from_mapping(values)
-    results = run_server(grid, config, RunProgress(enabled=False))
-    write_results(results, config, Path(out) if out else default_out_dir(config))
+    output = run_server(grid, config, RunProgress(enabled=False))
+    write_results(output, config, Path(out) if out else default_out_dir(config))

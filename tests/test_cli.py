@@ -1,0 +1,70 @@
+"""The fedmerge command: a small run, and one clear line with exit code 2 for every bad input."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from simulations.cli import app
+
+runner = CliRunner()
+
+
+def fast(cache_dir: str) -> list[str]:
+    return ["--set", "num-clients=3", "--set", "engine='inprocess'", "--set", "pretrain-steps=20",
+            "--set", "local-steps=[5, 10, 15]", "--set", f"cache-dir='{cache_dir}'", "-q"]
+
+
+def test_help_lists_the_commands():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0 and "run" in result.output and "methods" in result.output
+
+
+def test_methods_lists_every_method():
+    result = runner.invoke(app, ["methods"])
+    assert result.exit_code == 0
+    for name in ("task_arithmetic", "fedavg", "fednova", "median", "tsv"):
+        assert name in result.output
+
+
+def test_run_writes_results_and_prints_the_table(tmp_path, cache_dir):
+    result = runner.invoke(app, ["run", *fast(cache_dir), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "results.json").is_file()
+    for row in ("base (pre-trained)", "clients' own models (mean)", "fedavg", "fednova", "median", "tsv"):
+        assert row in result.output
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--set", "bogus=1"], "unknown config key 'bogus'"),
+    (["--set", "alpha=0"], "alpha must be > 0"),
+    (["--set", "local-steps=0"], "local-steps must be an integer >= 1"),
+    (["--set", "local-steps=[1, 2]"], "local-steps has 2 entries but num-clients is 3"),
+    (["--set", "strategies=['fedavg', 'nope']"], "strategies='nope' is not known"),
+    (["--set", "local-steps=5", "--set", "num-clients=1000"], "more than the digits client pool"),
+    (["--set", "engine=spark"], "engine='spark'"),
+    (["--set", "alpha"], "--set expects key=value"),
+])
+def test_bad_input_is_one_clear_line_with_exit_code_2(tmp_path, cache_dir, args, needle):
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["run", *fast(cache_dir), *args, "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert needle in result.output and "Traceback" not in result.output
+    assert len([line for line in result.output.splitlines() if "error:" in line]) == 1
+    assert not out.exists()  # nothing written
+
+
+def test_missing_and_broken_presets(tmp_path):
+    result = runner.invoke(app, ["run", str(tmp_path / "nope.toml")])
+    assert result.exit_code == 2 and "no such preset file" in result.output
+    (tmp_path / "bad.toml").write_text("alpha = [")
+    result = runner.invoke(app, ["run", str(tmp_path / "bad.toml")])
+    assert result.exit_code == 2 and "not valid TOML" in result.output and "Traceback" not in result.output
+
+
+def test_existing_output_directory_is_refused_before_any_work(tmp_path, cache_dir):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("precious")
+    result = runner.invoke(app, ["run", *fast(cache_dir), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "already exists and is not empty" in result.output
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]

@@ -1,0 +1,95 @@
+"""Config loading, overrides, per-client plans, and one clear error per bad value."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedmerge import ConfigError
+from simulations.config import DEFAULT_PRESET, ExperimentConfig, load_config, parse_override, read_toml, write_toml
+
+
+def test_default_preset_loads_and_matches_the_issue():
+    config = load_config()
+    assert config.num_clients == 8 and config.partition == "dirichlet" and config.alpha == 0.5
+    assert config.strategies == ("fedavg", "fednova", "median", "tsv")
+    steps = [p.local_steps for p in config.client_plans()]
+    assert len(set(steps)) > 1 and all(20 <= s <= 100 for s in steps)  # heterogeneous local steps
+
+
+def test_overrides_are_parsed_as_toml_values():
+    assert parse_override("alpha=0.1") == ("alpha", 0.1)
+    assert parse_override("local-steps=[1, 2]") == ("local-steps", [1, 2])
+    assert parse_override("partition=iid") == ("partition", "iid")
+    config = load_config(None, ["num-clients=3", "local-steps=[5, 6, 7]", "partition=iid"])
+    assert [p.local_steps for p in config.client_plans()] == [5, 6, 7]
+
+
+def test_ranges_are_drawn_from_the_seed():
+    a = ExperimentConfig(num_clients=6, local_steps="10:20", seed=1).client_plans()
+    b = ExperimentConfig(num_clients=6, local_steps="10:20", seed=1).client_plans()
+    c = ExperimentConfig(num_clients=6, local_steps="10:20", seed=2).client_plans()
+    assert a == b and a != c
+    assert all(10 <= p.local_steps <= 20 for p in a)
+
+
+def test_flat_comma_lists_from_flower_run_config():
+    config = ExperimentConfig.from_mapping({"num-clients": 3, "local-steps": "4,5,6", "strategies": "fedavg,tsv",
+                                            "optimizer": "sgd,adam,sgd"})
+    assert [p.local_steps for p in config.client_plans()] == [4, 5, 6]
+    assert [p.optimizer for p in config.client_plans()] == ["sgd", "adam", "sgd"]
+    assert config.strategies == ("fedavg", "tsv")
+    flat = ExperimentConfig.from_mapping({"strategies": "fedavg,tsv", "scale": "fedavg=1,tsv=0.25"})
+    assert flat.scale == {"fedavg": 1.0, "tsv": 0.25}
+
+
+def test_scale_per_method():
+    config = ExperimentConfig(strategies=("fedavg", "tsv"), scale={"tsv": 0.25, "median": 3.0})
+    assert config.scale_of("fedavg") == 1.0 and config.scale_of("tsv") == 0.25
+    assert config.scale == {"fedavg": 1.0, "tsv": 0.25}  # unused methods' entries are dropped
+
+
+def test_effective_config_round_trips_through_toml(tmp_path):
+    config = load_config(None, ["method-options={fedgma={rho=0.3}}", "strategies=['fedgma', 'tsv']"])
+    write_toml(config, tmp_path / "config.toml")
+    assert load_config(tmp_path / "config.toml") == config
+
+
+@pytest.mark.parametrize("values,needle", [
+    ({"bogus": 1}, "unknown config key 'bogus'"),
+    ({"alpha": 0}, "alpha must be > 0, got 0"),
+    ({"alpha": -1.0}, "alpha must be > 0"),
+    ({"alpha": "high"}, "alpha must be a number, got 'high'"),
+    ({"num-clients": 0}, "num-clients must be > 0"),
+    ({"num-clients": 2.5}, "num-clients must be an integer"),
+    ({"local-steps": 0}, "local-steps must be an integer >= 1, got 0"),
+    ({"local-steps": [1, 2]}, "local-steps has 2 entries but num-clients is 8"),
+    ({"local-steps": "20:10"}, "MIN > MAX"),
+    ({"local-steps": "a:b"}, "'a' is not a number"),
+    ({"lr": -0.1}, "lr must be > 0"),
+    ({"optimizer": "rmsprop"}, "optimizer='rmsprop'"),
+    ({"strategies": ["fedavg", "nope"]}, "strategies='nope' is not known"),
+    ({"strategies": []}, "non-empty list"),
+    ({"strategies": ["fedavg", "fedavg"]}, "lists a method twice"),
+    ({"scale": {"tvs": 1.0}}, "scale='tvs' is not known"),
+    ({"scale": float("inf")}, "scale must be a finite number"),
+    ({"method-options": {"fedgma": {"bogus": 1}}}, "method-options.fedgma.bogus is not an option"),
+    ({"method-options": {"fednova": {"local_steps": [1]}}}, "method-options.fednova.local_steps"),
+    ({"engine": "spark"}, "engine='spark'"),
+    ({"partition": "byzantine"}, "partition='byzantine'"),
+    ({"min-clients": 9}, r"min-clients must lie in \[1, num-clients=8\]"),
+    ({"model": "gpt"}, "model='gpt'"),
+    ({"weighting": "loss"}, "weighting='loss'"),
+])
+def test_bad_values_name_the_key(values, needle):
+    with pytest.raises(ConfigError, match=needle):
+        ExperimentConfig.from_mapping({**read_toml(DEFAULT_PRESET), **values})
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="no such preset file"):
+        load_config(tmp_path / "nope.toml")
+    (tmp_path / "bad.toml").write_text("num-clients = = 3")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(tmp_path / "bad.toml")
+    with pytest.raises(ConfigError, match="--set expects key=value"):
+        load_config(None, ["alpha"])

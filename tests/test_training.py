@@ -1,0 +1,81 @@
+"""Local training runs exactly K steps, deterministically; the pre-trained base is cached."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from fedmerge import ConfigError
+from fedmerge.data import DataSpec, load_federated
+from fedmerge.local import local_update
+from fedmerge.models import MODELS, build_model
+from fedmerge.training import PretrainSpec, TrainPlan, batches, pretrained_base, train
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_federated(DataSpec(num_clients=4, seed=0))
+
+
+@pytest.mark.parametrize("steps", [1, 7, 40])
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_exactly_k_optimizer_steps(data, steps, optimizer):
+    model = build_model("mlp", data.input_shape, data.num_classes)
+    calls = []
+    handle = register_optimizer_step_post_hook(lambda *a: calls.append(1))
+    try:
+        train(model, data.clients[0].train, TrainPlan(local_steps=steps, optimizer=optimizer), seed=0)
+    finally:
+        handle.remove()
+    assert len(calls) == steps
+
+
+def test_batches_cover_every_example_each_pass():
+    gen = torch.Generator().manual_seed(0)
+    got = torch.cat(list(batches(10, 5, 4, gen)))
+    assert sorted(got[:10].tolist()) == list(range(10)) and sorted(got[10:].tolist()) == list(range(10))
+
+
+def test_batch_larger_than_data_is_full_batch():
+    assert [len(b) for b in batches(3, 32, 2, torch.Generator())] == [3, 3]
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_local_update_is_deterministic_and_learns(data, model):
+    base = build_model(model, data.input_shape, data.num_classes, seed=0).state_dict()
+    plan = TrainPlan(local_steps=30, lr=0.01, optimizer="adam")
+    a = local_update(model, base, data.clients[1], plan, 0, data.input_shape, data.num_classes)
+    b = local_update(model, base, data.clients[1], plan, 0, data.input_shape, data.num_classes)
+    assert all(torch.equal(a.task_vector[k], b.task_vector[k]) for k in a.task_vector)
+    assert a.local_steps == 30 and a.num_examples == len(data.clients[1].train)
+    assert a.task_vector.norm() > 0 and a.accuracy > 0.2  # better than chance (0.1) after 30 steps
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    ({"local_steps": 0}, "local-steps must be an integer >= 1"),
+    ({"local_steps": 1, "lr": 0}, "lr must be > 0"),
+    ({"local_steps": 1, "batch_size": 0}, "batch-size"),
+    ({"local_steps": 1, "optimizer": "lbfgs"}, "optimizer='lbfgs'"),
+    ({"local_steps": 1, "weight_decay": -1}, "weight-decay"),
+])
+def test_bad_plans(kwargs, needle):
+    with pytest.raises(ConfigError, match=needle):
+        TrainPlan(**kwargs)
+
+
+def test_pretrained_base_is_cached_by_its_settings(data, tmp_path, monkeypatch):
+    spec = PretrainSpec("mlp", steps=20, seed=0)
+    first, cached1 = pretrained_base(spec, data, tmp_path)
+    calls = []
+    monkeypatch.setattr("fedmerge.training.train", lambda *a, **k: calls.append(1))
+    second, cached2 = pretrained_base(spec, data, tmp_path)
+    assert (cached1, cached2) == (False, True) and calls == []
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    _, cached3 = pretrained_base(PretrainSpec("mlp", steps=21, seed=0), data, tmp_path)
+    assert cached3 is False and len(list(tmp_path.glob("base-*.safetensors"))) == 2
+
+
+def test_unknown_model():
+    with pytest.raises(ConfigError, match="model='resnet9000'"):
+        build_model("resnet9000", (1, 8, 8), 10)
