@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedmerge import METHODS, MergeError, merge
-from fedmerge.merging import polar_factor
+from fedmerge.spectral import polar_factor
 
 
 def tv(**tensors):
