@@ -83,12 +83,16 @@ class DataSpec:
     pretrain_fraction: float = 0.1
     test_fraction: float = 0.2
     local_test_fraction: float = 0.2
+    local_val_fraction: float = 0.1
 
 
 @dataclass(frozen=True)
 class ClientData:
+    """One client's partition: ``train`` for fine-tuning, ``val`` for choosing λ, ``test`` for scores."""
+
     partition_id: int
     train: Split
+    val: Split
     test: Split
 
 
@@ -146,9 +150,12 @@ def _validate(spec: DataSpec, pool_size: int) -> None:
     if spec.partition == "dirichlet" and not spec.alpha > 0:
         raise ConfigError(f"alpha must be > 0, got {spec.alpha}")
     for name, frac in (("pretrain-fraction", spec.pretrain_fraction), ("test-fraction", spec.test_fraction),
-                       ("local-test-fraction", spec.local_test_fraction)):
+                       ("local-test-fraction", spec.local_test_fraction),
+                       ("local-val-fraction", spec.local_val_fraction)):
         if not 0 < frac < 1:
             raise ConfigError(f"{name} must lie strictly between 0 and 1, got {frac}")
+    if spec.local_test_fraction + spec.local_val_fraction >= 0.9:
+        raise ConfigError("local-test-fraction + local-val-fraction must leave at least 10% to local training")
     if spec.pretrain_fraction + spec.test_fraction >= 0.9:
         raise ConfigError("pretrain-fraction + test-fraction must leave at least 10% of the data to the clients")
     most = pool_size // MIN_CLIENT_EXAMPLES
@@ -172,12 +179,16 @@ def load_federated(spec: DataSpec) -> FederatedData:
     pool = ds.data.subset(order[n_pre + n_test:])
     clients = []
     for pid, rows in enumerate(partition_indices(pool.y.numpy(), spec)):
-        if len(rows) < 2:
+        if len(rows) < 3:
             raise ConfigError(
                 f"client {pid} received {len(rows)} examples under partition={spec.partition!r}; "
                 "use fewer clients or more classes-per-client"
             )
         rows = np.random.default_rng([spec.seed, pid]).permutation(rows)
-        n_local_test = min(len(rows) - 1, max(1, round(spec.local_test_fraction * len(rows))))
-        clients.append(ClientData(pid, pool.subset(rows[n_local_test:]), pool.subset(rows[:n_local_test])))
+        n_test = max(1, round(spec.local_test_fraction * len(rows)))
+        n_val = max(1, round(spec.local_val_fraction * len(rows)))
+        if n_test + n_val >= len(rows):
+            n_test, n_val = 1, 1
+        clients.append(ClientData(pid, train=pool.subset(rows[n_test + n_val:]), val=pool.subset(rows[n_test:n_test + n_val]),
+                                  test=pool.subset(rows[:n_test])))
     return FederatedData(spec, ds.num_classes, ds.input_shape, pretrain, test, tuple(clients))

@@ -64,6 +64,7 @@ class ExperimentConfig:
     pretrain_fraction: float = 0.1
     test_fraction: float = 0.2
     local_test_fraction: float = 0.2
+    local_val_fraction: float = 0.1
     cache_dir: str = ""
 
     def __post_init__(self) -> None:
@@ -98,7 +99,7 @@ class ExperimentConfig:
                            ("client_cpus", int), ("pretrain_steps", int)):
             _set(name, _as(kind, getattr(self, name), name))
         for name in ("alpha", "timeout", "client_gpus", "pretrain_lr", "pretrain_fraction", "test_fraction",
-                     "local_test_fraction"):
+                     "local_test_fraction", "local_val_fraction"):
             _set(name, _as(float, getattr(self, name), name))
         for name in ("name", "model", "dataset", "partition", "weighting", "engine", "cache_dir"):
             _set(name, _as(str, getattr(self, name), name))
@@ -178,7 +179,7 @@ class ExperimentConfig:
             num_clients=self.num_clients, partition=self.partition, alpha=self.alpha,
             classes_per_client=self.classes_per_client, seed=self.seed, dataset=self.dataset,
             pretrain_fraction=self.pretrain_fraction, test_fraction=self.test_fraction,
-            local_test_fraction=self.local_test_fraction,
+            local_test_fraction=self.local_test_fraction, local_val_fraction=self.local_val_fraction,
         )
 
     def pretrain_spec(self) -> PretrainSpec:

@@ -43,13 +43,13 @@ def test_same_seed_same_partitions_other_seed_other():
 
 def test_federated_splits_are_disjoint_and_complete():
     data = load_federated(DataSpec(num_clients=6, partition="dirichlet", alpha=1.0, seed=0))
-    pieces = [data.pretrain, data.test] + [s for c in data.clients for s in (c.train, c.test)]
+    pieces = [data.pretrain, data.test] + [s for c in data.clients for s in (c.train, c.val, c.test)]
     total = sum(len(p) for p in pieces)
     assert total == 1797
     assert sorted(r for p in pieces for r in rows_of(p)) == rows_of(
         __import__("fedmerge.data", fromlist=["load_dataset"]).load_dataset("digits").data)
     for c in data.clients:
-        assert len(c.test) >= 1 and len(c.train) >= 1
+        assert len(c.test) >= 1 and len(c.val) >= 1 and len(c.train) >= 1
     assert data.input_shape == (1, 8, 8) and data.num_classes == 10
 
 
