@@ -14,6 +14,11 @@ omitted):
                      (Tenison et al., 2022)
 ``cclip``            Σ_i p_i τ_i · min(1, rho / ‖τ_i‖₂)  (Karimireddy et al., 2021, centre θ0)
 ``tsv``              TSV-Merge (Gargiulo et al., CVPR 2025) on 2-D tensors, Σ_i p_i τ_i elsewhere
+``trimmed_mean``     coordinate-wise mean after dropping the ⌊beta·n⌋ lowest and highest values
+``ties``             TIES-Merging: trim to top-k magnitudes, elect sign, disjoint mean (Yadav et al., 2023)
+``tsv_compress``     Σ_i of each τ_i's rank-⌊r/T⌋ approximation on 2-D tensors (TSV-C), Σ_i p_i τ_i elsewhere
+``iso_c``            σ̄ U Vᵀ of the summed task matrix (Marczak et al., ICML 2025), Σ_i p_i τ_i elsewhere
+``iso_cts``          Iso-CTS: common plus task-specific subspaces, isotropic spectrum (same paper)
 ===================  ==================================================================================
 
 Every method validates its inputs up front and raises :class:`~fedmerge.errors.MergeError` naming
@@ -195,14 +200,25 @@ def linear_combination(
     return out
 
 
-def _check_rho(method: str, rho: float, lo: float, hi: float) -> float:
+def _check_range(
+    method: str, name: str, value: Any, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False
+) -> float:
+    """``value`` as a float inside [lo, hi] (open ends where asked), else a ``MergeError`` naming it."""
     try:
-        rho = float(rho)
+        value = float(value)
     except (TypeError, ValueError):
-        raise MergeError(f"{method}: rho must be a number, got {rho!r}") from None
-    if not (lo <= rho <= hi) or not math.isfinite(rho):
-        raise MergeError(f"{method}: rho must lie in [{lo}, {hi}], got {rho}")
-    return rho
+        raise MergeError(f"{method}: {name} must be a number, got {value!r}") from None
+    inside = (lo < value if lo_open else lo <= value) and (value < hi if hi_open else value <= hi)
+    if not inside or not math.isfinite(value):
+        interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+        raise MergeError(f"{method}: {name} must lie in {interval}, got {value}")
+    return value
+
+
+def _stack(task_vectors: TaskVectors, key: str) -> Tensor:
+    """The n task vectors' entries of one tensor as an n × shape stack, in the compute dtype."""
+    dt = compute_dtype(task_vectors[0][key].dtype)
+    return torch.stack([tv[key].to(dt) for tv in task_vectors])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -235,7 +251,7 @@ def median(task_vectors: TaskVectors, p: Sequence[float]) -> dict[str, Tensor]:
     n = len(task_vectors)
     out: dict[str, Tensor] = {}
     for key, ref in task_vectors[0].items():
-        stack = torch.stack([tv[key].to(compute_dtype(ref.dtype)) for tv in task_vectors])
+        stack = _stack(task_vectors, key)
         if n % 2:
             mid = stack.kthvalue(n // 2 + 1, dim=0).values
         else:
@@ -247,7 +263,7 @@ def median(task_vectors: TaskVectors, p: Sequence[float]) -> dict[str, Tensor]:
 @register("fedgma", natural_scale="mean")
 def fedgma(task_vectors: TaskVectors, p: Sequence[float], *, rho: float = 0.5) -> dict[str, Tensor]:
     """FedGMA: the weighted mean masked by sign agreement A = |Σ sign τ_i| / n (soft below rho)."""
-    rho = _check_rho("fedgma", rho, 0.0, 1.0)
+    rho = _check_range("fedgma", "rho", rho, 0.0, 1.0)
     n = len(task_vectors)
     mean = linear_combination(task_vectors, p)
     out: dict[str, Tensor] = {}
@@ -265,9 +281,67 @@ def cclip(task_vectors: TaskVectors, p: Sequence[float], *, rho: float | None = 
     norms = [math.sqrt(sum(float(t.double().pow(2).sum()) for t in tv.values())) for tv in task_vectors]
     if rho is None:
         rho = float(torch.tensor(norms, dtype=torch.float64).quantile(0.5))
-    rho = _check_rho("cclip", rho, 0.0, math.inf)
+    rho = _check_range("cclip", "rho", rho, 0.0, math.inf)
     factors = [1.0 if nrm == 0 else min(1.0, rho / nrm) for nrm in norms]
     return linear_combination(task_vectors, [pi * f for pi, f in zip(p, factors)])
+
+
+@register("trimmed_mean", natural_scale="mean")
+def trimmed_mean(task_vectors: TaskVectors, p: Sequence[float], *, beta: float = 0.1) -> dict[str, Tensor]:
+    """Coordinate-wise trimmed mean: drop the ⌊beta·n⌋ lowest and highest values, average the rest.
+
+    Yin et al., "Byzantine-Robust Distributed Learning: Towards Optimal Statistical Rates", ICML 2018.
+    ``beta`` in [0, 0.5) (default 0.1); weights are ignored (as for ``median``), so beta = 0 is the
+    uniform mean. Natural scale: one task vector ("mean").
+    """
+    beta = _check_range("trimmed_mean", "beta", beta, 0.0, 0.5, hi_open=True)
+    n = len(task_vectors)
+    cut = math.floor(beta * n)
+    out: dict[str, Tensor] = {}
+    for key, ref in task_vectors[0].items():
+        ordered = _stack(task_vectors, key).sort(dim=0).values
+        out[key] = ordered[cut:n - cut].mean(dim=0).to(ref.dtype)
+    return out
+
+
+def ties_thresholds(task_vectors: TaskVectors, k: float) -> list[float]:
+    """Per task vector, the magnitude of its ⌈k·d⌉-th largest entry over all d entries (TIES trim step)."""
+    out = []
+    for tv in task_vectors:
+        flat = torch.cat([t.detach().reshape(-1).abs().to(compute_dtype(t.dtype)) for t in tv.values()])
+        keep = max(1, math.ceil(k * flat.numel()))
+        out.append(float(flat.kthvalue(flat.numel() - keep + 1).values))
+        del flat
+    return out
+
+
+@register("ties", natural_scale="mean")
+def ties(task_vectors: TaskVectors, p: Sequence[float], *, k: float = 0.2) -> dict[str, Tensor]:
+    """TIES-Merging: trim each τ_i to its top-k magnitudes, elect signs, disjoint (weighted) mean.
+
+    Yadav et al., "TIES-Merging: Resolving Interference When Merging Models", NeurIPS 2023.
+    1. Trim: τ̂_i keeps the entries of τ_i whose magnitude is at least its ⌈k·d⌉-th largest over the
+       whole task vector (all tensors together, as in the paper; ties at the threshold are kept).
+    2. Elect: s = sign(Σ_i p_i τ̂_i) per coordinate (p uniform: the sign of the summed mass).
+    3. Disjoint mean: Σ_{i: sign τ̂_i = s} p_i τ̂_i / Σ_{i: sign τ̂_i = s} p_i, 0 where no client agrees.
+    A coordinate whose summed mass is exactly 0 has no elected sign and merges to 0 (the reference
+    code breaks such ties by the model-wide majority sign). ``k`` in (0, 1] (default 0.2, the
+    paper's); k = 1 with agreeing signs is the weighted mean. Natural scale: "mean" (λ = 1 in the paper).
+    """
+    k = _check_range("ties", "k", k, 0.0, 1.0, lo_open=True)
+    thresholds = ties_thresholds(task_vectors, k)
+    weights = torch.tensor(p, dtype=torch.float64)
+    out: dict[str, Tensor] = {}
+    for key, ref in task_vectors[0].items():
+        stack = _stack(task_vectors, key)
+        trim = torch.stack([torch.where(x.abs() >= th, x, torch.zeros_like(x)) for x, th in zip(stack, thresholds)])
+        w = weights.to(stack.dtype).reshape(-1, *([1] * ref.dim()))
+        elected = torch.sign((w * trim).sum(dim=0))
+        agree = (torch.sign(trim) == elected) & (elected != 0)
+        mass = (w * agree).sum(dim=0)
+        total = (w * trim * agree).sum(dim=0)
+        out[key] = torch.where(mass > 0, total / mass.clamp_min(torch.finfo(stack.dtype).tiny), 0.0).to(ref.dtype)
+    return out
 
 
 # Spectral methods (TSV-Merge, …) live in their own module and register themselves here.

@@ -16,22 +16,157 @@ from torch import Tensor
 from fedmerge.merging import TaskVectors, linear_combination, register
 
 
-def polar_factor(x: Tensor) -> Tensor:
-    """The orthogonal polar factor P Qᵀ of x = P D Qᵀ: the nearest matrix with orthonormal columns."""
-    u, _, vh = torch.linalg.svd(x, full_matrices=False)
-    return u @ vh
+def polar_factor(x: Tensor, rcond: float | None = None) -> Tensor:
+    """The orthogonal polar factor P Qᵀ of x = P D Qᵀ: the nearest matrix with orthonormal columns.
+
+    Singular values at or below ``rcond`` · σ_max (default max(m, n) · eps of x's dtype) count as zero,
+    and their pairs are left out: a rank-deficient x gets the partial isometry P_r Q_rᵀ, not an
+    arbitrary completion. Works on batches (…, m, n).
+    """
+    u, s, vh = torch.linalg.svd(x, full_matrices=False)
+    if rcond is None:
+        rcond = max(x.shape[-2:]) * torch.finfo(x.dtype).eps
+    keep = (s > rcond * s.amax(dim=-1, keepdim=True)).to(x.dtype)
+    return (u * keep.unsqueeze(-2)) @ vh
 
 
-def tsv_merge_matrix(matrices: Sequence[Tensor]) -> Tensor:
-    """TSV-M for one layer: top k = max(1, ⌊min(m,n)/T⌋) triplets per task, orthogonalised bases."""
-    t = len(matrices)
-    rows, cols = matrices[0].shape
-    k = max(1, min(rows, cols) // t)
-    u, s, vh = torch.linalg.svd(torch.stack([m.double() for m in matrices]), full_matrices=False)
-    u_cat = u[:, :, :k].permute(1, 0, 2).reshape(rows, t * k)
-    s_cat = s[:, :k].reshape(t * k)
-    v_cat = vh[:, :k, :].permute(2, 0, 1).reshape(cols, t * k)
-    return (polar_factor(u_cat) * s_cat) @ polar_factor(v_cat).T
+# TSV-M is computed two ways. ``method="exact"`` (the reference, used by the tests) takes a full
+# SVD of every task matrix and SVDs of the concatenated bases, as the published implementations do.
+# ``method="fast"`` (the default) needs only the top k = ⌊r/T⌋ triplets of each task: a randomized
+# range finder with power iterations in the input precision, batched over tasks and layers of one
+# shape, then a Rayleigh-Ritz step and both polar factors from float64 eigendecompositions of the
+# small Gram matrices (whitening X (XᵀX)^(-1/2), Prop. 4.1 of the TSV paper). Both drop triplets
+# whose σ is numerically zero (≤ max(m, n) · eps · σ_1 of that task), so zero matrices, tasks of
+# rank < k and duplicated tasks give well-defined results rather than arbitrary singular vectors.
+
+_SKETCH_SEED = 0x75F  # fixed: the fast path is deterministic
+_EXACT_BELOW = 64  # matrices whose smaller side is at most this get the full SVD
+
+
+def _rank_tol(dtype: torch.dtype, shape: Sequence[int]) -> float:
+    """Relative σ below which a triplet is numerical noise of a tensor stored in ``dtype``."""
+    dt = torch.float64 if dtype == torch.float64 else torch.float32
+    return max(shape) * torch.finfo(dt).eps
+
+
+def _orthonormal(y: Tensor) -> Tensor:
+    """An orthonormal basis of the columns of every matrix in a batch (Householder QR)."""
+    return torch.linalg.qr(y).Q
+
+
+def top_singular_triplets(
+    a: Tensor, k: int, *, method: str = "auto", oversample: int | None = None, power_iters: int = 5
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The top-k singular triplets of every matrix in a batch ``a`` (…, m, n), in float64.
+
+    Returns U (…, m, k), σ (…, k) in descending order and Vᵀ (…, k, n), like
+    ``torch.linalg.svd(a)[:k]``. ``method="exact"`` takes the full SVD; ``"randomized"`` a range finder
+    of l = k + ``oversample`` columns (default k, at least 16) with ``power_iters`` power iterations
+    (Halko, Martinsson & Tropp 2011, Alg. 4.4) in float32 (float64 for float64 input), then a
+    float64 Rayleigh-Ritz step; ``"auto"`` picks the full SVD for small matrices or large k. The
+    angle error of the randomized vectors shrinks like (σ_{l+1}/σ_k)^(2·power_iters).
+    """
+    if method not in ("auto", "exact", "randomized"):
+        raise ValueError(f"method must be 'auto', 'exact' or 'randomized', got {method!r}")
+    *batch, m, n = a.shape
+    r = min(m, n)
+    k = max(1, min(k, r))
+    if m < n:  # work on the tall side: Aᵀ = V Σ Uᵀ
+        v, s, uh = top_singular_triplets(a.mT, k, method=method, oversample=oversample, power_iters=power_iters)
+        return uh.mT, s, v.mT
+    l_cols = min(n, k + (max(k, 16) if oversample is None else oversample))
+    if method == "exact" or (method == "auto" and (n <= _EXACT_BELOW or 2 * l_cols > n)):
+        u, s, vh = torch.linalg.svd(a.double(), full_matrices=False)
+        return u[..., :k], s[..., :k], vh[..., :k, :]
+    a = a.reshape(-1, m, n)
+    work = torch.float64 if a.dtype == torch.float64 else torch.float32
+    aw = a.to(work)
+    gen = torch.Generator().manual_seed(_SKETCH_SEED)
+    z = torch.randn(n, l_cols, generator=gen, dtype=work).expand(a.shape[0], n, l_cols)
+    for _ in range(power_iters):
+        z = _orthonormal(aw.mT @ _orthonormal(aw @ z))
+    # Rayleigh-Ritz on the right subspace in float64: A Z = Ũ S̃ W̃ᵀ gives U ≈ Ũ, σ ≈ S̃, V ≈ Z W̃.
+    ad = a.double()
+    zd = _orthonormal(z.double())
+    y = ad @ zd
+    theta, w = torch.linalg.eigh(y.mT @ y)
+    theta, w = theta.flip(-1)[..., :k], w.flip(-1)[..., :k]
+    s = theta.clamp_min(0).sqrt()
+    pos = (s > 0).unsqueeze(-2)
+    u = torch.where(pos, (y @ w) / torch.where(pos, s.unsqueeze(-2), 1.0), 0.0)
+    vh = (zd @ w).mT
+    return u.reshape(*batch, m, k), s.reshape(*batch, k), vh.reshape(*batch, k, n)
+
+
+def _gram(x: Tensor) -> Tensor:
+    """The smaller Gram matrix of every matrix in a batch: XᵀX for tall x, XXᵀ for wide x."""
+    return x.mT @ x if x.shape[-1] <= x.shape[-2] else x @ x.mT
+
+
+def _inverse_sqrt(gram: Tensor) -> Tensor:
+    """G^(-1/2) of symmetric PSD matrices (float64 eigh); eigenvalues ≤ c·eps·λ_max count as zero."""
+    lam, q = torch.linalg.eigh(gram)
+    tol = lam[..., -1:].clamp_min(0) * (gram.shape[-1] * torch.finfo(gram.dtype).eps)
+    inv_sqrt = torch.where(lam > tol, lam.clamp_min(torch.finfo(gram.dtype).tiny).rsqrt(), 0.0)
+    return (q * inv_sqrt.unsqueeze(-2)) @ q.mT
+
+
+def _whiten(x: Tensor, root: Tensor | None = None) -> Tensor:
+    """Polar factor of every matrix in a batch as x (XᵀX)^(-1/2) (tall) or (XXᵀ)^(-1/2) x (wide).
+
+    Equal to ``polar_factor`` (Prop. 4.1 of the TSV paper), at the cost of one eigendecomposition of
+    the smaller Gram matrix instead of an SVD of x. ``root`` is that matrix's inverse square root
+    when already computed.
+    """
+    if root is None:
+        root = _inverse_sqrt(_gram(x))
+    return x @ root if x.shape[-1] <= x.shape[-2] else root @ x
+
+
+def _tsv_merge_batch(mats: Tensor, *, method: str = "fast") -> Tensor:
+    """TSV-M for a batch of layers of one shape: ``mats`` (L, T, m, n) → merged (L, m, n), float64."""
+    num_layers, t, m, n = mats.shape
+    k = max(1, min(m, n) // t)
+    tol = _rank_tol(mats.dtype, (m, n))
+    if method == "exact":
+        u, s, vh = torch.linalg.svd(mats.double(), full_matrices=False)
+        u, s, vh = u[..., :k], s[..., :k], vh[..., :k, :]
+    else:
+        u, s, vh = top_singular_triplets(mats, k, method="auto")
+    keep = s > tol * s[..., :1]  # numerically zero triplets carry nothing of their task
+    s = s * keep
+    u_cat = (u * keep.unsqueeze(-2)).permute(0, 2, 1, 3).reshape(num_layers, m, t * k)
+    v_cat = (vh * keep.unsqueeze(-1)).permute(0, 3, 1, 2).reshape(num_layers, n, t * k)
+    s_cat = s.reshape(num_layers, t * k)
+    if method == "exact":
+        pu, pv = polar_factor(u_cat), polar_factor(v_cat)
+    else:
+        gu, gv = _gram(u_cat), _gram(v_cat)
+        if gu.shape == gv.shape:  # one batched eigendecomposition for both sides
+            ru, rv = _inverse_sqrt(torch.cat([gu, gv])).split(num_layers)
+        else:
+            ru, rv = _inverse_sqrt(gu), _inverse_sqrt(gv)
+        pu, pv = _whiten(u_cat, ru), _whiten(v_cat, rv)
+    return (pu * s_cat.unsqueeze(-2)) @ pv.mT
+
+
+def tsv_merge_matrix(matrices: Sequence[Tensor], *, method: str = "fast") -> Tensor:
+    """TSV-M for one layer: top k = max(1, ⌊min(m,n)/T⌋) triplets per task, orthogonalised bases.
+
+    ``method="fast"`` (default) or ``"exact"`` (full SVDs, the reference); see the notes above.
+    Returns the merged matrix in float64.
+    """
+    if method not in ("fast", "exact"):
+        raise ValueError(f"method must be 'fast' or 'exact', got {method!r}")
+    return _tsv_merge_batch(torch.stack(list(matrices))[None], method=method)[0]
+
+
+def tsv_merge_matrix_reference(matrices: Sequence[Tensor]) -> Tensor:
+    """TSV-M with full SVDs everywhere (the published algorithm): the reference for tests."""
+    return tsv_merge_matrix(matrices, method="exact")
+
+
+_TSV_BATCH_BYTES = 256 * 2**20  # layers of one shape are merged together up to this much input
 
 
 @register("tsv", natural_scale="sum")
@@ -39,7 +174,193 @@ def tsv(task_vectors: TaskVectors, p: Sequence[float]) -> dict[str, Tensor]:
     """TSV-Merge: per 2-D tensor U⊥ diag(σ) V⊥ᵀ of the tasks' top singular triplets; other tensors Σ p_i τ_i."""
     first = task_vectors[0]
     out = linear_combination(task_vectors, p, keys=[k for k, v in first.items() if v.dim() != 2])
+    groups: dict[tuple, list[str]] = {}
     for key, ref in first.items():
         if ref.dim() == 2:
-            out[key] = tsv_merge_matrix([tv[key] for tv in task_vectors]).to(ref.dtype)
+            groups.setdefault((tuple(ref.shape), ref.dtype), []).append(key)
+    for (shape, dtype), keys in groups.items():
+        per_layer = len(task_vectors) * shape[0] * shape[1] * 8
+        step = max(1, _TSV_BATCH_BYTES // per_layer)
+        for i in range(0, len(keys), step):
+            chunk = keys[i:i + step]
+            mats = torch.stack([torch.stack([tv[key] for tv in task_vectors]) for key in chunk])
+            merged = _tsv_merge_batch(mats if mats.dtype == torch.float64 else mats.float())
+            for key, mat in zip(chunk, merged):
+                out[key] = mat.to(dtype)
     return {key: out[key] for key in first}
+
+
+# ------------------------------------------------------------------------------------------------
+# TSV-Compress, Singular Task Interference, Iso-C and Iso-CTS
+# ------------------------------------------------------------------------------------------------
+
+import math  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+from fedmerge.merging import _check_range, validate_task_vectors  # noqa: E402
+
+MatrixMerge = Callable[[Sequence[Tensor], Sequence[float]], Tensor]
+
+
+def task_rank(shape: Sequence[int], num_tasks: int) -> int:
+    """Triplets kept per task in a ``shape`` matrix: k = max(1, ⌊min(m, n)/T⌋) (TSV paper, Alg. 1)."""
+    return max(1, min(shape) // num_tasks)
+
+
+def task_singular_vectors(matrices: Sequence[Tensor], k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Each task's top-k singular triplets in float64: U (T×m×k), σ (T×k), Vᵀ (T×k×n)."""
+    u, s, vh = torch.linalg.svd(torch.stack([m.double() for m in matrices]), full_matrices=False)
+    return u[:, :, :k], s[:, :k], vh[:, :k, :]
+
+
+def per_matrix(task_vectors: TaskVectors, p: Sequence[float], merge_matrix: MatrixMerge) -> dict[str, Tensor]:
+    """``merge_matrix(matrices, p)`` on every 2-D tensor, the weighted mean Σ p_i τ_i on the others."""
+    first = task_vectors[0]
+    out = linear_combination(task_vectors, p, keys=[k for k, v in first.items() if v.dim() != 2])
+    for key, ref in first.items():
+        if ref.dim() == 2:
+            out[key] = merge_matrix([tv[key] for tv in task_vectors], p).to(ref.dtype)
+    return {key: out[key] for key in first}
+
+
+def tsv_compress_matrix(matrices: Sequence[Tensor], p: Sequence[float] = ()) -> Tensor:
+    """Σ_t of each task's rank-k approximation U_t[:, :k] diag(σ_t[:k]) V_t[:, :k]ᵀ, k = task_rank."""
+    u, s, vh = task_singular_vectors(matrices, task_rank(matrices[0].shape, len(matrices)))
+    return torch.einsum("tmk,tk,tkn->mn", u, s, vh)
+
+
+@register("tsv_compress", natural_scale="sum")
+def tsv_compress(task_vectors: TaskVectors, p: Sequence[float]) -> dict[str, Tensor]:
+    """TSV-C as a merge: Σ_i of every τ_i's top-⌊r/T⌋ singular triplets per matrix; Σ p_i τ_i elsewhere.
+
+    Gargiulo et al., "Task Singular Vectors: Reducing Task Interference in Model Merging", CVPR 2025,
+    Sec. 4.1. The paper stores each task's truncated SVD and applies the one of the task at hand;
+    merged, those compressed tasks add up to this sum (the paper's "low-rank only" ablation). Weights
+    are ignored on matrices (as for ``tsv``). Natural scale: "sum". See :func:`tsv_compress_storage`.
+    """
+    return per_matrix(task_vectors, p, tsv_compress_matrix)
+
+
+@dataclass(frozen=True)
+class CompressionReport:
+    """Storage of TSV-C: values per task compressed vs dense (k(m+n+1) per matrix, dense elsewhere)."""
+
+    num_tasks: int
+    dense_values: int  # entries of one task vector
+    compressed_values: int  # entries TSV-C stores for one task
+
+    @property
+    def ratio(self) -> float:
+        """Storage of one compressed task relative to its dense task vector."""
+        return self.compressed_values / self.dense_values
+
+    @property
+    def total_ratio(self) -> float:
+        """Storage of all T compressed tasks relative to one dense task vector (≈ one model)."""
+        return self.num_tasks * self.ratio
+
+
+def tsv_compress_storage(task_vectors: TaskVectors) -> CompressionReport:
+    """How much TSV-C stores per task: U (m×k), σ (k), V (n×k) per 2-D tensor, other tensors dense."""
+    validate_task_vectors(task_vectors)
+    t = len(task_vectors)
+    dense = compressed = 0
+    for ref in task_vectors[0].values():
+        dense += ref.numel()
+        if ref.dim() == 2:
+            compressed += task_rank(ref.shape, t) * (ref.shape[0] + ref.shape[1] + 1)
+        else:
+            compressed += ref.numel()
+    return CompressionReport(num_tasks=t, dense_values=dense, compressed_values=compressed)
+
+
+def singular_task_interference(matrices: Sequence[Tensor]) -> float:
+    """STI of one layer (TSV paper, Eq. 6): ‖(UᵀU − I) Σ (VᵀV − I)‖₁, summed over |entries|.
+
+    U = [U_1 … U_T] and V = [V_1 … V_T] concatenate every task's top k = ⌊r/T⌋ singular vectors
+    (columns), Σ = diag(σ_1 … σ_T). Triplets with σ = 0 (beyond a task's numerical rank) are left
+    out: they carry nothing of the task and their vectors are arbitrary, so keeping them would make
+    orthogonal tasks interfere.
+    """
+    u, s, vh = task_singular_vectors(matrices, task_rank(matrices[0].shape, len(matrices)))
+    tol = float(s.max()) * max(matrices[0].shape) * torch.finfo(torch.float64).eps if s.numel() else 0.0
+    keep = s > tol
+    if not bool(keep.any()):
+        return 0.0
+    u_cat = torch.cat([u[t][:, keep[t]] for t in range(len(matrices))], dim=1)
+    v_cat = torch.cat([vh[t][keep[t]].T for t in range(len(matrices))], dim=1)
+    eye = torch.eye(u_cat.shape[1], dtype=torch.float64)
+    return float((((u_cat.T @ u_cat - eye) * s[keep]) @ (v_cat.T @ v_cat - eye)).abs().sum())
+
+
+def interference(task_vectors: TaskVectors) -> tuple[dict[str, float], float]:
+    """Singular Task Interference of any list of task vectors: STI per 2-D tensor and their total.
+
+    Gargiulo et al., CVPR 2025, Eq. 6 (see :func:`singular_task_interference`). Zero for task
+    matrices whose row and column spaces are mutually orthogonal; grows with shared directions.
+    """
+    validate_task_vectors(task_vectors)
+    per_layer = {key: singular_task_interference([tv[key] for tv in task_vectors])
+                 for key, ref in task_vectors[0].items() if ref.dim() == 2}
+    return per_layer, sum(per_layer.values())
+
+
+def _weighted_sum_matrix(matrices: Sequence[Tensor], p: Sequence[float]) -> Tensor:
+    """N Σ_i p_i Δ_i in float64: the summed task matrix Σ_i Δ_i when weights are uniform."""
+    n = len(matrices)
+    return sum(n * pi * m.double() for pi, m in zip(p, matrices))
+
+
+def iso_c_matrix(matrices: Sequence[Tensor], p: Sequence[float]) -> Tensor:
+    """Iso-C for one layer: σ̄ U Vᵀ where U diag(σ) Vᵀ is the SVD of the summed task matrix."""
+    u, s, vh = torch.linalg.svd(_weighted_sum_matrix(matrices, p), full_matrices=False)
+    return s.mean() * (u @ vh)
+
+
+@register("iso_c", natural_scale="sum")
+def iso_c(task_vectors: TaskVectors, p: Sequence[float]) -> dict[str, Tensor]:
+    """Iso-C: per matrix, the summed task matrix with every singular value replaced by their mean.
+
+    Marczak et al., "No Task Left Behind: Isotropic Model Merging with Common and Task-Specific
+    Subspaces", ICML 2025. With weights the sum is N Σ_i p_i Δ_i (the plain sum when uniform); the
+    mean σ̄ runs over all min(m, n) singular values. Other tensors get Σ_i p_i τ_i. Natural scale:
+    "sum" (the paper tunes α on validation data; its optima lie between 0.8 and 1.9).
+    """
+    return per_matrix(task_vectors, p, iso_c_matrix)
+
+
+def iso_cts_matrix(matrices: Sequence[Tensor], p: Sequence[float], common_space_fraction: float = 0.8) -> Tensor:
+    """Iso-CTS for one layer: common plus task-specific singular directions, orthogonalised, isotropic.
+
+    With r = min(m, n) and T tasks: s = min(round((r − ⌊f·r⌋)/T), ⌊r/T⌋) directions per task and a
+    common space of c = r − sT directions, the top ones of the summed task matrix. Each task's
+    directions are the top s of Δ_t − U_c U_cᵀ Δ_t (its part outside the common space). The
+    concatenated bases are replaced by their polar factors and every singular value by the mean σ̄.
+    """
+    r, t = min(matrices[0].shape), len(matrices)
+    per_task = min(round((r - math.floor(common_space_fraction * r)) / t), r // t)
+    common = r - per_task * t
+    u, s, vh = torch.linalg.svd(_weighted_sum_matrix(matrices, p), full_matrices=False)
+    us, ss, vs = [u[:, :common]], [s[:common]], [vh[:common].T]
+    if per_task:
+        u_c = us[0]
+        residual = [m.double() - u_c @ (u_c.T @ m.double()) for m in matrices]
+        ut, st, vht = task_singular_vectors(residual, per_task)
+        us += list(ut)
+        ss += list(st)
+        vs += [v.T for v in vht]
+    sigma = torch.cat(ss).mean()
+    return sigma * (polar_factor(torch.cat(us, dim=1)) @ polar_factor(torch.cat(vs, dim=1)).T)
+
+
+@register("iso_cts", natural_scale="sum")
+def iso_cts(task_vectors: TaskVectors, p: Sequence[float], *, common_space_fraction: float = 0.8) -> dict[str, Tensor]:
+    """Iso-CTS: Iso-C's common subspace completed by task-specific directions, isotropic spectrum.
+
+    Marczak et al., ICML 2025 (see :func:`iso_cts_matrix`). ``common_space_fraction`` in [0, 1]
+    (default 0.8, the paper's) is the share of the rank given to the summed task matrix's top
+    directions; 1 gives Iso-C. Other tensors get Σ_i p_i τ_i. Natural scale: "sum".
+    """
+    f = _check_range("iso_cts", "common_space_fraction", common_space_fraction, 0.0, 1.0)
+    return per_matrix(task_vectors, p, lambda mats, w: iso_cts_matrix(mats, w, f))

@@ -1,11 +1,13 @@
 """Flower strategies (message API) that merge clients' task vectors in one round."""
 
 from strategies.methods import (
-    CClipMerge, FedAvgMerge, FedGMAMerge, FedNovaMerge, MedianMerge, SingleMethodMerge, TaskArithmeticMerge, TSVMerge,
+    CClipMerge, FedAvgMerge, FedGMAMerge, FedNovaMerge, IsoCMerge, IsoCTSMerge, MedianMerge, SingleMethodMerge,
+    TaskArithmeticMerge, TiesMerge, TrimmedMeanMerge, TSVCompressMerge, TSVMerge,
 )
 from strategies.one_shot import ClientFailure, ClientReport, OneShotMerge
 
 __all__ = [
-    "CClipMerge", "ClientFailure", "ClientReport", "FedAvgMerge", "FedGMAMerge", "FedNovaMerge", "MedianMerge",
-    "OneShotMerge", "SingleMethodMerge", "TSVMerge", "TaskArithmeticMerge",
+    "CClipMerge", "ClientFailure", "ClientReport", "FedAvgMerge", "FedGMAMerge", "FedNovaMerge", "IsoCMerge",
+    "IsoCTSMerge", "MedianMerge", "OneShotMerge", "SingleMethodMerge", "TSVCompressMerge", "TSVMerge",
+    "TaskArithmeticMerge", "TiesMerge", "TrimmedMeanMerge",
 ]

@@ -64,3 +64,33 @@ class TSVMerge(SingleMethodMerge):
     """TSV-Merge: per layer, the tasks' top singular vectors orthogonalised (Gargiulo et al., 2025)."""
 
     method = "tsv"
+
+
+class TrimmedMeanMerge(SingleMethodMerge):
+    """Coordinate-wise trimmed mean: the ⌊beta·n⌋ lowest and highest values dropped (default beta 0.1)."""
+
+    method = "trimmed_mean"
+
+
+class TiesMerge(SingleMethodMerge):
+    """TIES-Merging: top-``k`` magnitudes per task (default 0.2), elected signs, disjoint mean (Yadav et al., 2023)."""
+
+    method = "ties"
+
+
+class TSVCompressMerge(SingleMethodMerge):
+    """TSV-C: the sum of every task's rank-⌊r/T⌋ approximation per matrix (Gargiulo et al., 2025)."""
+
+    method = "tsv_compress"
+
+
+class IsoCMerge(SingleMethodMerge):
+    """Iso-C: the summed task matrix with a flat (isotropic) spectrum (Marczak et al., 2025)."""
+
+    method = "iso_c"
+
+
+class IsoCTSMerge(SingleMethodMerge):
+    """Iso-CTS: common plus task-specific subspaces, isotropic spectrum; ``common_space_fraction`` 0.8."""
+
+    method = "iso_cts"

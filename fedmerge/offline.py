@@ -1,0 +1,153 @@
+"""Offline merging of checkpoints people already have (``fedmerge merge``), without Flower.
+
+``merge_checkpoints(base, models, method, ...)`` forms τ_i = θ_i − θ0 and merges them with any
+method of :mod:`fedmerge.merging`, then writes θ0 + λ·τ_merged as safetensors (atomically).
+
+Memory: safetensors files are opened with ``safe_open`` and PyTorch state dicts memory-mapped, and the
+task vectors are *lazy* mappings that read one tensor of θ_i and θ0 when a merging rule asks for it.
+Every rule works key by key, so the peak is about one model (the merged result) plus one tensor per
+client; TIES additionally holds the magnitudes of one task vector at a time to find its threshold.
+Each τ_i is formed in float32 for half-precision tensors and kept in the checkpoint's dtype (as
+:meth:`TaskVector.between` does); the output keeps every tensor's dtype. Integer buffers are copied
+from the base. The models must match the base tensor for tensor (names, shapes, dtypes); anything else
+is a :class:`CheckpointError` naming the file and the tensor.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fedmerge.errors import CheckpointError, MergeError
+from fedmerge.merging import METHODS, merge
+from fedmerge.task_vector import apply, compute_dtype, load_state, save_state
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class Checkpoint:
+    """A state dict on disk, read one tensor at a time: names, shapes and dtypes without loading it."""
+
+    def __init__(self, path: str | os.PathLike, on_read: Callable[[], None] | None = None):
+        self.path = Path(path)
+        self.on_read = on_read or (lambda: None)
+        if not self.path.is_file():
+            raise CheckpointError(f"{self.path}: no such file")
+        self._state: dict[str, Tensor] | None = None
+        if self.path.suffix == ".safetensors":
+            from safetensors import SafetensorError, safe_open
+
+            try:
+                self._handle = safe_open(str(self.path), framework="pt")
+                self.meta = {k: self._slice_meta(k) for k in self._handle.keys()}
+            except (SafetensorError, OSError, ValueError) as exc:
+                raise CheckpointError(f"{self.path}: not a readable safetensors file ({exc})") from None
+        else:
+            self._state = load_state(self.path, mmap=True)
+            self.meta = {k: (tuple(v.shape), v.dtype) for k, v in self._state.items()}
+
+    def _slice_meta(self, key: str) -> tuple[tuple[int, ...], torch.dtype | None]:
+        sl = self._handle.get_slice(key)
+        return tuple(sl.get_shape()), _SAFETENSORS_DTYPES.get(sl.get_dtype())
+
+    def is_float(self, key: str) -> bool:
+        dtype = self.meta[key][1]
+        return dtype is not None and dtype.is_floating_point
+
+    def __getitem__(self, key: str) -> Tensor:
+        self.on_read()
+        return self._state[key] if self._state is not None else self._handle.get_tensor(key)
+
+
+class LazyTaskVector(Mapping[str, Tensor]):
+    """τ = θ_i − θ0 over the floating-point tensors of the base, computed one tensor per access."""
+
+    def __init__(self, base: Checkpoint, finetuned: Checkpoint, keys: Sequence[str]):
+        self.base, self.finetuned, self.keys_ = base, finetuned, list(keys)
+
+    def __getitem__(self, key: str) -> Tensor:
+        b, f = self.base[key], self.finetuned[key]
+        dt = compute_dtype(b.dtype)
+        return (f.to(dt) - b.to(dt)).to(b.dtype)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys_)
+
+    def __len__(self) -> int:
+        return len(self.keys_)
+
+
+def check_compatible(base: Checkpoint, model: Checkpoint) -> None:
+    """Same tensor names, shapes and dtypes as the base; a ``CheckpointError`` names the first difference."""
+    missing = [k for k in base.meta if k not in model.meta]
+    if missing:
+        raise CheckpointError(f"{model.path}: tensor {missing[0]!r} of the base model is missing "
+                              f"({len(missing)} missing; a different architecture?)")
+    extra = [k for k in model.meta if k not in base.meta]
+    if extra:
+        raise CheckpointError(f"{model.path}: tensor {extra[0]!r} is not in the base model "
+                              f"({len(extra)} extra; a different architecture?)")
+    for key, (shape, dtype) in base.meta.items():
+        other_shape, other_dtype = model.meta[key]
+        if other_shape != shape:
+            raise CheckpointError(f"{model.path}: tensor {key!r} has shape {other_shape}, the base has {shape} "
+                                  "(a different architecture?)")
+        if other_dtype != dtype:
+            raise CheckpointError(f"{model.path}: tensor {key!r} is {other_dtype}, the base is {dtype}; "
+                                  "convert the checkpoints to one dtype first")
+
+
+def merge_checkpoints(
+    base: str | os.PathLike,
+    models: Sequence[str | os.PathLike],
+    method: str,
+    out: str | os.PathLike,
+    *,
+    scale: float = 1.0,
+    options: Mapping[str, Any] | None = None,
+    weights: Sequence[float] | None = None,
+    overwrite: bool = False,
+    on_read: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    """Merge fine-tuned checkpoints into θ0 + scale·τ_merged and write it to ``out`` (safetensors).
+
+    ``on_read`` is called once per tensor read from disk (a progress hook). Returns a summary:
+    method, scale, number of models, merged and copied tensor names.
+    """
+    out = Path(out)
+    if method not in METHODS:
+        raise MergeError(f"unknown merging method {method!r}; known: {', '.join(sorted(METHODS))}")
+    if not models:
+        raise CheckpointError("no fine-tuned models given")
+    if out.suffix != ".safetensors":
+        raise CheckpointError(f"{out}: the output must be a .safetensors file")
+    inputs = [Path(p) for p in (base, *models)]
+    if any(out.resolve() == p.resolve() for p in inputs):
+        raise CheckpointError(f"{out}: the output would overwrite one of the input checkpoints")
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"{out} already exists; choose a new file (or allow overwriting)")
+    theta0 = Checkpoint(base, on_read)
+    tuned = [Checkpoint(p, on_read) for p in models]
+    for model in tuned:
+        check_compatible(theta0, model)
+    float_keys = [k for k in theta0.meta if theta0.is_float(k)]
+    if not float_keys:
+        raise CheckpointError(f"{theta0.path}: holds no floating-point tensors to merge")
+    task_vectors = [LazyTaskVector(theta0, m, float_keys) for m in tuned]
+    with torch.no_grad():
+        merged = merge(method, task_vectors, weights, **dict(options or {}))
+        result: dict[str, Tensor] = {}
+        for key in theta0.meta:  # θ0 + λ·τ one tensor at a time, releasing τ_merged as we go
+            result[key] = apply({key: theta0[key]}, {key: merged.pop(key)} if key in merged else {}, scale)[key]
+    save_state(result, out)
+    return {"method": method, "scale": scale, "models": len(tuned), "merged": float_keys,
+            "copied": [k for k in theta0.meta if k not in float_keys], "out": str(out)}

@@ -1,0 +1,109 @@
+"""λ tuning: the grid, the search on synthetic scores, and end to end on validation splits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedmerge import MergeError
+from fedmerge.tuning import FEDGMA_RHO_GRID, LAMBDA_GRID, option_grid, scale_grid, tune, tune_method
+from simulations.config import ExperimentConfig
+from simulations.experiment import run_experiment
+
+
+def test_the_papers_grid_and_the_wider_grid_for_sum_methods():
+    assert len(LAMBDA_GRID) == 40 and LAMBDA_GRID[0] == 0.05 and LAMBDA_GRID[-1] == 2.0
+    assert scale_grid("mean", 8) == list(LAMBDA_GRID)
+    wide = scale_grid("sum", 8)
+    assert wide[0] == pytest.approx(0.05 / 8) and wide[-1] == 2.0 and set(LAMBDA_GRID) <= set(wide)
+    with pytest.raises(MergeError):
+        scale_grid("median", 8)
+
+
+def vectors():
+    return [{"v": torch.tensor([1.0, 2.0])}, {"v": torch.tensor([3.0, -2.0])}]
+
+
+def test_tune_picks_the_scale_that_maximises_a_synthetic_score():
+    calls = []
+
+    def score(merged, scale):  # best where scale · merged[0] is 1.2, i.e. scale = 0.6 for fedavg (mean 2)
+        calls.append(scale)
+        return -abs(scale * float(merged["v"][0]) - 1.2)
+
+    result = tune_method("fedavg", vectors(), score)
+    assert result.scale == pytest.approx(0.6) and result.options == {}
+    assert len(calls) == 40 and result.scores[0][LAMBDA_GRID.index(0.6)] == result.score
+    assert torch.equal(result.merged["v"], torch.tensor([2.0, 0.0]))
+    assert result.report()["grid"]["scale"] == list(LAMBDA_GRID)
+
+
+def test_sum_methods_search_below_the_papers_grid():
+    # task_arithmetic sums to 4; the best scale, 0.025 = 0.05/N with N = 2, lies only on the wide grid
+    result = tune_method("task_arithmetic", vectors(), lambda m, s: -abs(s * float(m["v"][0]) - 0.1))
+    assert result.scale == pytest.approx(0.025)
+
+
+def test_rho_is_tuned_jointly_and_merges_once_per_option_set():
+    merges = []
+
+    def merge_fn(options):
+        merges.append(options)
+        return {"v": torch.tensor([options.get("rho", 0.0)])}
+
+    # the score peaks at rho = 0.4 and scale = 1.5
+    result = tune(merge_fn, lambda m, s: -abs(float(m["v"][0]) - 0.4) - abs(s - 1.5), LAMBDA_GRID,
+                  [{"rho": r} for r in FEDGMA_RHO_GRID])
+    assert result.options == {"rho": 0.4} and result.scale == 1.5
+    assert len(merges) == len(FEDGMA_RHO_GRID)
+    assert len(result.scores) == 9 and all(len(row) == 40 for row in result.scores)
+
+
+def test_identical_merges_reuse_their_scores_and_plateaus_pick_the_middle():
+    calls = []
+    result = tune(lambda o: {"v": torch.ones(1)}, lambda m, s: calls.append(s) or (1.0 if 0.5 <= s <= 0.7 else 0.0),
+                  [0.4, 0.5, 0.6, 0.7, 0.8], [{"a": 1}, {"a": 2}])
+    assert len(calls) == 5 and result.scale == 0.6 and result.options == {"a": 1}
+
+
+def test_option_grids_and_fixed_options():
+    assert [o["rho"] for o in option_grid("fedgma", vectors())] == list(FEDGMA_RHO_GRID)
+    assert option_grid("fedgma", vectors(), {"rho": 0.3}) == [{}]
+    norms = sorted(float(x["v"].norm()) for x in vectors())
+    rhos = [o["rho"] for o in option_grid("cclip", vectors())]
+    assert rhos[0] == pytest.approx(norms[0]) and max(rhos) < norms[1] and len(rhos) == 5
+    assert option_grid("tsv", vectors()) == [{}]
+
+
+def test_tuning_end_to_end_on_the_clients_validation_splits(small_config):
+    config = small_config.replace(strategies=["fedavg", "fedgma", "ties"], scale={"fedavg": 1.0, "fedgma": "tune",
+                                                                                   "ties": "tune"})
+    out = run_experiment(config, progress=False)
+    s = out.results["strategies"]
+    assert s["fedavg"]["scale"] == 1.0 and "tuning" not in s["fedavg"]
+    for m in ("fedgma", "ties"):
+        t = s[m]["tuning"]
+        assert s[m]["scale"] == t["scale"] and t["scale"] in t["grid"]["scale"]
+        best = max(max(row) for row in t["scores"])
+        assert t["score"] == best
+    assert "rho" in s["fedgma"]["tuning"]["options"]
+    # the reported validation score is reproducible from the saved merged vector and the chosen λ
+    from fedmerge.data import load_federated
+    from fedmerge.evaluation import Evaluator, normalized_accuracy
+    from fedmerge.models import build_model
+    from fedmerge.task_vector import apply
+
+    data = load_federated(config.data_spec())
+    ev = Evaluator(build_model(config.model, data.input_shape, data.num_classes))
+    vals = [data.clients[i].val for i in sorted(out.task_vectors)]
+    own = [ev.accuracy(apply(out.base, out.task_vectors[i], 1.0), v) for i, v in zip(sorted(out.task_vectors), vals)]
+    merged = apply(out.base, out.merged["fedgma"], s["fedgma"]["scale"])
+    assert normalized_accuracy(ev.accuracies(merged, vals), own) == pytest.approx(s["fedgma"]["tuning"]["score"])
+
+
+def test_config_accepts_tune_globally_per_method_and_in_flat_form():
+    assert ExperimentConfig(scale="tune").scale == "tune"
+    assert ExperimentConfig(scale="fedavg=1,tsv=tune").scale["tsv"] == "tune"
+    from fedmerge.errors import ConfigError
+    with pytest.raises(ConfigError, match='scale.tsv must be a number or "tune"'):
+        ExperimentConfig(scale={"tsv": "auto"})
