@@ -43,6 +43,11 @@ class InProcessGrid(Grid):
     Each node gets a ``Context`` with ``node_config = {"partition-id": i, "num-partitions": N}``,
     as Flower's simulation runtime gives it. A client that raises produces an error reply, exactly
     as under Ray. Messages run lazily, one per ``pull_messages`` call, so callers see progress.
+
+    Clients run one after another here, but stand for clients that run in parallel, so a timeout
+    (``reply_timeout``, set from ``send_and_receive``'s ``timeout``) applies to each client's own
+    run time: a client that takes longer is treated as one whose reply never came (its reply is
+    dropped), as on a real deployment; the others are unaffected however long the round takes.
     """
 
     _ERROR_CODE_CLIENT_EXCEPTION = 1
@@ -61,6 +66,7 @@ class InProcessGrid(Grid):
         }
         self._pending: dict[str, Message] = {}
         self._done: dict[str, Message] = {}
+        self.reply_timeout: float | None = None
 
     def set_run(self, run: Run) -> None:
         self._run = run
@@ -89,11 +95,18 @@ class InProcessGrid(Grid):
 
     def _execute(self, mid: str) -> None:
         msg = self._pending.pop(mid)
+        t0 = time.monotonic()
         try:
             reply = self.client_app(msg, self.contexts[msg.metadata.dst_node_id])
         except Exception as exc:  # a crashing client is a failed reply, not a crashed server
             reply = Message(Error(self._ERROR_CODE_CLIENT_EXCEPTION, f"{type(exc).__name__}: {exc}"), reply_to=msg)
+        if self.reply_timeout is not None and time.monotonic() - t0 > self.reply_timeout:
+            return  # too late: the server has stopped waiting for this client
         self._done[mid] = reply
+
+    def idle(self, message_ids: Iterable[str]) -> bool:
+        """True when none of ``message_ids`` is left to run or to deliver (the rest were dropped)."""
+        return not any(mid in self._pending or mid in self._done for mid in message_ids)
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         wanted = list(message_ids)
@@ -104,9 +117,10 @@ class InProcessGrid(Grid):
         return [self._done.pop(mid) for mid in wanted if mid in self._done]
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        self.reply_timeout = timeout
         ids = set(self.push_messages(messages))
         replies: list[Message] = []
-        while ids:
+        while ids and not self.idle(ids):
             got = list(self.pull_messages(ids))
             ids -= {r.metadata.reply_to_message_id for r in got}
             replies.extend(got)
@@ -142,10 +156,15 @@ class ProgressGrid(Grid):
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
         self.on_send(messages)
+        sequential = isinstance(self.grid, InProcessGrid)
+        if sequential:  # it applies the timeout to each client's own run time (see InProcessGrid)
+            self.grid.reply_timeout, timeout = timeout, None
         pending = set(self.grid.push_messages(messages))
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
         while pending and (deadline is None or time.monotonic() < deadline):
+            if sequential and self.grid.idle(pending):
+                break
             got = list(self.grid.pull_messages(pending))
             for reply in got:
                 pending.discard(reply.metadata.reply_to_message_id)

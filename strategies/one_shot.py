@@ -23,7 +23,7 @@ from torch import Tensor
 
 from fedmerge.errors import FederationError, MergeError
 from fedmerge.merging import METHODS, merge, validate_task_vector
-from fedmerge.task_vector import apply, floating_items
+from fedmerge.task_vector import TaskVector, apply, floating_items
 
 PARTITION_KEY = "partition-id"
 
@@ -74,6 +74,9 @@ class OneShotMerge(Strategy):
         When given, nodes are first asked for their ``partition-id`` with a ``query`` message.
     node_wait_timeout : float (default: 120.0)
         Seconds to wait for ``min_available_nodes`` to connect (and for ``query`` replies).
+    max_update_norm : float, optional
+        A reply whose task vector has a larger L2 norm (over all entries) is excluded and named,
+        like any other invalid reply; ``None`` sets no bound.
     arrayrecord_key, configrecord_key : str
         Record names in messages, as in Flower's built-in strategies.
     """
@@ -89,6 +92,7 @@ class OneShotMerge(Strategy):
         weighted_by_key: str | None = "num-examples",
         train_plans: Mapping[int, Mapping[str, Any]] | None = None,
         node_wait_timeout: float = 120.0,
+        max_update_norm: float | None = None,
         arrayrecord_key: str = "arrays",
         configrecord_key: str = "config",
     ) -> None:
@@ -111,6 +115,9 @@ class OneShotMerge(Strategy):
         self.weighted_by_key = weighted_by_key
         self.train_plans = {int(k): dict(v) for k, v in (train_plans or {}).items()}
         self.node_wait_timeout = node_wait_timeout
+        if max_update_norm is not None and not (isinstance(max_update_norm, (int, float)) and max_update_norm > 0):
+            raise FederationError(f"max_update_norm must be a positive number or None, got {max_update_norm!r}")
+        self.max_update_norm = None if max_update_norm is None else float(max_update_norm)
         self.arrayrecord_key = arrayrecord_key
         self.configrecord_key = configrecord_key
         self.required_metrics = sorted(
@@ -206,6 +213,10 @@ class OneShotMerge(Strategy):
         except Exception as exc:  # undecodable arrays (e.g. an unsupported dtype)
             raise MergeError(f"task vector cannot be decoded: {exc}") from None
         validate_task_vector(tv, floating_items(self.base), "task vector")
+        if self.max_update_norm is not None:
+            norm = TaskVector(tv).norm()
+            if not norm <= self.max_update_norm:
+                raise MergeError(f"task vector norm {norm:.4g} exceeds max-update-norm {self.max_update_norm:g}")
         pid = self.partition_of.get(nid, metrics.get(PARTITION_KEY))
         return ClientReport(nid, None if pid is None else int(pid), metrics, tv)
 

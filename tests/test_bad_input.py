@@ -1,0 +1,239 @@
+"""Bad input, tried systematically on every CLI command and on the Python API.
+
+Every case must end in exactly one clear ``error:`` line naming the problem, exit code 2, no
+traceback and nothing written. ``test_cli.py``/``test_config.py`` hold the first examples; this
+module sweeps the categories (wrong types, zero/negative values, unknown keys, empty lists,
+absurd sizes, missing/truncated/non-safetensors/pickle checkpoints, mismatched architectures,
+NaN/Inf tensors).
+"""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from fedmerge import CheckpointError, ConfigError, MergeError, load_state, merge
+from simulations.cli import app
+from simulations.config import DEFAULT_PRESET, ExperimentConfig, read_toml
+
+runner = CliRunner()
+
+
+def assert_one_clear_error(result, needle: str, *, code: int = 2) -> None:
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    errors = [line for line in result.output.splitlines() if "error:" in line]
+    assert len(errors) == 1, result.output
+    squeeze = lambda text: "".join(text.split())  # noqa: E731 (rich wraps long lines, even mid-word)
+    assert squeeze(needle) in squeeze(result.output), result.output
+
+
+def fast(cache_dir: str) -> list[str]:
+    return ["--set", "num-clients=3", "--set", "engine='inprocess'", "--set", "pretrain-steps=20",
+            "--set", "local-steps=[5, 10, 15]", "--set", f"cache-dir='{cache_dir}'", "-q"]
+
+
+# -- configs: the same malformed values through `fedmerge run --set` and the Python API -------------
+
+BAD_CONFIGS = [
+    # wrong types
+    ("seed='x'", "seed must be an integer"),
+    ("timeout='soon'", "timeout must be a number"),
+    ("client-cpus=1.5", "client-cpus must be an integer"),
+    ("lr=[0.1, 'x', 0.1]", "lr must be a number"),
+    ("strategies=3", "strategies must be a non-empty list"),
+    ("method-options=3", "method-options must be a table"),
+    ("method-options={fedgma=3}", "method-options.fedgma must be a table"),
+    ("byzantine-fraction='half'", "byzantine-fraction must be a number"),
+    ("byzantine-mode=3", "byzantine-mode must be a string"),
+    ("max-update-norm='big'", "max-update-norm must be a number"),
+    # zero and negative values
+    ("timeout=0", "timeout must be > 0"),
+    ("timeout=-1", "timeout must be > 0"),
+    ("client-cpus=0", "client-cpus must be > 0"),
+    ("client-gpus=-0.5", "client-gpus must be >= 0"),
+    ("pretrain-steps=-5", "pretrain-steps must be > 0"),
+    ("pretrain-lr=0", "pretrain-lr must be > 0"),
+    ("min-clients=0", "min-clients must lie in"),
+    ("batch-size=0", "batch-size must be an integer >= 1"),
+    ("weight-decay=-1", "weight-decay must be >= 0"),
+    ("max-update-norm=-1", "max-update-norm must be >= 0"),
+    ("byzantine-fraction=-0.1", "byzantine-fraction must lie in [0, 1)"),
+    ("byzantine-fraction=1", "byzantine-fraction must lie in [0, 1)"),
+    ("byzantine-std=-1", "byzantine-std must be >= 0"),
+    ("byzantine-scale=inf", "byzantine-scale must be a finite number"),
+    ("byzantine-mode='flip'", "byzantine-mode='flip' is not known"),
+    # unknown keys
+    ("num_clients=3", "unknown config key 'num_clients'"),
+    ("Alpha=0.5", "unknown config key 'Alpha'"),
+    # empty lists
+    ("local-steps=[]", "local-steps has 0 entries but num-clients is 3"),
+    ("strategies=[]", "strategies must be a non-empty list"),
+    ("strategies=''", "strategies must be a non-empty list"),
+    # absurd sizes
+    ("num-clients=1000000000", "num-clients"),
+    ("local-steps=[5, 10, 100000000000000000000]", "local-steps must be at most 10,000,000"),
+    ("pretrain-steps=1e12", "pretrain-steps must be at most 10,000,000"),
+]
+
+
+def _value(text: str):
+    from simulations.config import parse_override
+
+    return parse_override(text)
+
+
+@pytest.mark.parametrize("override,needle", BAD_CONFIGS)
+def test_bad_config_via_the_cli(tmp_path, cache_dir, override, needle):
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["run", *fast(cache_dir), "--set", override, "--out", str(out)])
+    assert_one_clear_error(result, needle)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("override,needle", BAD_CONFIGS)
+def test_bad_config_via_the_python_api(override, needle):
+    key, value = _value(override)
+    values = {**read_toml(DEFAULT_PRESET), "num-clients": 3, "local-steps": [5, 10, 15], key: value}
+    with pytest.raises((ConfigError, MergeError)) as info:
+        ExperimentConfig.from_mapping(values)
+    assert needle in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("num-clients = 3\nbogus = 1\n", "unknown config key 'bogus'"),
+    ("num-clients = 'three'\n", "num-clients must be an integer"),
+    ("[alpha]\nx = 1\n", "alpha must be a number"),
+    ("\x00\x01binary", "not valid TOML"),
+])
+def test_bad_preset_files(tmp_path, text, needle):
+    preset = tmp_path / "preset.toml"
+    preset.write_text(text)
+    result = runner.invoke(app, ["run", str(preset), "--out", str(tmp_path / "out")])
+    assert_one_clear_error(result, needle)
+    assert not (tmp_path / "out").exists()
+
+
+# -- the other commands ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["sweep", "{tmp}/missing.toml"], "missing.toml"),
+    (["sweep", "{tmp}/broken.toml"], "not valid TOML"),
+    (["equivalence", "--set", "bogus=1"], "unknown config key 'bogus'"),
+    (["equivalence", "--set", "alpha=-1"], "alpha must be > 0"),
+    (["equivalence", "--engine", "spark"], "spark"),
+])
+def test_bad_input_to_other_commands(tmp_path, args, needle):
+    (tmp_path / "broken.toml").write_text("grid = [")
+    out = tmp_path / "out"
+    result = runner.invoke(app, [a.format(tmp=tmp_path) for a in args] + ["--out", str(out), "-q"])
+    assert_one_clear_error(result, needle)
+    assert not out.exists()
+
+
+# -- checkpoints: `fedmerge merge` and fedmerge.load_state ------------------------------------------
+
+BASE = {"fc.weight": torch.zeros(4, 3), "fc.bias": torch.zeros(4)}
+
+
+@pytest.fixture
+def ckpts(tmp_path):
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    save_file(BASE, str(d / "base.safetensors"))
+    for i in range(2):
+        save_file({k: v + i + 1 for k, v in BASE.items()}, str(d / f"ft{i}.safetensors"))
+    good = (d / "ft0.safetensors").read_bytes()
+    (d / "truncated.safetensors").write_bytes(good[: len(good) // 2])
+    (d / "empty.safetensors").write_bytes(b"")
+    (d / "text.safetensors").write_text("not a checkpoint")
+    (d / "notes.txt").write_text("hello")
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    (d / "evil.pt").write_bytes(pickle.dumps({"fc.weight": Evil()}))
+    (d / "evil.safetensors").write_bytes(pickle.dumps({"fc.weight": Evil()}))
+    save_file({"fc.weight": torch.zeros(5, 3), "fc.bias": torch.zeros(5)}, str(d / "wide.safetensors"))
+    save_file({"fc.weight": torch.zeros(4, 3)}, str(d / "missing_key.safetensors"))
+    save_file({**BASE, "extra": torch.zeros(1)}, str(d / "extra_key.safetensors"))
+    save_file({k: v.half() for k, v in BASE.items()}, str(d / "half.safetensors"))
+    for name, bad in (("nan", float("nan")), ("inf", float("inf"))):
+        t = {k: v.clone() for k, v in BASE.items()}
+        t["fc.bias"][1] = bad
+        save_file(t, str(d / f"{name}.safetensors"))
+    return d
+
+
+@pytest.mark.parametrize("model,needle", [
+    ("nope.safetensors", "no such file"),
+    ("truncated.safetensors", "truncated.safetensors"),
+    ("empty.safetensors", "empty.safetensors"),
+    ("text.safetensors", "text.safetensors"),
+    ("notes.txt", "notes.txt"),
+    ("evil.pt", "evil.pt"),
+    ("evil.safetensors", "evil.safetensors"),
+    ("wide.safetensors", "has shape"),
+    ("missing_key.safetensors", "'fc.bias' of the base model is missing"),
+    ("extra_key.safetensors", "'extra' is not in the base model"),
+    ("half.safetensors", "float16"),
+    ("nan.safetensors", "contains NaN or Inf"),
+    ("inf.safetensors", "contains NaN or Inf"),
+])
+def test_bad_checkpoints_to_fedmerge_merge(ckpts, capsys, model, needle):
+    out = ckpts / "merged.safetensors"
+    result = runner.invoke(app, ["merge", "--base", str(ckpts / "base.safetensors"), "--models",
+                                 str(ckpts / "ft1.safetensors"), "--models", str(ckpts / model),
+                                 "--method", "fedavg", "--out", str(out), "-q"])
+    assert_one_clear_error(result, needle)
+    assert "pwned" not in result.output and "pwned" not in capsys.readouterr().out  # no pickle code ran
+    assert not out.exists() and not list(ckpts.glob(".merged*"))
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--method", "nope"], "unknown merging method 'nope'"),
+    (["--method", "fedgma", "--option", "rho=2"], "rho"),
+    (["--method", "fedgma", "--option", "bogus=1"], "bogus"),
+    (["--method", "fedgma", "--option", "rho"], "rho"),
+    (["--method", "fedavg", "--scale", "nan"], "scale"),
+])
+def test_bad_merge_options(ckpts, args, needle):
+    out = ckpts / "merged.safetensors"
+    result = runner.invoke(app, ["merge", "--base", str(ckpts / "base.safetensors"), "--models",
+                                 str(ckpts / "ft0.safetensors"), "--models", str(ckpts / "ft1.safetensors"),
+                                 "--out", str(out), "-q", *args])
+    assert_one_clear_error(result, needle)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("name", ["nope.safetensors", "truncated.safetensors", "empty.safetensors",
+                                  "text.safetensors", "notes.txt", "evil.pt", "evil.safetensors"])
+def test_load_state_rejects_unreadable_files_without_running_pickles(ckpts, capsys, name):
+    with pytest.raises(CheckpointError) as info:
+        load_state(ckpts / name)
+    assert name in str(info.value) and "\n" not in str(info.value)
+    assert "pwned" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_merge_api_rejects_non_finite_task_vectors_naming_the_client(bad):
+    taus = [{"w": torch.ones(3)}, {"w": torch.tensor([1.0, bad, 1.0])}]
+    with pytest.raises(MergeError, match="client 1, tensor 'w': contains NaN or Inf"):
+        merge("fedavg", taus)
+
+
+@pytest.mark.parametrize("taus,needle", [
+    ([], "no task vectors"),
+    ([{"w": torch.ones(3)}, {"w": torch.ones(4)}], "shape"),
+    ([{"w": torch.ones(3)}, {"v": torch.ones(3)}], "w"),
+])
+def test_merge_api_rejects_mismatched_task_vectors(taus, needle):
+    with pytest.raises(MergeError, match=needle):
+        merge("median", taus)
