@@ -7,19 +7,18 @@ Message contract (what :mod:`strategies` sends and expects back):
 * ``train`` carrying ``{"arrays": θ0, "config": ConfigRecord}``, the config holding the data spec
   (``dataset``, ``num-clients``, ``partition``, ``alpha``, ``classes-per-client``, ``seed``, …),
   ``model`` and this client's plan (``local-steps``, ``lr``, ``batch-size``, ``optimizer``,
-  ``weight-decay``) → reply ``{"arrays": τ_i, "metrics": MetricRecord}`` with ``num-examples``,
-  ``local-steps``, ``train-loss``, ``local-accuracy`` and ``partition-id``.
+  ``weight-decay``) and optionally ``task-vector-cache`` (a directory shared with the server) →
+  reply ``{"arrays": τ_i, "metrics": MetricRecord}`` with ``num-examples``, ``local-steps``,
+  ``train-loss``, ``local-accuracy``, ``partition-id`` and ``cached`` (1 when read from the cache).
+  A plan with ``byzantine = true`` makes the client an attacker: it replies
+  ``fedmerge.byzantine.attack(byzantine-mode, τ_i, scale=byzantine-scale, std=byzantine-std)``
+  instead of τ_i (its metrics stay honest).
 """
 
 from __future__ import annotations
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-
-from fedmerge.data import DataSpec, load_federated
-from fedmerge.local import local_update
-from fedmerge.records import from_config
-from fedmerge.training import TrainPlan
 
 app = ClientApp()
 
@@ -36,6 +35,13 @@ def identify(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    # Imported here, not at the top: on Flower's deployment engine every message starts a fresh
+    # ClientApp process, and a `query` then needs neither torch nor the data stack (seconds each).
+    from fedmerge.data import DataSpec, load_federated
+    from fedmerge.local import local_update
+    from fedmerge.records import from_config
+    from fedmerge.training import TrainPlan
+
     pid, num_partitions = _partition(context)
     config: ConfigRecord = msg.content["config"]
     spec = from_config(DataSpec, config)
@@ -46,6 +52,7 @@ def train(msg: Message, context: Context) -> Message:
     update = local_update(
         str(config["model"]), base, data.clients[pid], from_config(TrainPlan, config),
         seed=spec.seed, input_shape=data.input_shape, num_classes=data.num_classes,
+        cache_dir=str(config.get("task-vector-cache", "")) or None,
     )
     metrics = MetricRecord({
         "num-examples": update.num_examples,
@@ -53,5 +60,13 @@ def train(msg: Message, context: Context) -> Message:
         "train-loss": float(update.train_loss),
         "local-accuracy": float(update.accuracy),
         "partition-id": pid,
+        "cached": int(update.cached),
     })
-    return Message(RecordDict({"arrays": ArrayRecord(dict(update.task_vector)), "metrics": metrics}), reply_to=msg)
+    task_vector = dict(update.task_vector)
+    if config.get("byzantine", False):  # an attacker, by the experiment's design: it lies about τ_i only
+        from fedmerge.byzantine import attack
+        from fedmerge.local import client_seed
+
+        task_vector = attack(str(config["byzantine-mode"]), task_vector, scale=float(config["byzantine-scale"]),
+                             std=float(config["byzantine-std"]), seed=client_seed(spec.seed, pid))
+    return Message(RecordDict({"arrays": ArrayRecord(task_vector), "metrics": metrics}), reply_to=msg)

@@ -1,15 +1,22 @@
-"""Datasets and federated partitions.
+"""Datasets and federated partitions: the data-heterogeneity knobs.
 
 The embedded default is scikit-learn's bundled handwritten digits (1,797 8×8 images, 10 classes):
 real data, no network. One seed splits it into a pre-training set (disjoint from every client), a
 global test set and a client pool; flwr-datasets partitioners split the pool across clients, and each
-client keeps a held-out local test split of its own partition.
+client keeps held-out validation and test splits of its own partition.
+
+Partitions: ``iid``; ``dirichlet`` (label skew, ``alpha``); ``pathological`` (``classes_per_client``
+labels each); ``shards`` (label-sorted shards, ``shards_per_client`` each, as in McMahan et al.);
+``sizes`` (quantity skew: explicit per-client ``sizes`` or a power law with exponent ``sizes``);
+``tasks`` (every client a *different task*: the same 10 digits under its own fixed pixel
+permutation, rotation, flip or inversion — the classic task-arithmetic setting).
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,7 +26,8 @@ from torch import Tensor
 
 from fedmerge.errors import ConfigError
 
-PARTITIONS = ("iid", "dirichlet", "pathological")
+PARTITIONS = ("iid", "dirichlet", "pathological", "shards", "sizes", "tasks")
+TASK_KINDS = ("permutation", "rotation", "flip", "inversion")
 MIN_CLIENT_EXAMPLES = 10  # a client needs enough data for a train and a local test split
 
 
@@ -84,6 +92,15 @@ class DataSpec:
     test_fraction: float = 0.2
     local_test_fraction: float = 0.2
     local_val_fraction: float = 0.1
+    shards_per_client: int = 2
+    sizes: float | tuple[int, ...] = 1.0
+    task_kinds: tuple[str, ...] = TASK_KINDS
+
+    def __post_init__(self) -> None:  # lists arrive from configs and messages; keep the spec hashable
+        if isinstance(self.sizes, (list, tuple)):
+            object.__setattr__(self, "sizes", tuple(int(v) for v in self.sizes))
+        if isinstance(self.task_kinds, (list, tuple)):
+            object.__setattr__(self, "task_kinds", tuple(self.task_kinds))
 
 
 @dataclass(frozen=True)
@@ -94,6 +111,7 @@ class ClientData:
     train: Split
     val: Split
     test: Split
+    task: str = "digits"  # under partition="tasks": the client's input transform, e.g. "rotation-180"
 
 
 @dataclass(frozen=True)
@@ -104,14 +122,73 @@ class FederatedData:
     pretrain: Split
     test: Split
     clients: tuple[ClientData, ...]
+    task_tests: tuple[Split, ...] = ()  # under partition="tasks": the global test split in each task
+
+    @property
+    def global_tests(self) -> tuple[Split, ...]:
+        """What "global test accuracy" averages over: the test split, or its version in every task."""
+        return self.task_tests or (self.test,)
+
+    @property
+    def pool_label_counts(self) -> list[int]:
+        counts = [0] * self.num_classes
+        for c in self.clients:
+            for split in (c.train, c.val, c.test):
+                for k, v in enumerate(split.label_counts(self.num_classes)):
+                    counts[k] += v
+        return counts
 
 
-def _partitioner(spec: DataSpec):
-    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
+def task_transform(kind: str, variant: int, seed: int) -> tuple[str, Callable[[Tensor], Tensor]]:
+    """A fixed input transform that turns digits into another 10-class task, and its name."""
+    if kind == "permutation":
+        def permute(x: Tensor) -> Tensor:
+            order = torch.as_tensor(np.random.default_rng([seed, variant, 7]).permutation(x[0].numel()))
+            return x.reshape(len(x), -1)[:, order].reshape(x.shape)
+        return f"permutation-{variant}", permute
+    if kind == "rotation":
+        quarter_turns = 1 + variant % 3
+        return f"rotation-{90 * quarter_turns}", lambda x: torch.rot90(x, quarter_turns, dims=(-2, -1))
+    if kind == "flip":
+        axis = -1 if variant % 2 == 0 else -2
+        return ("flip-horizontal" if axis == -1 else "flip-vertical"), lambda x: torch.flip(x, dims=(axis,))
+    if kind == "inversion":
+        return "inversion", lambda x: 1.0 - x
+    raise ConfigError(f"task-kinds: {kind!r} is not known; known: {', '.join(TASK_KINDS)}")
+
+
+def quantity_sizes(spec: DataSpec, pool_size: int) -> list[int]:
+    """Per-client sizes: the explicit list, or a power law n_i ∝ (i+1)^(-a) over the whole pool."""
+    if isinstance(spec.sizes, tuple):
+        if len(spec.sizes) != spec.num_clients:
+            raise ConfigError(f"sizes has {len(spec.sizes)} entries but num-clients is {spec.num_clients}")
+        if min(spec.sizes) < MIN_CLIENT_EXAMPLES or sum(spec.sizes) > pool_size:
+            raise ConfigError(f"sizes must each be >= {MIN_CLIENT_EXAMPLES} and sum to at most the pool of "
+                              f"{pool_size} examples, got {list(spec.sizes)}")
+        return list(spec.sizes)
+    a = float(spec.sizes)
+    if not a >= 0:
+        raise ConfigError(f"sizes must be a list of sizes or a power-law exponent >= 0, got {spec.sizes}")
+    spare = pool_size - MIN_CLIENT_EXAMPLES * spec.num_clients
+    shares = np.array([(i + 1) ** -a for i in range(spec.num_clients)])
+    sizes = MIN_CLIENT_EXAMPLES + np.floor(spare * shares / shares.sum()).astype(int)
+    sizes[0] += pool_size - sizes.sum()  # hand out the rounding remainder
+    return sizes.tolist()
+
+
+def _partitioner(spec: DataSpec, pool_size: int):
+    from flwr_datasets.partitioner import (
+        DirichletPartitioner, IidPartitioner, PathologicalPartitioner, ShardPartitioner, SizePartitioner,
+    )
 
     n = spec.num_clients
-    if spec.partition == "iid":
+    if spec.partition in ("iid", "tasks"):
         return IidPartitioner(num_partitions=n)  # contiguous chunks of the seed-shuffled pool
+    if spec.partition == "shards":
+        return ShardPartitioner(num_partitions=n, partition_by="label", num_shards_per_partition=spec.shards_per_client,
+                                seed=spec.seed)
+    if spec.partition == "sizes":
+        return SizePartitioner(partition_sizes=quantity_sizes(spec, pool_size))
     if spec.partition == "dirichlet":
         return DirichletPartitioner(
             num_partitions=n, partition_by="label", alpha=spec.alpha,
@@ -132,10 +209,15 @@ def partition_indices(labels: np.ndarray, spec: DataSpec) -> list[np.ndarray]:
 
     datasets.disable_progress_bars()
     table = datasets.Dataset.from_dict({"label": labels.tolist(), "row": list(range(len(labels)))})
-    partitioner = _partitioner(spec)
+    partitioner = _partitioner(spec, len(labels))
     partitioner.dataset = table
     try:
-        parts = [np.asarray(partitioner.load_partition(i)["row"], dtype=np.int64) for i in range(spec.num_clients)]
+        with warnings.catch_warnings():
+            # Unused classes under `pathological` show in the measures' label distributions instead.
+            warnings.simplefilter("ignore", UserWarning)
+            warnings.simplefilter("ignore", FutureWarning)
+            parts = [np.asarray(partitioner.load_partition(i)["row"], dtype=np.int64)
+                     for i in range(spec.num_clients)]
     except ValueError as exc:  # Dirichlet gives up when it cannot meet min_partition_size
         raise ConfigError(
             f"partition={spec.partition!r} could not serve num-clients={spec.num_clients} "
@@ -149,6 +231,10 @@ def _validate(spec: DataSpec, pool_size: int) -> None:
         raise ConfigError(f"num-clients must be at least 1, got {spec.num_clients}")
     if spec.partition == "dirichlet" and not spec.alpha > 0:
         raise ConfigError(f"alpha must be > 0, got {spec.alpha}")
+    if spec.partition == "shards" and spec.shards_per_client < 1:
+        raise ConfigError(f"shards-per-client must be >= 1, got {spec.shards_per_client}")
+    if spec.partition == "tasks" and not spec.task_kinds:
+        raise ConfigError("task-kinds must name at least one transform")
     for name, frac in (("pretrain-fraction", spec.pretrain_fraction), ("test-fraction", spec.test_fraction),
                        ("local-test-fraction", spec.local_test_fraction),
                        ("local-val-fraction", spec.local_val_fraction)):
@@ -177,7 +263,7 @@ def load_federated(spec: DataSpec) -> FederatedData:
     pretrain = ds.data.subset(order[:n_pre])
     test = ds.data.subset(order[n_pre:n_pre + n_test])
     pool = ds.data.subset(order[n_pre + n_test:])
-    clients = []
+    clients, task_tests = [], []
     for pid, rows in enumerate(partition_indices(pool.y.numpy(), spec)):
         if len(rows) < 3:
             raise ConfigError(
@@ -189,6 +275,12 @@ def load_federated(spec: DataSpec) -> FederatedData:
         n_val = max(1, round(spec.local_val_fraction * len(rows)))
         if n_test + n_val >= len(rows):
             n_test, n_val = 1, 1
-        clients.append(ClientData(pid, train=pool.subset(rows[n_test + n_val:]), val=pool.subset(rows[n_test:n_test + n_val]),
-                                  test=pool.subset(rows[:n_test])))
-    return FederatedData(spec, ds.num_classes, ds.input_shape, pretrain, test, tuple(clients))
+        client = ClientData(pid, train=pool.subset(rows[n_test + n_val:]), val=pool.subset(rows[n_test:n_test + n_val]),
+                            test=pool.subset(rows[:n_test]))
+        if spec.partition == "tasks":
+            kinds = spec.task_kinds
+            name, fn = task_transform(kinds[pid % len(kinds)], pid // len(kinds), spec.seed)
+            client = ClientData(pid, *(Split(fn(s.x), s.y) for s in (client.train, client.val, client.test)), task=name)
+            task_tests.append(Split(fn(test.x), test.y))
+        clients.append(client)
+    return FederatedData(spec, ds.num_classes, ds.input_shape, pretrain, test, tuple(clients), tuple(task_tests))

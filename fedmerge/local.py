@@ -1,16 +1,25 @@
-"""One client's local update: fine-tune θ0 on its own data and return τ_i = θ_i − θ0."""
+"""One client's local update: fine-tune θ0 on its own data and return τ_i = θ_i − θ0.
+
+With a ``cache_dir``, updates are cached on disk (safetensors) under a key hashed from everything
+that determines them: the base weights, the client's data, its training plan and seed, the model
+and the torch version. A sweep that adds a strategy or re-plots never retrains.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
+import torch
 from torch import Tensor
 
 from fedmerge.data import ClientData
 from fedmerge.evaluation import score
 from fedmerge.models import build_model
-from fedmerge.task_vector import TaskVector
+from fedmerge.task_vector import TaskVector, save_state
 from fedmerge.training import TrainPlan, single_thread, train
 
 
@@ -21,6 +30,7 @@ class LocalUpdate:
     local_steps: int
     train_loss: float  # loss on the whole local train split after training
     accuracy: float  # the client's own fine-tuned model on its local test split
+    cached: bool = False  # read from the task-vector cache instead of trained
 
 
 def client_seed(seed: int, partition_id: int) -> int:
@@ -28,7 +38,59 @@ def client_seed(seed: int, partition_id: int) -> int:
     return seed * 100_003 + partition_id * 7_919 + 1
 
 
+def _hash_tensor(h: "hashlib._Hash", t: Tensor) -> None:
+    t = t.detach().cpu().contiguous()
+    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def update_key(model_name: str, base: Mapping[str, Tensor], client: ClientData, plan: TrainPlan, seed: int) -> str:
+    """A digest of everything that determines a client's task vector."""
+    h = hashlib.sha256(json.dumps({
+        "format": 1, "torch": torch.__version__, "model": model_name, "plan": asdict(plan),
+        "seed": client_seed(seed, client.partition_id),
+    }, sort_keys=True).encode())
+    for key in sorted(base):
+        h.update(key.encode())
+        _hash_tensor(h, base[key])
+    for split in (client.train, client.test):
+        _hash_tensor(h, split.x)
+        _hash_tensor(h, split.y)
+    return h.hexdigest()[:32]
+
+
+def _read_cached(path: Path) -> LocalUpdate | None:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt") as fh:
+            meta = fh.metadata()
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        return LocalUpdate(TaskVector(tensors), int(meta["num_examples"]), int(meta["local_steps"]),
+                           float(meta["train_loss"]), float(meta["accuracy"]), cached=True)
+    except (SafetensorError, OSError, KeyError, ValueError):
+        return None  # a damaged entry is recomputed and overwritten
+
+
 def local_update(
+    model_name: str, base: Mapping[str, Tensor], client: ClientData, plan: TrainPlan, seed: int,
+    input_shape: tuple[int, ...], num_classes: int, cache_dir: str | Path | None = None,
+) -> LocalUpdate:
+    """Fine-tune ``base`` for ``plan.local_steps`` steps on ``client.train``; cached when ``cache_dir``."""
+    path = None
+    if cache_dir:
+        path = Path(cache_dir) / "task-vectors" / f"{update_key(model_name, base, client, plan, seed)}.safetensors"
+        if path.is_file() and (hit := _read_cached(path)) is not None:
+            return hit
+    update = _fine_tune(model_name, base, client, plan, seed, input_shape, num_classes)
+    if path is not None:
+        meta = {"num_examples": str(update.num_examples), "local_steps": str(update.local_steps),
+                "train_loss": repr(update.train_loss), "accuracy": repr(update.accuracy)}
+        save_state(dict(update.task_vector), path, metadata=meta)
+    return update
+
+
+def _fine_tune(
     model_name: str, base: Mapping[str, Tensor], client: ClientData, plan: TrainPlan, seed: int,
     input_shape: tuple[int, ...], num_classes: int,
 ) -> LocalUpdate:

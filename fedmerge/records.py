@@ -15,8 +15,12 @@ T = TypeVar("T")
 
 
 def to_config(obj: Any) -> dict[str, Any]:
-    """``{"local-steps": 10, ...}`` for a dataclass instance."""
-    return {f.name.replace("_", "-"): getattr(obj, f.name) for f in dataclasses.fields(obj)}
+    """``{"local-steps": 10, ...}`` for a dataclass instance (tuples become lists, as configs want)."""
+    out = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        out[f.name.replace("_", "-")] = list(value) if isinstance(value, tuple) else value
+    return out
 
 
 def from_config(cls: type[T], config: Mapping[str, Any]) -> T:

@@ -142,8 +142,8 @@ def apply(base: StateDict, merged: Mapping[str, Tensor], scale: float) -> dict[s
     return out
 
 
-def save_state(tensors: Mapping[str, Tensor], path: str | os.PathLike) -> None:
-    """Write tensors as safetensors atomically: a crash never leaves a half-written file."""
+def save_state(tensors: Mapping[str, Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """Write tensors (and string metadata) as safetensors atomically: never a half-written file."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -151,15 +151,17 @@ def save_state(tensors: Mapping[str, Tensor], path: str | os.PathLike) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def load_state(path: str | os.PathLike) -> dict[str, Tensor]:
-    """Read a safetensors file, or a PyTorch state dict with ``weights_only=True`` (never pickle code)."""
+def load_state(path: str | os.PathLike, *, mmap: bool = False) -> dict[str, Tensor]:
+    """Read a safetensors file, or a PyTorch state dict with ``weights_only=True`` (never pickle code).
+
+    ``mmap=True`` memory-maps a PyTorch (zip-format) file, so tensors are read only when touched."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
@@ -172,9 +174,10 @@ def load_state(path: str | os.PathLike) -> dict[str, Tensor]:
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # torch raises many types for bad pickles
-        raise CheckpointError(f"{path}: not a safetensors file or a weights-only PyTorch state dict ({exc})") from None
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]  # torch's own message spans many lines
+        raise CheckpointError(f"{path}: not a safetensors file or a weights-only PyTorch state dict ({why})") from None
     if not isinstance(state, Mapping) or not all(torch.is_tensor(v) for v in state.values()):
         raise CheckpointError(f"{path}: does not hold a state dict of tensors")
     return dict(state)

@@ -1,0 +1,168 @@
+"""Sweeps: a grid of config values × seeds, each cell one experiment, one tidy CSV and plots.
+
+A spec (TOML)::
+
+    name = "data-heterogeneity"
+    preset = "default"              # a shipped preset name, or a path relative to the spec
+    seeds = [0, 1, 2]
+    [set]                           # overrides for every cell
+    local-steps = 50
+    [grid]                          # every combination of these values is a cell
+    alpha = [0.05, 0.5, 5.0, 100.0]
+
+Cells run on the in-process engine unless the spec sets ``engine`` (no Ray start-up per cell) and
+cache client task vectors on disk, so adding a strategy or re-plotting never retrains. Each cell's
+results directory is written atomically; an interrupted sweep resumes where it stopped, because a
+cell whose directory exists is read back instead of run again.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import itertools
+import json
+import math
+import os
+import re
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from fedmerge.errors import ConfigError
+from simulations.config import PRESETS_DIR, ExperimentConfig, read_toml
+
+SWEEPS_DIR = Path(__file__).parent / "sweeps"
+SPEC_KEYS = {"name", "preset", "seeds", "set", "grid"}
+# Per cell × strategy: the knobs, then these columns.
+CSV_COLUMNS = [
+    "seed", "strategy", "scale", "accuracy", "client_accuracy", "normalized_accuracy",
+    "base_accuracy", "clients_own_accuracy", "label_skew", "mean_cosine", "norm_cv", "interference_total",
+    "mean_local_steps", "num_failed", "cell",
+]
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    name: str
+    base: dict[str, Any]  # preset values with the spec's [set] overrides
+    grid: dict[str, list[Any]]
+    seeds: list[int] = field(default_factory=lambda: [0])
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> SweepSpec:
+        path = Path(path)
+        if not path.is_file() and (SWEEPS_DIR / path).is_file():
+            path = SWEEPS_DIR / path  # a shipped spec by file name
+        raw = read_toml(path)
+        unknown = sorted(set(raw) - SPEC_KEYS)
+        if unknown:
+            raise ConfigError(f"{path}: unknown sweep key {unknown[0]!r}; known: {', '.join(sorted(SPEC_KEYS))}")
+        preset = raw.get("preset", "default")
+        preset_path = PRESETS_DIR / f"{preset}.toml" if (PRESETS_DIR / f"{preset}.toml").is_file() else path.parent / preset
+        base = {**read_toml(preset_path), "engine": "inprocess", "cache-task-vectors": True, **raw.get("set", {})}
+        grid = raw.get("grid", {})
+        if not isinstance(grid, dict) or not grid:
+            raise ConfigError(f"{path}: [grid] must list at least one config key with a list of values")
+        for key, values in grid.items():
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"{path}: grid.{key} must be a non-empty list of values")
+        seeds = raw.get("seeds", [base.get("seed", 0)])
+        if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
+            raise ConfigError(f"{path}: seeds must be a non-empty list of integers")
+        spec = cls(str(raw.get("name", path.stem)), base, dict(grid), list(seeds))
+        for cell in spec.cells():  # validate every cell before running any
+            cell.config
+        return spec
+
+    def cells(self) -> Iterator[Cell]:
+        keys = list(self.grid)
+        for values in itertools.product(*(self.grid[k] for k in keys)):
+            for seed in self.seeds:
+                yield Cell(dict(zip(keys, values)), seed, self.base)
+
+
+@dataclass(frozen=True)
+class Cell:
+    knobs: dict[str, Any]
+    seed: int
+    base: dict[str, Any]
+
+    @property
+    def config(self) -> ExperimentConfig:
+        try:
+            return ExperimentConfig.from_mapping({**self.base, **self.knobs, "seed": self.seed})
+        except ConfigError as exc:
+            raise ConfigError(f"sweep cell {self.knobs} seed {self.seed}: {exc}") from None
+
+    @property
+    def id(self) -> str:
+        """Readable knob values, the seed, and a digest of the whole effective config."""
+        config = self.config.to_dict()
+        digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8]
+        knobs = "-".join(f"{k}={v}" for k, v in self.knobs.items())
+        return re.sub(r"[^A-Za-z0-9=._-]+", "_", f"{knobs}-seed{self.seed}-{digest}")
+
+
+def run_sweep(spec: SweepSpec, out: Path, console: Console | None = None, progress: bool = True) -> Path:
+    """Run (or resume) every cell, then write ``results.csv`` and the plots into ``out``."""
+    from simulations.experiment import run_experiment
+    from simulations.plots import plot_sweep
+
+    cells = list(spec.cells())
+    (out / "cells").mkdir(parents=True, exist_ok=True)
+    (out / "sweep.json").write_text(json.dumps({"name": spec.name, "grid": spec.grid, "seeds": spec.seeds,
+                                                "set": spec.base}, indent=2) + "\n")
+    rows: list[dict[str, Any]] = []
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   console=console or Console(stderr=True), disable=not progress)
+    with bar:
+        task = bar.add_task(f"sweep {spec.name}", total=len(cells))
+        for cell in cells:
+            cell_dir = out / "cells" / cell.id
+            results_file = cell_dir / "results.json"
+            if results_file.is_file():
+                results = json.loads(results_file.read_text())  # done before: resume
+            else:
+                bar.update(task, description=f"sweep {spec.name}: {cell.knobs} seed {cell.seed}")
+                results = run_experiment(cell.config, cell_dir, progress=False).results
+            rows.extend(tidy_rows(cell, results))
+            bar.advance(task)
+    write_csv(rows, list(spec.grid), out / "results.csv")
+    plot_sweep(rows, list(spec.grid), out)
+    return out
+
+
+def tidy_rows(cell: Cell, results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per strategy of one cell, with the cell's knobs and heterogeneity measures."""
+    clients = results["clients"]
+    measures = results.get("measures", {})
+    tv = measures.get("task_vectors", {})
+    common = {
+        **cell.knobs, "seed": cell.seed, "cell": cell.id,
+        "base_accuracy": results["base"]["accuracy"],
+        "clients_own_accuracy": sum(c["accuracy"] for c in clients) / len(clients),
+        "label_skew": measures.get("data", {}).get("label_skew"),
+        "mean_cosine": tv.get("mean_cosine"), "norm_cv": tv.get("norm_cv"),
+        "interference_total": tv.get("interference_total"),
+        "mean_local_steps": sum(c["local_steps"] for c in clients) / len(clients),
+        "num_failed": len(results["failures"]),
+    }
+    return [{**common, "strategy": name, "scale": s["scale"], "accuracy": s["accuracy"],
+             "client_accuracy": s["client_accuracy"], "normalized_accuracy": s["normalized_accuracy"]}
+            for name, s in results["strategies"].items()]
+
+
+def write_csv(rows: Sequence[dict[str, Any]], knobs: Sequence[str], path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".results.", suffix=".csv")
+    with os.fdopen(fd, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=[*knobs, *CSV_COLUMNS])
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
+    os.replace(tmp, path)
