@@ -51,6 +51,28 @@ def run(
 
 
 @app.command()
+def sweep(
+    spec: Annotated[Path, typer.Argument(help="Sweep spec TOML (a path, or a shipped one: data-heterogeneity.toml).")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Sweep directory; re-running resumes (default: runs/sweep-NAME).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Run a grid of config values × seeds; write a tidy results.csv and plots (resumable)."""
+    from simulations.sweep import SweepSpec, run_sweep
+
+    try:
+        loaded = SweepSpec.load(spec)
+        out_dir = out if out is not None else Path("runs") / f"sweep-{loaded.name}"
+        run_sweep(loaded, out_dir, console=err_console, progress=not quiet)
+    except FederationError as exc:
+        raise _fail(exc, 1) from None
+    except FedmergeError as exc:
+        raise _fail(exc, 2) from None
+    except KeyboardInterrupt:
+        raise _fail(KeyboardInterrupt("interrupted; finished cells are kept, re-run to resume"), 130) from None
+    console.print(f"sweep: {out_dir}/results.csv and {', '.join(p.name for p in sorted(out_dir.glob('*.png')))}")
+
+
+@app.command()
 def methods() -> None:
     """List the merging methods, their natural scale and their options."""
     from fedmerge.merging import METHODS
@@ -61,6 +83,79 @@ def methods() -> None:
         per = ", ".join(f"{k} (per client)" for k in spec.per_client)
         table.add_row(name, spec.natural_scale, ", ".join(x for x in (opts, per) if x) or "—", spec.summary)
     console.print(table)
+
+
+@app.command()
+def equivalence(
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="New directory for equivalence.json and the figures (default: runs/equivalence-TIME).")] = None,
+    engine: Annotated[str, typer.Option("--engine", help="Engine of the Flower runs being checked: inprocess or ray.")] = "inprocess",
+    seed: Annotated[int, typer.Option("--seed", help="Seed of data, base model and client shuffling.")] = 0,
+    set_: Annotated[list[str], typer.Option("--set", "-s", help="Override a key of the default experiment: key=value.")] = [],
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Show that Task Arithmetic is one-shot FedAvg (exit 1 if any equivalence fails), and what heterogeneity does."""
+    from simulations.config import load_config
+    from simulations.equivalence import print_lesson, run_lesson, write_lesson
+    from simulations.progress import RunProgress
+    from simulations.results import check_out_dir, default_out_dir
+
+    try:
+        config = load_config(None, [*set_, f'engine="{engine}"', f"seed={seed}"])
+        out_dir = out if out is not None else default_out_dir(config.replace(name="equivalence"))
+        check_out_dir(out_dir)
+        with RunProgress(err_console, enabled=not quiet) as bar:
+            report = run_lesson(config, stage=bar.stage)
+        write_lesson(report, out_dir)
+    except FederationError as exc:
+        raise _fail(exc, 1) from None
+    except FedmergeError as exc:
+        raise _fail(exc, 2) from None
+    except KeyboardInterrupt:
+        raise _fail(KeyboardInterrupt("interrupted; no results were written"), 130) from None
+    print_lesson(report, console)
+    console.print(f"numbers and figures: {out_dir}")
+    if report["failures"]:
+        raise _fail(ValueError("equivalence violated: " + "; ".join(report["failures"])), 1)
+
+@app.command(context_settings={"allow_extra_args": True})
+def merge(
+    ctx: typer.Context,
+    base: Annotated[Path, typer.Option("--base", help="The pre-trained checkpoint θ0 (.safetensors or a PyTorch state dict).")],
+    models: Annotated[list[Path], typer.Option("--models", help="Fine-tuned checkpoints: --models FT1 FT2 ... (same architecture as --base).")],
+    method: Annotated[str, typer.Option("--method", help="Merging method (see `fedmerge methods`).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The merged model, a new .safetensors file.")],
+    scale: Annotated[float, typer.Option("--scale", help="λ in θ0 + λ·τ_merged.")] = 1.0,
+    option: Annotated[list[str], typer.Option("--option", help="A method option key=value, e.g. k=0.2 (repeatable).")] = [],
+    force: Annotated[bool, typer.Option("--force", help="Overwrite --out if it exists.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Merge checkpoints you already have, tensor by tensor, into θ0 + λ·τ_merged (no training, no Flower)."""
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from fedmerge.offline import merge_checkpoints
+    from simulations.config import parse_override
+
+    extra = [a for a in ctx.args if a.startswith("-")]
+    try:
+        if extra:
+            raise FedmergeError(f"unknown option {extra[0]!r}")
+        options = {}
+        for text in option:
+            if "=" not in text:
+                raise FedmergeError(f"--option expects key=value, got {text!r}")
+            key, value = parse_override(text)
+            options[key.replace("-", "_")] = value
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed} tensors read"),
+                      TimeElapsedColumn(), console=err_console, disable=quiet, transient=True) as bar:
+            task = bar.add_task(f"Merging {len(models) + len(ctx.args)} models with {method}", total=None)
+            summary = merge_checkpoints(base, [*models, *map(Path, ctx.args)], method, out, scale=scale,
+                                        options=options, overwrite=force, on_read=lambda: bar.advance(task))
+    except FedmergeError as exc:
+        raise _fail(exc, 2) from None
+    except KeyboardInterrupt:
+        raise _fail(KeyboardInterrupt("interrupted; nothing was written"), 130) from None
+    console.print(f"merged {summary['models']} models with {method} (λ={scale:g}): {len(summary['merged'])} tensors "
+                  f"merged, {len(summary['copied'])} copied from the base -> {out}")
 
 
 def main() -> None:

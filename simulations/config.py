@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedmerge.data import PARTITIONS, DataSpec
+from fedmerge.data import PARTITIONS, TASK_KINDS, DataSpec
+from fedmerge.byzantine import byzantine_clients, check_attack, check_fraction
 from fedmerge.errors import ConfigError
 from fedmerge.merging import METHODS
 from fedmerge.models import MODELS
@@ -25,7 +26,9 @@ from fedmerge.training import OPTIMIZERS, PretrainSpec, TrainPlan
 
 ENGINES = ("ray", "inprocess")
 WEIGHTINGS = ("num-examples", "uniform")
+TUNE = "tune"  # a scale value: choose λ (and rho) on the clients' validation splits
 PRESETS_DIR = Path(__file__).parent / "presets"
+MAX_STEPS = 10_000_000  # local-steps / pretrain-steps above this are rejected as typos
 DEFAULT_PRESET = PRESETS_DIR / "default.toml"
 
 # Training-plan keys that may differ per client: one value, a list with one per client, or "MIN:MAX".
@@ -44,13 +47,17 @@ class ExperimentConfig:
     partition: str = "dirichlet"
     alpha: float = 0.5
     classes_per_client: int = 2
+    shards_per_client: int = 2
+    sizes: float | list[int] = 1.0
+    task_kinds: tuple[str, ...] = TASK_KINDS
     local_steps: PerClient = 50
+    local_steps_spread: float = 1.0
     lr: PerClient = 0.1
     batch_size: PerClient = 32
     optimizer: PerClient = "sgd"
     weight_decay: PerClient = 0.0
     strategies: tuple[str, ...] = ("fedavg", "fednova", "median", "tsv")
-    scale: float | Mapping[str, float] = 1.0
+    scale: float | str | Mapping[str, float | str] = 1.0
     method_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     weighting: str = "num-examples"
     seed: int = 0
@@ -59,6 +66,11 @@ class ExperimentConfig:
     timeout: float = 600.0
     client_cpus: int = 1
     client_gpus: float = 0.0
+    byzantine_fraction: float = 0.0
+    byzantine_mode: str = "sign-flip"
+    byzantine_scale: float = 10.0
+    byzantine_std: float = 0.1
+    max_update_norm: float = 0.0
     pretrain_steps: int = 100
     pretrain_lr: float = 0.1
     pretrain_fraction: float = 0.1
@@ -66,6 +78,7 @@ class ExperimentConfig:
     local_test_fraction: float = 0.2
     local_val_fraction: float = 0.1
     cache_dir: str = ""
+    cache_task_vectors: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -90,19 +103,21 @@ class ExperimentConfig:
         out["strategies"] = list(self.strategies)
         out["scale"] = dict(self.scale) if isinstance(self.scale, Mapping) else self.scale
         out["method-options"] = {k: dict(v) for k, v in self.method_options.items()}
+        out["task-kinds"] = list(self.task_kinds)
         return out
 
     # -- validation ------------------------------------------------------------------------------
     def validate(self) -> None:
         _set = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
         for name, kind in (("num_clients", int), ("classes_per_client", int), ("seed", int), ("min_clients", int),
-                           ("client_cpus", int), ("pretrain_steps", int)):
+                           ("client_cpus", int), ("pretrain_steps", int), ("shards_per_client", int)):
             _set(name, _as(kind, getattr(self, name), name))
         for name in ("alpha", "timeout", "client_gpus", "pretrain_lr", "pretrain_fraction", "test_fraction",
-                     "local_test_fraction", "local_val_fraction"):
+                     "local_test_fraction", "local_val_fraction", "local_steps_spread"):
             _set(name, _as(float, getattr(self, name), name))
         for name in ("name", "model", "dataset", "partition", "weighting", "engine", "cache_dir"):
             _set(name, _as(str, getattr(self, name), name))
+        _set("cache_task_vectors", _as(bool, self.cache_task_vectors, "cache_task_vectors"))
         _choice("model", self.model, sorted(MODELS))
         _choice("partition", self.partition, PARTITIONS)
         _choice("weighting", self.weighting, WEIGHTINGS)
@@ -114,8 +129,19 @@ class ExperimentConfig:
         _positive("client-cpus", self.client_cpus)
         _positive("pretrain-steps", self.pretrain_steps)
         _positive("pretrain-lr", self.pretrain_lr)
+        _positive("shards-per-client", self.shards_per_client)
+        if not self.local_steps_spread >= 1 or not math.isfinite(self.local_steps_spread):
+            raise ConfigError(f"local-steps-spread must be a finite number >= 1, got {self.local_steps_spread}")
+        _set("sizes", self._sizes())
+        kinds = self.task_kinds.split(",") if isinstance(self.task_kinds, str) else self.task_kinds
+        if not isinstance(kinds, Sequence) or not kinds:
+            raise ConfigError(f"task-kinds must be a non-empty list, got {self.task_kinds!r}")
+        for kind in kinds:
+            _choice("task-kinds", kind, TASK_KINDS)
+        _set("task_kinds", tuple(kinds))
         if self.client_gpus < 0:
             raise ConfigError(f"client-gpus must be >= 0, got {self.client_gpus}")
+        self._validate_attacks()
         if not 1 <= self.min_clients <= self.num_clients:
             raise ConfigError(f"min-clients must lie in [1, num-clients={self.num_clients}], got {self.min_clients}")
         for key, kind in PER_CLIENT_KEYS.items():
@@ -124,7 +150,41 @@ class ExperimentConfig:
         _set("strategies", self._strategies())
         _set("scale", self._scale())
         _set("method_options", self._method_options())
-        self.client_plans()  # range and type checks of every client's plan
+        plans = self.client_plans()  # range and type checks of every client's plan
+        for key, value in (("local-steps", max(p.local_steps for p in plans)), ("pretrain-steps", self.pretrain_steps)):
+            if value > MAX_STEPS:  # an absurd value is a typo, not a week-long run
+                raise ConfigError(f"{key} must be at most {MAX_STEPS:,}, got {value:,}")
+
+    def _sizes(self) -> float | list[int]:
+        if isinstance(self.sizes, str) and "," in self.sizes:
+            return self._sizes_list([_parse_number("sizes", v) for v in self.sizes.split(",")])
+        if isinstance(self.sizes, (list, tuple)):
+            return self._sizes_list(self.sizes)
+        exponent = _finite("sizes", self.sizes)
+        if exponent < 0:
+            raise ConfigError(f"sizes must be a list of per-client sizes or a power-law exponent >= 0, got {exponent}")
+        return exponent
+
+    def _sizes_list(self, values: Sequence[Any]) -> list[int]:
+        if len(values) != self.num_clients:
+            raise ConfigError(f"sizes has {len(values)} entries but num-clients is {self.num_clients}")
+        sizes = [_as(int, v, "sizes") for v in values]
+        if min(sizes) < 1:
+            raise ConfigError(f"sizes must all be >= 1, got {sizes}")
+        return sizes
+
+    def _validate_attacks(self) -> None:
+        for name in ("byzantine_fraction", "byzantine_scale", "byzantine_std", "max_update_norm"):
+            object.__setattr__(self, name, _finite(name.replace("_", "-"), getattr(self, name)))
+        object.__setattr__(self, "byzantine_mode", _as(str, self.byzantine_mode, "byzantine_mode"))
+        check_fraction(self.byzantine_fraction)
+        check_attack(self.byzantine_mode, self.byzantine_scale, self.byzantine_std)
+        if self.max_update_norm < 0:
+            raise ConfigError(f"max-update-norm must be >= 0 (0: no bound), got {self.max_update_norm}")
+
+    def byzantine_clients(self) -> list[int]:
+        """Partition ids of the attackers: the first ⌈byzantine-fraction · N⌉ of a seed-drawn permutation."""
+        return byzantine_clients(self.num_clients, self.byzantine_fraction, self.seed)
 
     def _strategies(self) -> tuple[str, ...]:
         value = self.strategies
@@ -141,15 +201,16 @@ class ExperimentConfig:
     def _scale(self) -> float | dict[str, float]:
         if isinstance(self.scale, str) and "=" in self.scale:  # flat configs: "fedavg=1,tsv=0.25"
             pairs = [item.partition("=") for item in self.scale.split(",") if item.strip()]
-            object.__setattr__(self, "scale", {m.strip(): _parse_number("scale", v) for m, _, v in pairs})
+            object.__setattr__(self, "scale", {m.strip(): v.strip() if v.strip() == TUNE else _parse_number("scale", v)
+                                               for m, _, v in pairs})
         if isinstance(self.scale, Mapping):
             # Entries for known methods that this run does not use are allowed (and dropped), so a
             # preset's table survives `--set strategies=[...]`; an unknown name is a typo.
             for m in self.scale:
                 _choice("scale", m, sorted(METHODS))
-            out = {m: _finite("scale." + m, v) for m, v in self.scale.items()}
+            out = {m: _scale_value("scale." + m, v) for m, v in self.scale.items()}
             return {m: out.get(m, 1.0) for m in self.strategies}
-        return _finite("scale", self.scale)
+        return _scale_value("scale", self.scale)
 
     def _method_options(self) -> dict[str, dict[str, Any]]:
         if not isinstance(self.method_options, Mapping):
@@ -171,7 +232,8 @@ class ExperimentConfig:
         return out
 
     # -- derived settings ----------------------------------------------------------------------------
-    def scale_of(self, method: str) -> float:
+    def scale_of(self, method: str) -> float | str:
+        """λ of ``method``: a number, or ``"tune"`` (chosen on the clients' validation splits)."""
         return self.scale[method] if isinstance(self.scale, Mapping) else self.scale
 
     def data_spec(self) -> DataSpec:
@@ -180,6 +242,8 @@ class ExperimentConfig:
             classes_per_client=self.classes_per_client, seed=self.seed, dataset=self.dataset,
             pretrain_fraction=self.pretrain_fraction, test_fraction=self.test_fraction,
             local_test_fraction=self.local_test_fraction, local_val_fraction=self.local_val_fraction,
+            shards_per_client=self.shards_per_client,
+            sizes=tuple(self.sizes) if isinstance(self.sizes, list) else self.sizes, task_kinds=self.task_kinds,
         )
 
     def pretrain_spec(self) -> PretrainSpec:
@@ -191,11 +255,23 @@ class ExperimentConfig:
         for key, kind in PER_CLIENT_KEYS.items():
             rng = random.Random(f"{self.seed}:{key}")
             columns[key] = _resolve(getattr(self, key.replace("-", "_")), kind, self.num_clients, rng)
+        if self.local_steps_spread > 1:
+            columns["local-steps"] = self._spread_steps()
         return [
             TrainPlan(local_steps=columns["local-steps"][i], lr=columns["lr"][i], batch_size=columns["batch-size"][i],
                       optimizer=columns["optimizer"][i], weight_decay=columns["weight-decay"][i])
             for i in range(self.num_clients)
         ]
+
+    def _spread_steps(self) -> list[int]:
+        """K_i = K · spread^u_i, u_i evenly spaced in [-1/2, 1/2], in a seed-drawn client order:
+        max/min = spread, geometric mean K, and the long-trained clients are not the first ids."""
+        if not isinstance(self.local_steps, int):
+            raise ConfigError("local-steps-spread needs a single local-steps value (the geometric mean)")
+        n = self.num_clients
+        exponents = [i / (n - 1) - 0.5 for i in range(n)] if n > 1 else [0.0]
+        random.Random(f"{self.seed}:local-steps-spread").shuffle(exponents)
+        return [max(1, round(self.local_steps * self.local_steps_spread ** u)) for u in exponents]
 
     def cache_path(self) -> Path:
         if self.cache_dir:
@@ -214,9 +290,11 @@ def _as(kind: type, value: Any, name: str) -> Any:
         return float(value)
     if kind is int and isinstance(value, float) and value.is_integer():
         return int(value)
-    if not isinstance(value, kind) or isinstance(value, bool):
-        raise ConfigError(f"{key} must be {'a number' if kind is float else 'an integer' if kind is int else 'a string'}"
-                          f", got {value!r}")
+    if kind is bool and isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"  # flat run configs may carry booleans as strings
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        what = {float: "a number", int: "an integer", bool: "true or false"}.get(kind, "a string")
+        raise ConfigError(f"{key} must be {what}, got {value!r}")
     return value
 
 
@@ -228,6 +306,15 @@ def _choice(key: str, value: str, allowed: Sequence[str]) -> None:
 def _positive(key: str, value: float) -> None:
     if not value > 0 or (isinstance(value, float) and not math.isfinite(value)):
         raise ConfigError(f"{key} must be > 0, got {value}")
+
+
+def _scale_value(key: str, value: Any) -> float | str:
+    """A scale is a finite number or ``"tune"`` (λ searched on validation data, see fedmerge.tuning)."""
+    if isinstance(value, str) and value.strip() == TUNE:
+        return TUNE
+    if isinstance(value, str):
+        raise ConfigError(f"{key} must be a number or \"{TUNE}\", got {value!r}")
+    return _finite(key, value)
 
 
 def _finite(key: str, value: Any) -> float:

@@ -18,11 +18,14 @@ from torch import Tensor
 
 from fedmerge.data import load_federated
 from fedmerge.evaluation import Evaluator, normalized_accuracy
+from fedmerge.measures import data_measures, task_vector_measures
+from fedmerge.merging import METHODS
 from fedmerge.models import build_model
 from fedmerge.records import to_config
 from fedmerge.task_vector import TaskVector, apply
-from fedmerge.training import pretrained_base
-from simulations.config import ExperimentConfig
+from fedmerge.training import pretrained_base, single_thread
+from fedmerge.tuning import TuningResult, tune_method
+from simulations.config import TUNE, ExperimentConfig
 from simulations.engine import ProgressGrid
 from simulations.progress import RunProgress
 from strategies import OneShotMerge
@@ -31,14 +34,24 @@ from strategies import OneShotMerge
 def build_strategy(config: ExperimentConfig) -> OneShotMerge:
     return OneShotMerge(
         config.strategies,
-        scale={m: config.scale_of(m) for m in config.strategies},
+        # a "tune" scale is chosen after the round, in evaluate(); 1.0 stands in for it until then
+        scale={m: 1.0 if config.scale_of(m) == TUNE else config.scale_of(m) for m in config.strategies},
         method_options=config.method_options,
         min_train_nodes=config.min_clients,
         min_available_nodes=config.num_clients,
         weighted_by_key="num-examples" if config.weighting == "num-examples" else None,
-        train_plans={i: to_config(plan) for i, plan in enumerate(config.client_plans())},
+        train_plans={i: {**to_config(plan), **attack_plan(config, i)} for i, plan in enumerate(config.client_plans())},
         node_wait_timeout=max(120.0, config.timeout),
+        max_update_norm=config.max_update_norm or None,
     )
+
+
+def attack_plan(config: ExperimentConfig, partition_id: int) -> dict[str, Any]:
+    """The byzantine entries of one client's train config (empty for an honest client)."""
+    if partition_id not in config.byzantine_clients():
+        return {}
+    return {"byzantine": True, "byzantine-mode": config.byzantine_mode, "byzantine-scale": config.byzantine_scale,
+            "byzantine-std": config.byzantine_std}
 
 
 @dataclass
@@ -64,6 +77,8 @@ def run_server(grid: Grid, config: ExperimentConfig, progress: RunProgress) -> S
 
     strategy = build_strategy(config)
     train_config = ConfigRecord({"model": config.model, **to_config(config.data_spec())})
+    if config.cache_task_vectors:
+        train_config["task-vector-cache"] = str(config.cache_path().resolve())
 
     def on_send(messages: list[Message]) -> None:
         if messages and messages[0].metadata.message_type == MessageType.TRAIN:
@@ -84,6 +99,8 @@ def run_server(grid: Grid, config: ExperimentConfig, progress: RunProgress) -> S
     results = evaluate(config, data, base, strategy, progress)
     timing["evaluation"] = time.perf_counter() - t0
     results["base"]["from_cache"] = cached
+    results["measures"] = {"data": data_measures(data),
+                           "task_vectors": task_vector_measures([r.task_vector for r in strategy.reports])}
     results["timing"] = timing
     task_vectors = {r.partition_id: r.task_vector for r in strategy.reports}
     return ServerOutput(results, base, dict(strategy.merged), task_vectors)
@@ -96,35 +113,48 @@ def evaluate(config: ExperimentConfig, data, base, strategy: OneShotMerge, progr
     local_tests = [data.clients[r.partition_id].test for r in reports]
     plans = config.client_plans()
 
+    def global_accuracy(state) -> float:  # under partition="tasks": the mean over every client's task
+        accs = evaluator.accuracies(state, data.global_tests)
+        return sum(accs) / len(accs)
+
     def scores(state) -> tuple[float, list[float]]:
         progress.advance()
-        return evaluator.accuracy(state, data.test), evaluator.accuracies(state, local_tests)
+        return global_accuracy(state), evaluator.accuracies(state, local_tests)
 
     base_acc, base_local = scores(base)
     clients, own = [], []
+    byzantine = set(config.byzantine_clients())
     for r, test in zip(reports, local_tests):
         theta_i = apply(base, r.task_vector, 1.0)
-        global_acc, own_acc = evaluator.accuracies(theta_i, [data.test, test])
+        global_acc, own_acc = global_accuracy(theta_i), evaluator.accuracy(theta_i, test)
         progress.advance()
         own.append(own_acc)
         plan = plans[r.partition_id]
         clients.append({
-            "partition_id": r.partition_id, "node_id": r.node_id,
+            "partition_id": r.partition_id, "node_id": r.node_id, "task": data.clients[r.partition_id].task,
             "local_steps": int(r.metrics["local-steps"]), "num_examples": int(r.metrics["num-examples"]),
             "lr": plan.lr, "batch_size": plan.batch_size, "optimizer": plan.optimizer,
             "weight_decay": plan.weight_decay, "train_loss": float(r.metrics["train-loss"]),
             "accuracy": own_acc, "reported_accuracy": float(r.metrics["local-accuracy"]),
             "global_accuracy": global_acc, "task_vector_norm": TaskVector(r.task_vector).norm(),
+            "cached": bool(r.metrics.get("cached", 0)),
+            "byzantine": r.partition_id in byzantine,  # its τ_i (and so `accuracy`) is the attacked one
         })
     strategies = {}
+    tuned = tune_scales(config, data, base, strategy, evaluator)
     for method, merged in strategy.merged.items():
         scale = strategy.scale[method]
+        if method in tuned:  # the tuned options' merged vector replaces the default one everywhere
+            merged = strategy.merged[method] = tuned[method].merged
+            scale = tuned[method].scale
         acc, local = scores(apply(base, merged, scale))
         strategies[method] = {
             "scale": scale, "accuracy": acc, "client_accuracy": sum(local) / len(local),
             "normalized_accuracy": normalized_accuracy(local, own), "client_accuracies": local,
             "merge_seconds": strategy.merge_seconds[method],
         }
+        if method in tuned:
+            strategies[method]["tuning"] = tuned[method].report()
     return {
         "config": config.to_dict(),
         "base": {"accuracy": base_acc, "client_accuracy": sum(base_local) / len(base_local),
@@ -132,8 +162,36 @@ def evaluate(config: ExperimentConfig, data, base, strategy: OneShotMerge, progr
         "clients": clients,
         "failures": [{"partition_id": f.partition_id, "node_id": f.node_id, "reason": f.reason}
                      for f in strategy.failures],
+        "byzantine": config.byzantine_clients(),  # partition ids told to attack (see fedmerge.byzantine)
         "strategies": strategies,
     }
+
+
+def tune_scales(config: ExperimentConfig, data, base, strategy: OneShotMerge, evaluator: Evaluator
+                ) -> dict[str, TuningResult]:
+    """λ (and rho) for every method whose scale is "tune", by mean normalized accuracy on the clients'
+    validation splits; the same task vectors, weights and options as the round's merge."""
+    methods = [m for m in strategy.merged if config.scale_of(m) == TUNE]
+    if not methods:
+        return {}
+    reports = strategy.reports
+    vals = [data.clients[r.partition_id].val for r in reports]
+    own = [evaluator.accuracy(apply(base, r.task_vector, 1.0), v) for r, v in zip(reports, vals)]
+
+    def score(merged, scale: float) -> float:
+        return normalized_accuracy(evaluator.accuracies(apply(base, merged, scale), vals), own)
+
+    task_vectors = [r.task_vector for r in reports]
+    weights = [float(r.metrics[strategy.weighted_by_key]) for r in reports] if strategy.weighted_by_key else None
+    out = {}
+    for m in methods:
+        options = dict(strategy.method_options[m])
+        for opt in METHODS[m].per_client:
+            options[opt] = [r.metrics[opt.replace("_", "-")] for r in reports]
+        with single_thread():  # hundreds of small evaluations: one thread avoids contention
+            out[m] = tune_method(m, task_vectors, score, weights=weights, options=options,
+                                 merged=strategy.merged[m])
+    return out
 
 
 def make_server_app(config: ExperimentConfig, progress: RunProgress, sink: dict[str, Any]) -> ServerApp:
