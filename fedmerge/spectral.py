@@ -54,6 +54,18 @@ def _orthonormal(y: Tensor) -> Tensor:
     return torch.linalg.qr(y).Q
 
 
+def _well_conditioned_basis(y: Tensor) -> Tensor:
+    """A well-conditioned basis of the same column space, for the power iterations: shifted
+    Cholesky-QR (Fukaya et al. 2020), a few times cheaper than Householder QR. Exactly orthonormal
+    only when y is well conditioned, which power iterations do not need."""
+    gram = (y.mT @ y).double()
+    shift = gram.diagonal(dim1=-2, dim2=-1).amax(dim=-1, keepdim=True) * 1e-6 + torch.finfo(torch.float64).tiny
+    r, info = torch.linalg.cholesky_ex(gram + torch.diag_embed(shift.expand(gram.shape[:-1])), upper=True)
+    if bool((info != 0).any()) or not bool(torch.isfinite(r).all()):
+        return _orthonormal(y)
+    return torch.linalg.solve_triangular(r.to(y.dtype), y, upper=True, left=False)
+
+
 def top_singular_triplets(
     a: Tensor, k: int, *, method: str = "auto", oversample: int | None = None, power_iters: int = 5
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -84,7 +96,7 @@ def top_singular_triplets(
     gen = torch.Generator().manual_seed(_SKETCH_SEED)
     z = torch.randn(n, l_cols, generator=gen, dtype=work).expand(a.shape[0], n, l_cols)
     for _ in range(power_iters):
-        z = _orthonormal(aw.mT @ _orthonormal(aw @ z))
+        z = _well_conditioned_basis(aw.mT @ _well_conditioned_basis(aw @ z))
     # Rayleigh-Ritz on the right subspace in float64: A Z = Ũ S̃ W̃ᵀ gives U ≈ Ũ, σ ≈ S̃, V ≈ Z W̃.
     ad = a.double()
     zd = _orthonormal(z.double())
@@ -146,7 +158,8 @@ def _tsv_merge_batch(mats: Tensor, *, method: str = "fast") -> Tensor:
             ru, rv = _inverse_sqrt(torch.cat([gu, gv])).split(num_layers)
         else:
             ru, rv = _inverse_sqrt(gu), _inverse_sqrt(gv)
-        pu, pv = _whiten(u_cat, ru), _whiten(v_cat, rv)
+        pu, pv = _whiten(u_cat, ru).float(), _whiten(v_cat, rv).float()  # orthonormal: float32 is exact enough
+        s_cat = s_cat.float()
     return (pu * s_cat.unsqueeze(-2)) @ pv.mT
 
 
@@ -154,7 +167,7 @@ def tsv_merge_matrix(matrices: Sequence[Tensor], *, method: str = "fast") -> Ten
     """TSV-M for one layer: top k = max(1, ⌊min(m,n)/T⌋) triplets per task, orthogonalised bases.
 
     ``method="fast"`` (default) or ``"exact"`` (full SVDs, the reference); see the notes above.
-    Returns the merged matrix in float64.
+    Returns the merged matrix in float64 ("exact") or float32 ("fast", float64 for float64 input).
     """
     if method not in ("fast", "exact"):
         raise ValueError(f"method must be 'fast' or 'exact', got {method!r}")
