@@ -48,6 +48,27 @@ class Split:
     def label_counts(self, num_classes: int) -> list[int]:
         return torch.bincount(self.y, minlength=num_classes).tolist()
 
+    def batch(self, index: Tensor) -> tuple[Tensor, Tensor]:
+        return self.x[index], self.y[index]
+
+
+def iterate_batches(data, index_batches: list[Tensor]):
+    """``(x, y)`` for each index batch of ``data``: a :class:`Split` (tensors in memory) or any split with
+    ``batch(index)``, e.g. :class:`fedmerge.image_tasks.ImageSplit`, decoded by ``data.workers`` processes."""
+    if isinstance(data, Split) or not getattr(data, "workers", 0):
+        for index in index_batches:
+            yield data.batch(index)
+        return
+    loader = torch.utils.data.DataLoader(data, batch_sampler=[i.tolist() for i in index_batches],
+                                         num_workers=data.workers, persistent_workers=False)
+    yield from loader
+
+
+def call_model(model, data, x: Tensor) -> Tensor:
+    """Logits of ``model`` on inputs of ``data``; a split with a task ``head`` (CLIP tasks) passes it along."""
+    head = getattr(data, "head", None)
+    return model(x) if head is None else model(x, head)
+
 
 @dataclass(frozen=True)
 class Dataset:
@@ -95,12 +116,17 @@ class DataSpec:
     shards_per_client: int = 2
     sizes: float | tuple[int, ...] = 1.0
     task_kinds: tuple[str, ...] = TASK_KINDS
+    tasks: tuple[str, ...] = ()  # one image task per client (fedmerge.image_tasks); replaces dataset/partition
+    encoder: str = ""  # under tasks: the CLIP model whose heads and preprocessing the tasks use
+    cache_dir: str = ""  # under tasks: where zero-shot heads are cached
 
     def __post_init__(self) -> None:  # lists arrive from configs and messages; keep the spec hashable
         if isinstance(self.sizes, (list, tuple)):
             object.__setattr__(self, "sizes", tuple(int(v) for v in self.sizes))
         if isinstance(self.task_kinds, (list, tuple)):
             object.__setattr__(self, "task_kinds", tuple(self.task_kinds))
+        if isinstance(self.tasks, (list, tuple)):
+            object.__setattr__(self, "tasks", tuple(self.tasks))
 
 
 @dataclass(frozen=True)
@@ -255,6 +281,10 @@ def _validate(spec: DataSpec, pool_size: int) -> None:
 @functools.lru_cache(maxsize=8)
 def load_federated(spec: DataSpec) -> FederatedData:
     """All splits of ``spec``; deterministic in ``spec.seed`` and cached per process."""
+    if spec.tasks:  # one CLIP image task per client
+        from fedmerge.image_tasks import load_task_suite
+
+        return load_task_suite(spec)
     ds = load_dataset(spec.dataset)
     n = len(ds.data)
     order = np.random.default_rng(spec.seed).permutation(n)

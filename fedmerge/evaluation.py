@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from fedmerge.data import Split
+from fedmerge.data import Split, call_model, iterate_batches
 
 
 @dataclass(frozen=True)
@@ -19,11 +19,17 @@ class Scores:
 
 @torch.no_grad()
 def score(model: nn.Module, data: Split, batch_size: int = 1024) -> Scores:
+    """Mean loss and accuracy on ``data`` (a :class:`Split` or any split with ``batch``, e.g. CLIP tasks)."""
     model.eval()
     total_loss, correct = 0.0, 0
-    for start in range(0, len(data), batch_size):
-        x, y = data.x[start:start + batch_size], data.y[start:start + batch_size]
-        logits = model(x)
+    device = next(model.parameters()).device
+    if isinstance(data, Split):
+        chunks = ((data.x[s:s + batch_size], data.y[s:s + batch_size]) for s in range(0, len(data), batch_size))
+    else:
+        chunks = iterate_batches(data, list(torch.arange(len(data)).split(batch_size)))
+    for x, y in chunks:
+        x, y = x.to(device), y.to(device)
+        logits = call_model(model, data, x)
         total_loss += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
         correct += int((logits.argmax(dim=1) == y).sum())
     n = max(1, len(data))

@@ -8,6 +8,7 @@ rebuild U⊥ diag(σ) V⊥ᵀ. Other tensors (biases, norms, conv kernels) get t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -41,6 +42,8 @@ def polar_factor(x: Tensor, rcond: float | None = None) -> Tensor:
 
 _SKETCH_SEED = 0x75F  # fixed: the fast path is deterministic
 _EXACT_BELOW = 64  # matrices whose smaller side is at most this get the full SVD
+_SKETCH_ERROR = 1e-4  # aimed-for relative error of the randomized triplets' effect on TSV-M
+_MAX_POWER_ITERS = 8
 
 
 def _rank_tol(dtype: torch.dtype, shape: Sequence[int]) -> float:
@@ -67,13 +70,14 @@ def _well_conditioned_basis(y: Tensor) -> Tensor:
 
 
 def top_singular_triplets(
-    a: Tensor, k: int, *, method: str = "auto", oversample: int | None = None, power_iters: int = 5
+    a: Tensor, k: int, *, method: str = "auto", oversample: int | None = None, power_iters: int | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The top-k singular triplets of every matrix in a batch ``a`` (…, m, n), in float64.
 
     Returns U (…, m, k), σ (…, k) in descending order and Vᵀ (…, k, n), like
     ``torch.linalg.svd(a)[:k]``. ``method="exact"`` takes the full SVD; ``"randomized"`` a range finder
     of l = k + ``oversample`` columns (default k, at least 16) with ``power_iters`` power iterations
+    (default: as many as the spectrum needs, 2 to 8, estimated after the first from the Ritz values)
     (Halko, Martinsson & Tropp 2011, Alg. 4.4) in float32 (float64 for float64 input), then a
     float64 Rayleigh-Ritz step; ``"auto"`` picks the full SVD for small matrices or large k. The
     angle error of the randomized vectors shrinks like (σ_{l+1}/σ_k)^(2·power_iters).
@@ -95,7 +99,18 @@ def top_singular_triplets(
     aw = a.to(work)
     gen = torch.Generator().manual_seed(_SKETCH_SEED)
     z = torch.randn(n, l_cols, generator=gen, dtype=work).expand(a.shape[0], n, l_cols)
-    for _ in range(power_iters):
+    z = _well_conditioned_basis(aw.mT @ _well_conditioned_basis(aw @ z))
+    iters, done = power_iters, 1
+    if iters is None:  # error ≈ 0.35 ρ^q with ρ = (σ_{l+1}/σ_k)², estimated by the Ritz values
+        y = aw @ z
+        theta = torch.linalg.eigvalsh((y.mT @ y).double())  # ascending
+        top = theta[..., -k]
+        ratio = torch.where(top > 1e-10 * theta[..., -1], theta[..., 0].clamp_min(0) / top, 0.0)
+        rho = float(ratio.amax()) ** 0.75 if ratio.numel() else 0.0  # early Ritz values underestimate ρ
+        iters = 2 if rho <= 0 else (_MAX_POWER_ITERS if rho >= 1 else
+                                    int(min(_MAX_POWER_ITERS, max(2, math.ceil(math.log(_SKETCH_ERROR / 0.35) / math.log(rho))))))
+        z, done = _well_conditioned_basis(aw.mT @ _well_conditioned_basis(y)), 2
+    for _ in range(iters - done):
         z = _well_conditioned_basis(aw.mT @ _well_conditioned_basis(aw @ z))
     # Rayleigh-Ritz on the right subspace in float64: A Z = Ũ S̃ W̃ᵀ gives U ≈ Ũ, σ ≈ S̃, V ≈ Z W̃.
     ad = a.double()
@@ -158,8 +173,9 @@ def _tsv_merge_batch(mats: Tensor, *, method: str = "fast") -> Tensor:
             ru, rv = _inverse_sqrt(torch.cat([gu, gv])).split(num_layers)
         else:
             ru, rv = _inverse_sqrt(gu), _inverse_sqrt(gv)
-        pu, pv = _whiten(u_cat, ru).float(), _whiten(v_cat, rv).float()  # orthonormal: float32 is exact enough
-        s_cat = s_cat.float()
+        pu, pv = _whiten(u_cat, ru), _whiten(v_cat, rv)
+        if mats.dtype != torch.float64:  # orthonormal factors: the last product is exact enough in float32
+            pu, pv, s_cat = pu.float(), pv.float(), s_cat.float()
     return (pu * s_cat.unsqueeze(-2)) @ pv.mT
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -24,6 +26,20 @@ def _fail(exc: Exception, code: int) -> typer.Exit:
     return typer.Exit(code)
 
 
+@contextlib.contextmanager
+def user_errors(on_interrupt: str = "interrupted; no results were written") -> Iterator[None]:
+    """One red ``error:`` line and an exit code instead of a traceback: 2 for bad input (config,
+    files, values), 1 for a federated round that cannot finish, 130 for Ctrl-C."""
+    try:
+        yield
+    except FederationError as exc:
+        raise _fail(exc, 1) from None
+    except FedmergeError as exc:
+        raise _fail(exc, 2) from None
+    except KeyboardInterrupt:
+        raise _fail(KeyboardInterrupt(on_interrupt), 130) from None
+
+
 @app.command()
 def run(
     preset: Annotated[Optional[Path], typer.Argument(help="Preset TOML (default: the shipped default.toml).")] = None,
@@ -36,16 +52,10 @@ def run(
     from simulations.experiment import run_experiment
     from simulations.results import default_out_dir, print_table
 
-    try:
+    with user_errors():
         config = load_config(preset, set_)
         out_dir = out if out is not None else default_out_dir(config)
         results = run_experiment(config, out_dir, progress=not quiet, console=err_console).results
-    except FederationError as exc:
-        raise _fail(exc, 1) from None
-    except FedmergeError as exc:
-        raise _fail(exc, 2) from None
-    except KeyboardInterrupt:
-        raise _fail(KeyboardInterrupt("interrupted; no results were written"), 130) from None
     print_table(results, console)
     console.print(f"results: {out_dir}/results.json  (timing: {results['timing']['total']:.1f} s)")
 
@@ -59,16 +69,10 @@ def sweep(
     """Run a grid of config values × seeds; write a tidy results.csv and plots (resumable)."""
     from simulations.sweep import SweepSpec, run_sweep
 
-    try:
+    with user_errors("interrupted; finished cells are kept, re-run to resume"):
         loaded = SweepSpec.load(spec)
         out_dir = out if out is not None else Path("runs") / f"sweep-{loaded.name}"
         run_sweep(loaded, out_dir, console=err_console, progress=not quiet)
-    except FederationError as exc:
-        raise _fail(exc, 1) from None
-    except FedmergeError as exc:
-        raise _fail(exc, 2) from None
-    except KeyboardInterrupt:
-        raise _fail(KeyboardInterrupt("interrupted; finished cells are kept, re-run to resume"), 130) from None
     console.print(f"sweep: {out_dir}/results.csv and {', '.join(p.name for p in sorted(out_dir.glob('*.png')))}")
 
 
@@ -99,19 +103,13 @@ def equivalence(
     from simulations.progress import RunProgress
     from simulations.results import check_out_dir, default_out_dir
 
-    try:
+    with user_errors():
         config = load_config(None, [*set_, f'engine="{engine}"', f"seed={seed}"])
         out_dir = out if out is not None else default_out_dir(config.replace(name="equivalence"))
         check_out_dir(out_dir)
         with RunProgress(err_console, enabled=not quiet) as bar:
             report = run_lesson(config, stage=bar.stage)
         write_lesson(report, out_dir)
-    except FederationError as exc:
-        raise _fail(exc, 1) from None
-    except FedmergeError as exc:
-        raise _fail(exc, 2) from None
-    except KeyboardInterrupt:
-        raise _fail(KeyboardInterrupt("interrupted; no results were written"), 130) from None
     print_lesson(report, console)
     console.print(f"numbers and figures: {out_dir}")
     if report["failures"]:
@@ -136,7 +134,7 @@ def merge(
     from simulations.config import parse_override
 
     extra = [a for a in ctx.args if a.startswith("-")]
-    try:
+    with user_errors("interrupted; nothing was written"):
         if extra:
             raise FedmergeError(f"unknown option {extra[0]!r}")
         options = {}
@@ -150,10 +148,6 @@ def merge(
             task = bar.add_task(f"Merging {len(models) + len(ctx.args)} models with {method}", total=None)
             summary = merge_checkpoints(base, [*models, *map(Path, ctx.args)], method, out, scale=scale,
                                         options=options, overwrite=force, on_read=lambda: bar.advance(task))
-    except FedmergeError as exc:
-        raise _fail(exc, 2) from None
-    except KeyboardInterrupt:
-        raise _fail(KeyboardInterrupt("interrupted; nothing was written"), 130) from None
     console.print(f"merged {summary['models']} models with {method} (λ={scale:g}): {len(summary['merged'])} tensors "
                   f"merged, {len(summary['copied'])} copied from the base -> {out}")
 

@@ -22,7 +22,7 @@ from fedmerge.errors import ConfigError
 from fedmerge.merging import METHODS
 from fedmerge.models import MODELS
 from fedmerge.records import to_config
-from fedmerge.training import OPTIMIZERS, PretrainSpec, TrainPlan
+from fedmerge.training import PretrainSpec, TrainPlan
 
 ENGINES = ("ray", "inprocess")
 WEIGHTINGS = ("num-examples", "uniform")

@@ -21,11 +21,7 @@ The heterogeneity demos always run in-process: both engines give bit-identical w
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -49,7 +45,7 @@ from fedmerge.records import to_config
 from fedmerge.training import TrainPlan, pretrained_base, single_thread, train
 from simulations.config import ExperimentConfig
 from simulations.experiment import run_engine, run_experiment
-from simulations.results import check_out_dir
+from simulations.results import staged_directory, to_json
 from simulations.server import ServerOutput
 from strategies.multi_round import TaskVectorFedAvg
 
@@ -405,26 +401,11 @@ def run_lesson(config: ExperimentConfig, stage: Callable[[str], None] = lambda s
 
 def write_lesson(report: Mapping[str, Any], out: Path) -> Path:
     """``equivalence.json`` and one PNG per heterogeneity demo, moved into ``out`` in one rename."""
-    check_out_dir(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        (staging / "equivalence.json").write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+    with staged_directory(out) as staging:
+        (staging / "equivalence.json").write_text(to_json(report))
         for key, (name, plot) in FIGURES.items():
             plot(report[key], staging / name)
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
 
 def print_lesson(report: Mapping[str, Any], console: Console) -> None:

@@ -14,6 +14,7 @@ merge_seconds} and ``timing`` (seconds per stage). Accuracies are fractions in [
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as dt
 import json
@@ -21,6 +22,7 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -62,14 +64,45 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def write_results(output: ServerOutput, config: ExperimentConfig, out: Path) -> Path:
-    """Write every file into a staging directory, then move it into place in one rename."""
-    results = output.results
+@contextlib.contextmanager
+def staged_directory(out: Path) -> Iterator[Path]:
+    """Yield a staging directory beside ``out``; on success it becomes ``out`` in one rename, on any
+    failure (or interrupt) it is removed, so ``out`` is either complete or absent."""
     check_out_dir(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        (staging / "results.json").write_text(json.dumps(results, indent=2, default=_json_default) + "\n")
+        yield staging
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def to_json(value: Any) -> str:
+    """JSON text in which non-finite floats (e.g. an undefined normalized accuracy) become null."""
+    def default(v: Any) -> Any:
+        raise TypeError(f"cannot write {type(v).__name__} to JSON")
+
+    def clean(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    return json.dumps(clean(value), indent=2, default=default) + "\n"
+
+
+def write_results(output: ServerOutput, config: ExperimentConfig, out: Path) -> Path:
+    """results.json, results.csv, config.toml and the tensors, written through a staging directory."""
+    results = output.results
+    with staged_directory(out) as staging:
+        (staging / "results.json").write_text(to_json(results))
         with (staging / "results.csv").open("w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
             writer.writeheader()
@@ -78,19 +111,7 @@ def write_results(output: ServerOutput, config: ExperimentConfig, out: Path) -> 
         save_state(output.base, staging / "base.safetensors")
         for method, merged in output.merged.items():
             save_state(merged, staging / "merged" / f"{method}.safetensors")
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
 
 def _pct(value: float | None) -> str:
