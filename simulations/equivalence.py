@@ -46,7 +46,7 @@ from fedmerge.training import TrainPlan, pretrained_base, single_thread, train
 from simulations.config import ExperimentConfig
 from simulations.experiment import run_engine, run_experiment
 from simulations.results import staged_directory, to_json
-from simulations.server import ServerOutput
+from simulations.server import ServerOutput, client_config
 from strategies.multi_round import TaskVectorFedAvg
 
 ONE_SHOT_TOLERANCE = 1e-6  # float32 round-off of two summation orders is ~1e-7 here
@@ -183,7 +183,7 @@ def federated_trajectory(config: ExperimentConfig, base: Mapping[str, Tensor], p
     def main(grid: Grid, context: Context) -> None:
         n = config.num_clients
         strategy = TaskVectorFedAvg(server_lr=eta, min_train_nodes=n, min_available_nodes=n)
-        train_config = ConfigRecord({"model": config.model, **to_config(config.data_spec()), **to_config(plan)})
+        train_config = ConfigRecord({**client_config(config), **to_config(plan)})
         strategy.start(grid=grid, initial_arrays=ArrayRecord(dict(base)), num_rounds=rounds, timeout=config.timeout,
                        train_config=train_config, evaluate_fn=record)
 

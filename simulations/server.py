@@ -64,6 +64,14 @@ class ServerOutput:
     task_vectors: dict[int, dict[str, Tensor]]  # partition-id -> τ_i of every accepted client
 
 
+def client_config(config: ExperimentConfig) -> ConfigRecord:
+    """What every client is told in its train message: the model, the data spec, the cache."""
+    record = ConfigRecord({"model": config.model, **to_config(config.data_spec())})
+    if config.cache_task_vectors:
+        record["task-vector-cache"] = str(config.cache_path().resolve())
+    return record
+
+
 def run_server(grid: Grid, config: ExperimentConfig, progress: RunProgress) -> ServerOutput:
     """Run one experiment on ``grid``: results (see ``simulations.results``) and its tensors."""
     timing: dict[str, float] = {}
@@ -76,9 +84,6 @@ def run_server(grid: Grid, config: ExperimentConfig, progress: RunProgress) -> S
     timing["pretrain"] = time.perf_counter() - t0
 
     strategy = build_strategy(config)
-    train_config = ConfigRecord({"model": config.model, **to_config(config.data_spec())})
-    if config.cache_task_vectors:
-        train_config["task-vector-cache"] = str(config.cache_path().resolve())
 
     def on_send(messages: list[Message]) -> None:
         if messages and messages[0].metadata.message_type == MessageType.TRAIN:
@@ -90,7 +95,7 @@ def run_server(grid: Grid, config: ExperimentConfig, progress: RunProgress) -> S
 
     progress.stage(f"Waiting for {config.num_clients} clients")
     strategy.start(grid=ProgressGrid(grid, on_send, on_reply), initial_arrays=ArrayRecord(base), num_rounds=1,
-                   timeout=config.timeout, train_config=train_config)
+                   timeout=config.timeout, train_config=client_config(config))
     timing.update({k.replace("-", "_"): v for k, v in strategy.timing.items()})
     timing["merging"] = sum(strategy.merge_seconds.values())
 
