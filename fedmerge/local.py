@@ -18,7 +18,7 @@ from torch import Tensor
 
 from fedmerge.data import ClientData
 from fedmerge.evaluation import score
-from fedmerge.models import build_model
+from fedmerge.models import build_model, device_for
 from fedmerge.task_vector import TaskVector, save_state
 from fedmerge.training import TrainPlan, single_thread, train
 
@@ -54,6 +54,9 @@ def update_key(model_name: str, base: Mapping[str, Tensor], client: ClientData, 
         h.update(key.encode())
         _hash_tensor(h, base[key])
     for split in (client.train, client.test):
+        if hasattr(split, "fingerprint"):  # lazily read images (CLIP tasks): dataset, rows, preprocessing, head
+            h.update(split.fingerprint().encode())
+            continue
         _hash_tensor(h, split.x)
         _hash_tensor(h, split.y)
     return h.hexdigest()[:32]
@@ -96,11 +99,12 @@ def _fine_tune(
 ) -> LocalUpdate:
     model = build_model(model_name, input_shape, num_classes)
     model.load_state_dict(base)
+    model.to(device_for(model_name))
     with single_thread():
         train(model, client.train, plan, seed=client_seed(seed, client.partition_id))
         train_scores, test_scores = score(model, client.train), score(model, client.test)
     return LocalUpdate(
-        task_vector=TaskVector.between(base, model.state_dict()),
+        task_vector=TaskVector.between(base, {k: v.cpu() for k, v in model.state_dict().items()}),
         num_examples=len(client.train),
         local_steps=plan.local_steps,
         train_loss=train_scores.loss,

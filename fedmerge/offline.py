@@ -120,9 +120,18 @@ def merge_checkpoints(
 ) -> dict[str, Any]:
     """Merge fine-tuned checkpoints into θ0 + scale·τ_merged and write it to ``out`` (safetensors).
 
+    A ``base`` that is a Hugging Face Hub id or ``save_pretrained`` directory merges CLIP image
+    encoders instead (:func:`fedmerge.clip.merge_pretrained`) and ``out`` is a new directory.
     ``on_read`` is called once per tensor read from disk (a progress hook). Returns a summary:
     method, scale, number of models, merged and copied tensor names.
     """
+    from fedmerge.clip import is_pretrained_source
+
+    if is_pretrained_source(base):  # Hub id or save_pretrained directory: a CLIP image encoder
+        from fedmerge.clip import merge_pretrained
+
+        return merge_pretrained(str(base), [str(m) for m in models], method, out, scale=scale, options=options,
+                                weights=weights, overwrite=overwrite)
     out = Path(out)
     if method not in METHODS:
         raise MergeError(f"unknown merging method {method!r}; known: {', '.join(sorted(METHODS))}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -12,12 +13,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fedmerge.data import FederatedData, Split
+from fedmerge.data import FederatedData, Split, call_model, iterate_batches
 from fedmerge.errors import ConfigError
 from fedmerge.models import build_model
 from fedmerge.task_vector import load_state, save_state
 
-OPTIMIZERS = ("sgd", "adam")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,9 @@ class TrainPlan:
     batch_size: int = 32
     optimizer: str = "sgd"
     weight_decay: float = 0.0
+    warmup_steps: int = 0  # linear warm-up from lr/warmup to lr over the first steps
+    lr_schedule: str = "constant"  # after warm-up: "constant" or "cosine" decay to 0 at the last step
+    grad_clip: float = 0.0  # clip the gradient's global L2 norm to this (0: no clipping)
 
     def __post_init__(self) -> None:
         if not isinstance(self.local_steps, int) or self.local_steps < 1:
@@ -41,6 +46,26 @@ class TrainPlan:
             raise ConfigError(f"optimizer={self.optimizer!r} is not known; known: {', '.join(OPTIMIZERS)}")
         if not self.weight_decay >= 0:
             raise ConfigError(f"weight-decay must be >= 0, got {self.weight_decay}")
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ConfigError(f"warmup-steps must be an integer >= 0, got {self.warmup_steps!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"lr-schedule={self.lr_schedule!r} is not known; known: {', '.join(LR_SCHEDULES)}")
+        if not self.grad_clip >= 0:
+            raise ConfigError(f"grad-clip must be >= 0 (0: no clipping), got {self.grad_clip}")
+
+    @property
+    def scheduled(self) -> bool:
+        return self.warmup_steps > 0 or self.lr_schedule != "constant"
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of optimizer step ``step`` (0-based): warm-up, then constant or cosine
+        (as ``mlfoundations/task_vectors``' ``cosine_lr``)."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        if self.lr_schedule == "cosine":
+            done, total = step - self.warmup_steps, max(1, self.local_steps - self.warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * done / total)) * self.lr
+        return self.lr
 
 
 @contextlib.contextmanager
@@ -57,6 +82,8 @@ def single_thread() -> Iterator[None]:
 def _optimizer(model: nn.Module, plan: TrainPlan) -> torch.optim.Optimizer:
     if plan.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), lr=plan.lr, weight_decay=plan.weight_decay)
+    if plan.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=plan.lr, weight_decay=plan.weight_decay)
     return torch.optim.SGD(model.parameters(), lr=plan.lr, weight_decay=plan.weight_decay)
 
 
@@ -72,14 +99,27 @@ def batches(n: int, batch_size: int, steps: int, generator: torch.Generator) -> 
 
 
 def train(model: nn.Module, data: Split, plan: TrainPlan, seed: int) -> None:
-    """Fine-tune ``model`` in place for exactly ``plan.local_steps`` optimizer steps."""
+    """Fine-tune ``model`` in place for exactly ``plan.local_steps`` optimizer steps.
+
+    ``data`` is a :class:`Split` or a split with ``batch`` (CLIP tasks, whose frozen head is passed to
+    the model); batches go to the model's device."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = _optimizer(model, plan)
     loss_fn = nn.CrossEntropyLoss()
+    device = next(model.parameters()).device
     model.train()
-    for index in batches(len(data), plan.batch_size, plan.local_steps, generator):
+    if isinstance(data, Split):  # tensors in memory: index them directly
+        steps = ((data.x[i], data.y[i]) for i in batches(len(data), plan.batch_size, plan.local_steps, generator))
+    else:
+        steps = iterate_batches(data, list(batches(len(data), plan.batch_size, plan.local_steps, generator)))
+    for step, (x, y) in enumerate(steps):
+        if plan.scheduled:
+            for group in optimizer.param_groups:
+                group["lr"] = plan.lr_at(step)
         optimizer.zero_grad(set_to_none=True)
-        loss_fn(model(data.x[index]), data.y[index]).backward()
+        loss_fn(call_model(model, data, x.to(device)), y.to(device)).backward()
+        if plan.grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), plan.grad_clip)
         optimizer.step()
 
 
@@ -101,6 +141,10 @@ class PretrainSpec:
 
 def pretrained_base(spec: PretrainSpec, data: FederatedData, cache_dir: Path | None) -> tuple[dict, bool]:
     """θ0: the model trained on the pre-training split. Returns (state dict, came from cache)."""
+    from fedmerge.models import pretrained_state
+
+    if (state := pretrained_state(spec.model)) is not None:  # e.g. clip:...: published weights, not trained here
+        return state, True
     path = None if cache_dir is None else Path(cache_dir) / f"base-{spec.model}-{spec.cache_key(data)}.safetensors"
     model = build_model(spec.model, data.input_shape, data.num_classes, seed=spec.seed)
     if path is not None and path.is_file():

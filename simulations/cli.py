@@ -57,6 +57,10 @@ def run(
         out_dir = out if out is not None else default_out_dir(config)
         results = run_experiment(config, out_dir, progress=not quiet, console=err_console).results
     print_table(results, console)
+    if results["config"].get("tasks"):  # the CLIP benchmark: the papers' per-task table too
+        from simulations.clip_report import print_task_table, rows_from_run
+
+        print_task_table(rows_from_run(results), console)
     console.print(f"results: {out_dir}/results.json  (timing: {results['timing']['total']:.1f} s)")
 
 
@@ -150,6 +154,61 @@ def merge(
                                         options=options, overwrite=force, on_read=lambda: bar.advance(task))
     console.print(f"merged {summary['models']} models with {method} (λ={scale:g}): {len(summary['merged'])} tensors "
                   f"merged, {len(summary['copied'])} copied from the base -> {out}")
+
+
+@app.command(context_settings={"allow_extra_args": True})
+def evaluate(
+    ctx: typer.Context,
+    base: Annotated[str, typer.Option("--base", help="The pre-trained CLIP model: a Hub id or a save_pretrained directory.")],
+    tasks: Annotated[str, typer.Option("--tasks", help="Comma-separated tasks, e.g. Cars,DTD,EuroSAT,GTSRB,MNIST,RESISC45,SUN397,SVHN (or folder:PATH).")],
+    models: Annotated[list[str], typer.Option("--models", help="One fine-tuned model per task, in the order of --tasks (repeat --models, or list them after it).")],
+    methods: Annotated[str, typer.Option("--methods", help="Comma-separated merging methods to build and score.")] = "task_arithmetic,tsv",
+    scale: Annotated[list[str], typer.Option("--scale", help="λ: a number for every method, or method=λ (repeatable).")] = [],
+    merged: Annotated[list[str], typer.Option("--merged", help="Also score an already merged model: NAME=SOURCE (repeatable).")] = [],
+    max_examples: Annotated[int, typer.Option("--max-examples", help="Score at most this many test images per task (0: all).")] = 0,
+    workers: Annotated[int, typer.Option("--workers", help="DataLoader processes decoding images.")] = 0,
+    cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="Where zero-shot heads are cached (default ~/.cache/fedmerge).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the table as JSON here.")] = None,
+) -> None:
+    """Score existing CLIP checkpoints without fine-tuning: zero-shot, fine-tuned, every merge (papers' table)."""
+    import json
+    import os
+
+    from fedmerge.clip import evaluate_checkpoints
+    from fedmerge.merging import METHODS
+    from simulations.clip_report import print_task_table
+
+    try:
+        task_list = [t.strip() for t in tasks.split(",") if t.strip()]
+        method_list = [m.strip() for m in methods.split(",") if m.strip()]
+        for m in method_list:
+            if m not in METHODS:
+                raise FedmergeError(f"unknown merging method {m!r}; known: {', '.join(sorted(METHODS))}")
+        scales: dict[str, float] = {}
+        for text in scale:
+            name, sep, value = text.rpartition("=")
+            try:
+                scales.update({name: float(value)} if sep else {m: float(value) for m in method_list})
+            except ValueError:
+                raise FedmergeError(f"--scale expects a number or method=number, got {text!r}") from None
+        named = {}
+        for text in merged:
+            name, sep, source = text.partition("=")
+            if not sep:
+                raise FedmergeError(f"--merged expects NAME=SOURCE, got {text!r}")
+            named[name] = source
+        cache = cache_dir or Path(os.environ.get("FEDMERGE_CACHE", Path.home() / ".cache" / "fedmerge"))
+        report = evaluate_checkpoints(base, [*models, *ctx.args], task_list, methods=method_list,
+                                      scales=scales, merged=named, cache_dir=cache, max_examples=max_examples,
+                                      workers=workers)
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(report, indent=2) + "\n")
+    except FedmergeError as exc:
+        raise _fail(exc, 2) from None
+    except KeyboardInterrupt:
+        raise _fail(KeyboardInterrupt("interrupted; nothing was written"), 130) from None
+    print_task_table(report, console, title=f"{base}")
 
 
 def main() -> None:

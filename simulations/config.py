@@ -20,7 +20,7 @@ from fedmerge.data import PARTITIONS, TASK_KINDS, DataSpec
 from fedmerge.byzantine import byzantine_clients, check_attack, check_fraction
 from fedmerge.errors import ConfigError
 from fedmerge.merging import METHODS
-from fedmerge.models import MODELS
+from fedmerge.models import check_model_name, split_name
 from fedmerge.records import to_config
 from fedmerge.training import PretrainSpec, TrainPlan
 
@@ -32,7 +32,8 @@ MAX_STEPS = 10_000_000  # local-steps / pretrain-steps above this are rejected a
 DEFAULT_PRESET = PRESETS_DIR / "default.toml"
 
 # Training-plan keys that may differ per client: one value, a list with one per client, or "MIN:MAX".
-PER_CLIENT_KEYS = {"local-steps": int, "lr": float, "batch-size": int, "optimizer": str, "weight-decay": float}
+PER_CLIENT_KEYS = {"local-steps": int, "lr": float, "batch-size": int, "optimizer": str, "weight-decay": float,
+                   "warmup-steps": int, "lr-schedule": str, "grad-clip": float}
 PerClient = int | float | str | list
 
 
@@ -50,12 +51,16 @@ class ExperimentConfig:
     shards_per_client: int = 2
     sizes: float | list[int] = 1.0
     task_kinds: tuple[str, ...] = TASK_KINDS
+    tasks: tuple[str, ...] = ()  # one image task per client (CLIP benchmark, fedmerge.image_tasks)
     local_steps: PerClient = 50
     local_steps_spread: float = 1.0
     lr: PerClient = 0.1
     batch_size: PerClient = 32
     optimizer: PerClient = "sgd"
     weight_decay: PerClient = 0.0
+    warmup_steps: PerClient = 0
+    lr_schedule: PerClient = "constant"
+    grad_clip: PerClient = 0.0
     strategies: tuple[str, ...] = ("fedavg", "fednova", "median", "tsv")
     scale: float | str | Mapping[str, float | str] = 1.0
     method_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
@@ -118,7 +123,7 @@ class ExperimentConfig:
         for name in ("name", "model", "dataset", "partition", "weighting", "engine", "cache_dir"):
             _set(name, _as(str, getattr(self, name), name))
         _set("cache_task_vectors", _as(bool, self.cache_task_vectors, "cache_task_vectors"))
-        _choice("model", self.model, sorted(MODELS))
+        check_model_name(self.model)
         _choice("partition", self.partition, PARTITIONS)
         _choice("weighting", self.weighting, WEIGHTINGS)
         _choice("engine", self.engine, ENGINES)
@@ -139,6 +144,7 @@ class ExperimentConfig:
         for kind in kinds:
             _choice("task-kinds", kind, TASK_KINDS)
         _set("task_kinds", tuple(kinds))
+        _set("tasks", self._tasks())
         if self.client_gpus < 0:
             raise ConfigError(f"client-gpus must be >= 0, got {self.client_gpus}")
         self._validate_attacks()
@@ -154,6 +160,24 @@ class ExperimentConfig:
         for key, value in (("local-steps", max(p.local_steps for p in plans)), ("pretrain-steps", self.pretrain_steps)):
             if value > MAX_STEPS:  # an absurd value is a typo, not a week-long run
                 raise ConfigError(f"{key} must be at most {MAX_STEPS:,}, got {value:,}")
+
+    def _tasks(self) -> tuple[str, ...]:
+        tasks = self.tasks
+        if isinstance(tasks, str):  # flat run configs: "MNIST,SVHN"
+            tasks = [t.strip() for t in tasks.split(",") if t.strip()]
+        if not isinstance(tasks, Sequence) or not all(isinstance(t, str) for t in tasks):
+            raise ConfigError(f"tasks must be a list of task names, got {self.tasks!r}")
+        if tasks:
+            from fedmerge.image_tasks import check_task
+
+            for t in tasks:
+                check_task(t)
+            if len(tasks) != self.num_clients:
+                raise ConfigError(f"tasks lists {len(tasks)} tasks but num-clients is {self.num_clients}; "
+                                  "each client fine-tunes one task")
+            if split_name(self.model)[0] != "clip":
+                raise ConfigError(f"tasks need a CLIP model (model = \"clip:HUB_ID_OR_DIR\"), got model={self.model!r}")
+        return tuple(tasks)
 
     def _sizes(self) -> float | list[int]:
         if isinstance(self.sizes, str) and "," in self.sizes:
@@ -244,6 +268,8 @@ class ExperimentConfig:
             local_test_fraction=self.local_test_fraction, local_val_fraction=self.local_val_fraction,
             shards_per_client=self.shards_per_client,
             sizes=tuple(self.sizes) if isinstance(self.sizes, list) else self.sizes, task_kinds=self.task_kinds,
+            **({"tasks": self.tasks, "encoder": split_name(self.model)[1], "cache_dir": str(self.cache_path())}
+               if self.tasks else {}),
         )
 
     def pretrain_spec(self) -> PretrainSpec:
@@ -259,7 +285,9 @@ class ExperimentConfig:
             columns["local-steps"] = self._spread_steps()
         return [
             TrainPlan(local_steps=columns["local-steps"][i], lr=columns["lr"][i], batch_size=columns["batch-size"][i],
-                      optimizer=columns["optimizer"][i], weight_decay=columns["weight-decay"][i])
+                      optimizer=columns["optimizer"][i], weight_decay=columns["weight-decay"][i],
+                      warmup_steps=columns["warmup-steps"][i], lr_schedule=columns["lr-schedule"][i],
+                      grad_clip=columns["grad-clip"][i])
             for i in range(self.num_clients)
         ]
 

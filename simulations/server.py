@@ -20,7 +20,7 @@ from fedmerge.data import load_federated
 from fedmerge.evaluation import Evaluator, normalized_accuracy
 from fedmerge.measures import data_measures, task_vector_measures
 from fedmerge.merging import METHODS
-from fedmerge.models import build_model
+from fedmerge.models import build_model, device_for
 from fedmerge.records import to_config
 from fedmerge.task_vector import TaskVector, apply
 from fedmerge.training import pretrained_base, single_thread
@@ -113,7 +113,7 @@ def run_server(grid: Grid, config: ExperimentConfig, progress: RunProgress) -> S
 
 def evaluate(config: ExperimentConfig, data, base, strategy: OneShotMerge, progress: RunProgress) -> dict[str, Any]:
     """Score θ0, every client's θ_i and every θ0 + λ·τ_merged on the global and local test splits."""
-    evaluator = Evaluator(build_model(config.model, data.input_shape, data.num_classes))
+    evaluator = Evaluator(build_model(config.model, data.input_shape, data.num_classes).to(device_for(config.model)))
     reports = strategy.reports
     local_tests = [data.clients[r.partition_id].test for r in reports]
     plans = config.client_plans()
