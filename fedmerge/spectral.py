@@ -64,9 +64,11 @@ def _well_conditioned_basis(y: Tensor) -> Tensor:
     gram = (y.mT @ y).double()
     shift = gram.diagonal(dim1=-2, dim2=-1).amax(dim=-1, keepdim=True) * 1e-6 + torch.finfo(torch.float64).tiny
     r, info = torch.linalg.cholesky_ex(gram + torch.diag_embed(shift.expand(gram.shape[:-1])), upper=True)
-    if bool((info != 0).any()) or not bool(torch.isfinite(r).all()):
-        return _orthonormal(y)
-    return torch.linalg.solve_triangular(r.to(y.dtype), y, upper=True, left=False)
+    if bool((info == 0).all()):
+        q = torch.linalg.solve_triangular(r.to(y.dtype), y, upper=True, left=False)
+        if bool(torch.isfinite(q).all()):
+            return q
+    return _orthonormal(y)  # zero or numerically rank-deficient blocks
 
 
 def top_singular_triplets(

@@ -1,0 +1,1 @@
+"""Performance benchmarks (``python -m benchmarks [--quick]``); never part of the test suite."""

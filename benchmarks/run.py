@@ -1,0 +1,286 @@
+"""One command for every performance target of issue 5: ``python -m benchmarks [--quick] [--only ...]``.
+
+Sections (each prints a table):
+  tsv      TSV-M, fast vs the full-SVD reference, on ViT-B/32 and ViT-L/14 shapes (HF CLIPVisionModel:
+           q, k, v, out d×d; fc1 4d×d; fc2 d×4d per block) at T = 8, 14, 20, random task matrices with
+           σ_j ∝ 1/j ("power") or exp(−16 j/r) ("exp"). The reference is timed on a subset of blocks
+           and extrapolated (marked "*"); L/14 is timed on a subset of blocks and scaled to 24.
+  linear   every non-spectral merging method on 8 task vectors: seconds, GB/s of task vectors read,
+           extra peak memory (resident set size above the inputs).
+  offline  ``fedmerge merge`` on 8 safetensors checkpoints of a ~100M-parameter model: peak memory
+           (/usr/bin/time -v) against the model size.
+  sim      the in-process engine from 8 to 128 clients: the results.json timing split and the
+           overhead per client beyond the client's own training.
+Timings are wall-clock on whatever machine runs this; min of repeats where cheap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from fedmerge import merge
+from fedmerge.merging import METHODS
+
+MODELS = {"ViT-B/32": (768, 12), "ViT-L/14": (1024, 24)}  # width, blocks
+
+
+def table(title: str, header: list[str], rows: list[list]) -> None:
+    cells = [[str(h) for h in header]] + [[c if isinstance(c, str) else f"{c:.4g}" for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    print(f"\n{title}")
+    for j, r in enumerate(cells):
+        print("  " + "  ".join(c.rjust(w) for c, w in zip(r, widths)))
+        if j == 0:
+            print("  " + "  ".join("-" * w for w in widths))
+    sys.stdout.flush()
+
+
+# ------------------------------------------------------------------------------------------------
+# TSV-M
+# ------------------------------------------------------------------------------------------------
+
+
+def decaying_matrix(m: int, n: int, decay: str, gen: torch.Generator) -> torch.Tensor:
+    """float32 m×n with (nearly) orthonormal random singular vectors and a decaying spectrum."""
+    r = min(m, n)
+    j = torch.arange(1, r + 1, dtype=torch.float32)
+    s = 1.0 / j if decay == "power" else torch.exp(-16.0 * j / r)
+    u = torch.randn(m, r, generator=gen) / math.sqrt(m)
+    v = torch.randn(n, r, generator=gen) / math.sqrt(n)
+    return 1e-2 * (u * s) @ v.T
+
+
+def block_task_vectors(width: int, block: int, tasks: int, decay: str, seed: int) -> list[dict[str, torch.Tensor]]:
+    """One transformer block's 2-D tensors for ``tasks`` task vectors (generated, never downloaded)."""
+    gen = torch.Generator().manual_seed(seed * 1000 + block)
+    shapes = {"q": (width, width), "k": (width, width), "v": (width, width), "out": (width, width),
+              "fc1": (4 * width, width), "fc2": (width, 4 * width)}
+    return [{f"{block}.{name}": decaying_matrix(*shape, decay, gen) for name, shape in shapes.items()}
+            for _ in range(tasks)]
+
+
+def rel_err(a: dict, b: dict) -> float:
+    num = sum(float((a[k].double() - b[k].double()).pow(2).sum()) for k in b)
+    den = sum(float(b[k].double().pow(2).sum()) for k in b)
+    return math.sqrt(num / den)
+
+
+def bench_tsv(quick: bool) -> list[list]:
+    from fedmerge.spectral import tsv_merge_matrix_reference
+
+    def reference(tvs):
+        return {k: tsv_merge_matrix_reference([tv[k] for tv in tvs]).float() for k in tvs[0]}
+
+    configs = [("ViT-B/32", t, "power") for t in (8, 14, 20)] + [("ViT-B/32", 8, "exp")]
+    configs += [("ViT-L/14", t, "power") for t in (8, 14, 20)]
+    if quick:
+        configs = [("ViT-B/32", 8, "power"), ("ViT-B/32", 8, "exp")]
+    rows = []
+    for model, tasks, decay in configs:
+        width, blocks = MODELS[model]
+        fast_blocks = (2 if quick else blocks) if model == "ViT-B/32" else (1 if quick else 2)
+        ref_blocks = 1
+        fast_s = ref_s = 0.0
+        errs = []
+        params = 0
+        for b in range(fast_blocks):
+            tvs = block_task_vectors(width, b, tasks, decay, seed=tasks)
+            params = sum(t.numel() for t in tvs[0].values())
+            t0 = time.perf_counter()
+            out = merge("tsv", tvs)
+            fast_s += time.perf_counter() - t0
+            if b < ref_blocks:
+                t0 = time.perf_counter()
+                ref = reference(tvs)
+                ref_s += time.perf_counter() - t0
+                errs.append(rel_err(out, ref))
+            del tvs
+        fast_total = fast_s * blocks / fast_blocks
+        ref_total = ref_s * blocks / ref_blocks
+        shape = f"{blocks}×(4×{width}², {4 * width}×{width}, {width}×{4 * width})"
+        rows.append([model, tasks, decay, shape, f"{params * blocks / 1e6:.0f}M",
+                     f"{fast_total:.1f}" + ("" if fast_blocks == blocks else "*"),
+                     f"{ref_total:.1f}*", f"{ref_total / fast_total:.1f}×", f"{max(errs):.1e}"])
+        print(f"  tsv {model} T={tasks} {decay}: fast {fast_total:.1f}s ref {ref_total:.1f}s", flush=True)
+    table("TSV-M on transformer shapes (2-D tensors only; * = measured on a subset of blocks, scaled to all)",
+          ["model", "T", "spectrum", "matrices", "params", "fast s", "full-SVD s", "speed-up", "rel. error"], rows)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------
+# Linear and order-statistic methods
+# ------------------------------------------------------------------------------------------------
+
+
+_CHILD = """
+import resource, sys, torch
+from fedmerge import merge
+method, n, numel, opts = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), eval(sys.argv[4])
+tvs = [{f"t{i}": torch.randn(numel // 8 // 1024, 1024) for i in range(8)} for _ in range(n)]
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+out = merge(method, tvs, **opts)
+print(1024 * (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before))
+"""
+
+
+def _peak_extra_memory(method: str, n: int, numel: int, options: dict) -> int:
+    """Peak resident memory a fresh process adds while merging (its inputs already in memory)."""
+    proc = subprocess.run([sys.executable, "-c", _CHILD, method, str(n), str(numel), repr(options)],
+                          capture_output=True, text=True)
+    return int(proc.stdout.split()[-1]) if proc.returncode == 0 else -1
+
+
+def bench_linear(quick: bool) -> list[list]:
+    n, numel = 8, (4 if quick else 22) * 2**20
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(numel // 8 // 1024, 1024)] * 8  # eight 2-D tensors (spectral methods are timed above)
+    tvs = [{f"t{i}": torch.randn(*s, generator=gen) for i, s in enumerate(shapes)} for _ in range(n)]
+    size = sum(t.numel() * t.element_size() for t in tvs[0].values())
+    options = {"fednova": {"local_steps": [10 + i for i in range(n)]}}
+    rows = []
+    for method in sorted(METHODS):
+        if method in ("tsv", "tsv_compress", "iso_c", "iso_cts"):
+            continue
+        fn: Callable = lambda: merge(method, tvs, **options.get(method, {}))  # noqa: E731
+        try:
+            fn()
+        except Exception as exc:  # a method with required options we do not know: say so, go on
+            rows.append([method, "", "", "", f"skipped: {exc}"])
+            continue
+        best = math.inf
+        for _ in range(2 if quick else 3):
+            t0 = time.perf_counter()
+            out = fn()
+            best = min(best, time.perf_counter() - t0)
+            del out
+        extra = _peak_extra_memory(method, n, numel, options.get(method, {}))
+        rows.append([method, f"{best:.3f}", f"{n * size / best / 1e9:.2f}", f"{extra / size:.2f}", ""])
+    table(f"Linear and order-statistic methods: {n} task vectors × {size / 1e6:.0f} MB float32 "
+          "(GB/s = task-vector bytes read / s; extra memory = peak RSS added by the merge, in task vectors)",
+          ["method", "seconds", "GB/s", "extra mem (×τ)", "note"], rows)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------
+# Offline merge memory
+# ------------------------------------------------------------------------------------------------
+
+
+def bench_offline(quick: bool) -> list[list]:
+    try:
+        import fedmerge.offline  # noqa: F401
+    except ImportError:
+        print("\noffline: fedmerge.offline is not available; skipped")
+        return []
+    from safetensors.torch import save_file
+
+    exe = shutil.which("fedmerge")
+    if exe is None or not Path("/usr/bin/time").exists():
+        print("\noffline: needs the `fedmerge` command and /usr/bin/time; skipped")
+        return []
+    params = (25 if quick else 100) * 10**6
+    tensors = 100
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="fedmerge-bench-") as tmp:
+        gen = torch.Generator().manual_seed(0)
+        per = params // tensors
+        shape = (per // 1000, 1000)
+        base = {f"layer{i}.weight": torch.randn(*shape, generator=gen) for i in range(tensors)}
+        save_file(base, f"{tmp}/base.safetensors")
+        size = sum(t.numel() * 4 for t in base.values())
+        models = []
+        for j in range(8):
+            ft = {k: v + 0.01 * torch.randn(v.shape, generator=gen) for k, v in base.items()}
+            save_file(ft, f"{tmp}/ft{j}.safetensors")
+            models.append(f"{tmp}/ft{j}.safetensors")
+            del ft
+        del base
+        for method in ("fedavg", "task_arithmetic", "median"):
+            out = f"{tmp}/merged-{method}.safetensors"
+            cmd = ["/usr/bin/time", "-v", exe, "merge", "--base", f"{tmp}/base.safetensors", "--models", *models,
+                   "--method", method, "--out", out, "--quiet"]
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            wall = time.perf_counter() - t0
+            peak = next((int(line.split(":")[1]) * 1024 for line in proc.stderr.splitlines()
+                         if "Maximum resident set size" in line), 0)
+            note = "" if proc.returncode == 0 else proc.stderr.strip().splitlines()[-1][:80]
+            rows.append([method, f"{params / 1e6:.0f}M", f"{size / 1e9:.2f}", f"{wall:.1f}", f"{peak / 1e9:.2f}",
+                         f"{peak / size:.2f}", note])
+    table("Offline merge (`fedmerge merge`, 8 checkpoints, float32): peak RSS of the whole process, "
+          "in GB and in model sizes", ["method", "params", "model GB", "seconds", "peak GB", "peak / model", "note"],
+          rows)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------
+# Simulation scaling
+# ------------------------------------------------------------------------------------------------
+
+
+def bench_sim(quick: bool) -> list[list]:
+    import fedmerge.local as local
+    from simulations.config import ExperimentConfig
+    from simulations.experiment import run_experiment
+
+    trained = {"seconds": 0.0, "calls": 0}
+    original = local.local_update
+
+    def timed(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            trained["seconds"] += time.perf_counter() - t0
+            trained["calls"] += 1
+
+    local.local_update = timed
+    rows = []
+    cache = tempfile.mkdtemp(prefix="fedmerge-bench-cache-")
+    try:
+        for n in ((8, 32) if quick else (8, 16, 32, 64, 128)):
+            config = ExperimentConfig(name="bench", num_clients=n, partition="iid", local_steps=[5] * n,
+                                      strategies=("fedavg", "median"), engine="inprocess", pretrain_steps=30,
+                                      cache_dir=cache, seed=0)
+            trained.update(seconds=0.0, calls=0)
+            timing = run_experiment(config, progress=False).results["timing"]
+            overhead = (timing["clients"] - trained["seconds"]) / n
+            rows.append([n, timing.get("wait_for_nodes", 0.0) + timing.get("query", 0.0), timing["clients"],
+                         trained["seconds"], 1e3 * overhead, timing["merging"], 1e3 * timing["merging"] / n,
+                         timing["evaluation"], timing["total"]])
+    finally:
+        local.local_update = original
+        shutil.rmtree(cache, ignore_errors=True)
+    table("In-process engine, MLP, 5 local steps per client (seconds; ms per client)",
+          ["clients", "engine start", "client phase", "training", "overhead ms/client", "merging",
+           "merging ms/client", "evaluation", "total"], rows)
+    return rows
+
+
+SECTIONS = {"tsv": bench_tsv, "linear": bench_linear, "offline": bench_offline, "sim": bench_sim}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small sizes, a minute or so")
+    parser.add_argument("--only", nargs="+", choices=sorted(SECTIONS), help="run only these sections")
+    args = parser.parse_args(argv)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
+    for name in args.only or list(SECTIONS):
+        SECTIONS[name](args.quick)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""The fast TSV-M (top-k triplets by randomized range finding, polar factors by whitening) against
+the full-SVD reference, on task matrices whose spectra decay like fine-tuning deltas."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedmerge import merge
+from fedmerge.spectral import top_singular_triplets, tsv_merge_matrix, tsv_merge_matrix_reference
+
+
+def decaying(m: int, n: int, *, decay: str = "power", rank: int | None = None, seed: int = 0) -> torch.Tensor:
+    """A float32 m×n matrix with random singular vectors and σ_j ∝ 1/j or exp(−16 j / r)."""
+    g = torch.Generator().manual_seed(seed)
+    r = min(m, n) if rank is None else rank
+    j = torch.arange(1, r + 1, dtype=torch.float64)
+    s = 1.0 / j if decay == "power" else torch.exp(-16.0 * j / min(m, n))
+    u = torch.linalg.qr(torch.randn(m, r, generator=g, dtype=torch.float64)).Q
+    v = torch.linalg.qr(torch.randn(n, r, generator=g, dtype=torch.float64)).Q
+    return (1e-2 * (u * s) @ v.T).float()
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.linalg.norm(a.double() - b.double()) / max(float(torch.linalg.norm(b.double())), 1e-300))
+
+
+@pytest.mark.parametrize("shape,tasks,decay", [
+    ((320, 160), 8, "power"),  # tall
+    ((160, 320), 6, "exp"),  # wide
+    ((256, 256), 8, "power"),  # square, k = r/T exactly
+    ((256, 256), 14, "exp"),  # T·k < r
+])
+def test_fast_tsv_matches_the_full_svd_reference(shape, tasks, decay):
+    mats = [decaying(*shape, decay=decay, seed=i) for i in range(tasks)]
+    assert rel_err(tsv_merge_matrix(mats), tsv_merge_matrix_reference(mats)) < 1e-3
+
+
+def test_more_tasks_than_the_rank_keeps_one_triplet_each():
+    mats = [decaying(66, 90, seed=i) for i in range(70)]  # r = 66 < T = 70: k = 1, T·k > m
+    fast, ref = tsv_merge_matrix(mats), tsv_merge_matrix_reference(mats)
+    assert torch.isfinite(fast).all() and rel_err(fast, ref) < 1e-3
+
+
+def test_tasks_of_lower_rank_than_k_ignore_their_null_directions():
+    mats = [decaying(300, 200, rank=5, seed=i) for i in range(8)]  # k = 25 > rank 5
+    fast, ref = tsv_merge_matrix(mats), tsv_merge_matrix_reference(mats)
+    assert rel_err(fast, ref) < 1e-3
+    # rank-5 tasks: the 40 kept directions of all tasks together are the whole merge
+    assert int((torch.linalg.svdvals(ref) > 1e-6 * torch.linalg.svdvals(ref)[0]).sum()) == 40
+
+
+def test_zero_matrices():
+    zeros = [torch.zeros(200, 120) for _ in range(4)]
+    assert torch.equal(tsv_merge_matrix(zeros), torch.zeros(200, 120))
+    assert torch.count_nonzero(tsv_merge_matrix_reference(zeros)) == 0
+    mixed = [decaying(200, 120, seed=1), torch.zeros(200, 120), decaying(200, 120, seed=2)]
+    assert rel_err(tsv_merge_matrix(mixed), tsv_merge_matrix_reference(mixed)) < 1e-3
+
+
+def test_one_task_is_that_task():
+    x = decaying(200, 150)
+    assert rel_err(tsv_merge_matrix([x]), x) < 1e-6
+    assert rel_err(merge("tsv", [{"w": x}])["w"], x) < 1e-6
+
+
+def test_tasks_in_orthogonal_subspaces_add_up_exactly():
+    # task i lives in rows and columns 64i..64i+63: its singular vectors are orthogonal to the others'
+    tasks = []
+    for i in range(4):
+        t = torch.zeros(256, 256)
+        t[64 * i:64 * (i + 1), 64 * i:64 * (i + 1)] = decaying(64, 64, seed=i)
+        tasks.append(t)
+    total = sum(tasks)
+    assert rel_err(tsv_merge_matrix(tasks), total) < 1e-6
+    assert rel_err(tsv_merge_matrix_reference(tasks), total) < 1e-6
+
+
+def test_identical_tasks_give_the_truncated_task():
+    x = decaying(256, 192, decay="exp")
+    u, s, vh = torch.linalg.svd(x.double(), full_matrices=False)
+    k = 192 // 4
+    truncated = (u[:, :k] * s[:k]) @ vh[:k]
+    assert rel_err(tsv_merge_matrix_reference([x] * 4), truncated) < 1e-6
+    assert rel_err(tsv_merge_matrix([x] * 4), truncated) < 1e-4
+
+
+def test_batched_top_k_triplets_match_the_svd():
+    a = torch.stack([decaying(400, 300, decay="exp", seed=i) for i in range(3)])
+    u, s, vh = top_singular_triplets(a, 20, method="randomized")
+    u0, s0, vh0 = torch.linalg.svd(a.double(), full_matrices=False)
+    torch.testing.assert_close(s, s0[:, :20], rtol=1e-6, atol=0)
+    assert rel_err(u @ torch.diag_embed(s) @ vh, u0[..., :20] @ torch.diag_embed(s0[:, :20]) @ vh0[:, :20]) < 1e-5
+    assert u.dtype == torch.float64 and u.shape == (3, 400, 20) and vh.shape == (3, 20, 300)
+    ut, st, vht = top_singular_triplets(a.mT, 20)  # wide input
+    torch.testing.assert_close(st, s, rtol=1e-6, atol=0)
+
+
+def test_fast_tsv_through_merge_keeps_dtype_and_is_deterministic():
+    tvs = [{"w": decaying(256, 128, seed=i).half(), "b": torch.full((3,), float(i))} for i in range(4)]
+    a, b = merge("tsv", tvs), merge("tsv", tvs)
+    assert a["w"].dtype == torch.float16 and torch.equal(a["w"], b["w"])
+    torch.testing.assert_close(a["b"], torch.full((3,), 1.5))
