@@ -1,5 +1,8 @@
 """Spectral merging: methods that work on the singular vectors of per-layer task matrices.
 
+Here: TSV-Merge (fast and reference paths), TSV-Compress and its storage ratio, the Singular Task
+Interference measure, Iso-C and Iso-CTS, and ``top_singular_triplets`` (batched top-k SVD).
+
 TSV-Merge (Gargiulo et al., "Task Singular Vectors: Reducing Task Interference in Model Merging",
 CVPR 2025): for each 2-D tensor keep every task's top k = max(1, ⌊min(m,n)/T⌋) singular triplets,
 concatenate them, replace the stacked left and right bases by their orthogonal polar factors and
@@ -9,12 +12,13 @@ rebuild U⊥ diag(σ) V⊥ᵀ. Other tensors (biases, norms, conv kernels) get t
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from fedmerge.merging import TaskVectors, linear_combination, register
+from fedmerge.merging import TaskVectors, _check_range, linear_combination, register, validate_task_vectors
 
 
 def polar_factor(x: Tensor, rcond: float | None = None) -> Tensor:
@@ -225,11 +229,6 @@ def tsv(task_vectors: TaskVectors, p: Sequence[float]) -> dict[str, Tensor]:
 # TSV-Compress, Singular Task Interference, Iso-C and Iso-CTS
 # ------------------------------------------------------------------------------------------------
 
-import math  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-
-from fedmerge.merging import _check_range, validate_task_vectors  # noqa: E402
 
 MatrixMerge = Callable[[Sequence[Tensor], Sequence[float]], Tensor]
 

@@ -45,6 +45,7 @@ from fedmerge.records import to_config
 from fedmerge.training import TrainPlan, pretrained_base, single_thread, train
 from simulations.config import ExperimentConfig
 from simulations.experiment import run_engine, run_experiment
+from simulations.plots import pyplot
 from simulations.results import staged_directory, to_json
 from simulations.server import ServerOutput, client_config
 from strategies.multi_round import TaskVectorFedAvg
@@ -311,9 +312,7 @@ def data_heterogeneity(config: ExperimentConfig, alphas: Sequence[float] = ALPHA
 
 
 def plot_step_heterogeneity(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     clients = result["clients"]
     ks = [c["local_steps"] for c in clients]
@@ -345,9 +344,7 @@ def plot_step_heterogeneity(result: dict[str, Any], path: Path) -> None:
 
 
 def plot_data_heterogeneity(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = result["rows"]
     alphas = [r["alpha"] for r in rows]

@@ -11,7 +11,8 @@ from typing import Any
 METRICS = (("accuracy", "global test accuracy"), ("normalized_accuracy", "normalized accuracy"))
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend: figures are files, never windows."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -33,7 +34,7 @@ def _axis(values: Sequence[Any]) -> tuple[list[Any], bool]:
 
 def plot_knob(rows: Sequence[dict[str, Any]], knob: str, path: Path) -> Path:
     """Mean over seeds (and other knobs) per strategy, with the min–max band, for both metrics."""
-    plt = _pyplot()
+    plt = pyplot()
     xs, log = _axis([r[knob] for r in rows])
     position = {x: (x if _numeric(xs) else i) for i, x in enumerate(xs)}
     fig, axes = plt.subplots(1, len(METRICS), figsize=(6 * len(METRICS), 4.2), squeeze=False)
@@ -76,7 +77,7 @@ def plot_knob(rows: Sequence[dict[str, Any]], knob: str, path: Path) -> Path:
 
 def plot_heatmap(rows: Sequence[dict[str, Any]], knobs: Sequence[str], path: Path) -> Path:
     """Mean test accuracy over seeds for every pair of values of two knobs, one panel per strategy."""
-    plt = _pyplot()
+    plt = pyplot()
     kx, ky = knobs
     xs, _ = _axis([r[kx] for r in rows])
     ys, _ = _axis([r[ky] for r in rows])
