@@ -240,7 +240,12 @@ def fedavg(task_vectors: TaskVectors, p: Sequence[float]) -> dict[str, Tensor]:
 
 @register("fednova", natural_scale="mean", per_client=("local_steps",))
 def fednova(task_vectors: TaskVectors, p: Sequence[float], *, local_steps: Sequence[float]) -> dict[str, Tensor]:
-    """FedNova: (Σ_j p_j K_j) · Σ_i p_i τ_i / K_i, removing the bias towards long-trained clients."""
+    """FedNova: (Σ_j p_j K_j) · Σ_i p_i τ_i / K_i, removing the bias towards long-trained clients.
+
+    K_i stands for FedNova's normaliser a_i, which equals the step count only for plain SGD with one
+    constant learning rate shared by all clients (Wang et al., 2020). With momentum, per-client
+    learning rates, schedules or Adam, a_i differs and this is the step-count approximation that the
+    one-shot FL paper uses."""
     tau_eff = sum(pj * kj for pj, kj in zip(p, local_steps))
     return linear_combination(task_vectors, [tau_eff * pi / ki for pi, ki in zip(p, local_steps)])
 

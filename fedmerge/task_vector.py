@@ -158,6 +158,20 @@ def save_state(tensors: Mapping[str, Tensor], path: str | os.PathLike, metadata:
         raise
 
 
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write a text file through a temporary file and one rename: never half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def load_state(path: str | os.PathLike, *, mmap: bool = False) -> dict[str, Tensor]:
     """Read a safetensors file, or a PyTorch state dict with ``weights_only=True`` (never pickle code).
 

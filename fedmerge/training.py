@@ -48,6 +48,9 @@ class TrainPlan:
             raise ConfigError(f"weight-decay must be >= 0, got {self.weight_decay}")
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise ConfigError(f"warmup-steps must be an integer >= 0, got {self.warmup_steps!r}")
+        if self.warmup_steps >= self.local_steps > 0 and self.warmup_steps > 0:
+            raise ConfigError(f"warmup-steps={self.warmup_steps} must be smaller than local-steps={self.local_steps}: "
+                              "the learning rate would never reach lr")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ConfigError(f"lr-schedule={self.lr_schedule!r} is not known; known: {', '.join(LR_SCHEDULES)}")
         if not self.grad_clip >= 0:

@@ -171,14 +171,14 @@ def evaluate(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the table as JSON here.")] = None,
 ) -> None:
     """Score existing CLIP checkpoints without fine-tuning: zero-shot, fine-tuned, every merge (papers' table)."""
-    import json
-    import os
-
     from fedmerge.clip import evaluate_checkpoints
+    from fedmerge.task_vector import write_text_atomic
+    from simulations.config import default_cache_dir
+    from simulations.results import to_json
     from fedmerge.merging import METHODS
     from simulations.clip_report import print_task_table
 
-    try:
+    with user_errors("interrupted; nothing was written"):
         task_list = [t.strip() for t in tasks.split(",") if t.strip()]
         method_list = [m.strip() for m in methods.split(",") if m.strip()]
         for m in method_list:
@@ -191,23 +191,20 @@ def evaluate(
                 scales.update({name: float(value)} if sep else {m: float(value) for m in method_list})
             except ValueError:
                 raise FedmergeError(f"--scale expects a number or method=number, got {text!r}") from None
+            if sep and name not in method_list:
+                raise FedmergeError(f"--scale names {name!r}, which is not in --methods ({', '.join(method_list)})")
         named = {}
         for text in merged:
             name, sep, source = text.partition("=")
             if not sep:
                 raise FedmergeError(f"--merged expects NAME=SOURCE, got {text!r}")
             named[name] = source
-        cache = cache_dir or Path(os.environ.get("FEDMERGE_CACHE", Path.home() / ".cache" / "fedmerge"))
+        cache = cache_dir or default_cache_dir()
         report = evaluate_checkpoints(base, [*models, *ctx.args], task_list, methods=method_list,
                                       scales=scales, merged=named, cache_dir=cache, max_examples=max_examples,
                                       workers=workers)
         if out is not None:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(report, indent=2) + "\n")
-    except FedmergeError as exc:
-        raise _fail(exc, 2) from None
-    except KeyboardInterrupt:
-        raise _fail(KeyboardInterrupt("interrupted; nothing was written"), 130) from None
+            write_text_atomic(out, to_json(report))
     print_task_table(report, console, title=f"{base}")
 
 

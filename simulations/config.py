@@ -252,6 +252,7 @@ class ExperimentConfig:
                         f"method-options.{method}.{opt} is not an option of {method} "
                         f"(options: {', '.join(settable) or 'none'})"
                     )
+            _check_option_values(method, options)
             out[method] = dict(options)
         return out
 
@@ -302,14 +303,32 @@ class ExperimentConfig:
         return [max(1, round(self.local_steps * self.local_steps_spread ** u)) for u in exponents]
 
     def cache_path(self) -> Path:
-        if self.cache_dir:
-            return Path(self.cache_dir).expanduser()
-        return Path(os.environ.get("FEDMERGE_CACHE", Path.home() / ".cache" / "fedmerge"))
+        return Path(self.cache_dir).expanduser() if self.cache_dir else default_cache_dir()
 
 
 # ------------------------------------------------------------------------------------------------
 # Value checks, each naming the key
 # ------------------------------------------------------------------------------------------------
+
+
+def _check_option_values(method: str, options: Mapping[str, Any]) -> None:
+    """Option values are checked by the method itself, on a tiny dummy merge, before any training."""
+    import torch
+
+    from fedmerge.errors import MergeError
+    from fedmerge.merging import merge
+
+    dummy = [{"w": torch.eye(2)}, {"w": -torch.eye(2)}]
+    per_client = {name: [1, 1] for name in METHODS[method].per_client}
+    try:
+        merge(method, dummy, **options, **per_client)
+    except MergeError as exc:
+        raise ConfigError(f"method-options.{method}: {exc}") from None
+
+
+def default_cache_dir() -> Path:
+    """Where bases, task vectors and heads are cached: ``$FEDMERGE_CACHE`` or ~/.cache/fedmerge."""
+    return Path(os.environ.get("FEDMERGE_CACHE", Path.home() / ".cache" / "fedmerge"))
 
 
 def _as(kind: type, value: Any, name: str) -> Any:

@@ -7,6 +7,7 @@ engines; the module-level ``app`` is the component that ``flwr run .`` loads (co
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,9 +138,9 @@ def evaluate(config: ExperimentConfig, data, base, strategy: OneShotMerge, progr
         plan = plans[r.partition_id]
         clients.append({
             "partition_id": r.partition_id, "node_id": r.node_id, "task": data.clients[r.partition_id].task,
+            **dataclasses.asdict(plan),  # the whole plan this client trained with
             "local_steps": int(r.metrics["local-steps"]), "num_examples": int(r.metrics["num-examples"]),
-            "lr": plan.lr, "batch_size": plan.batch_size, "optimizer": plan.optimizer,
-            "weight_decay": plan.weight_decay, "train_loss": float(r.metrics["train-loss"]),
+            "train_loss": float(r.metrics["train-loss"]),
             "accuracy": own_acc, "reported_accuracy": float(r.metrics["local-accuracy"]),
             "global_accuracy": global_acc, "task_vector_norm": TaskVector(r.task_vector).norm(),
             "cached": bool(r.metrics.get("cached", 0)),

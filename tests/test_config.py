@@ -93,3 +93,13 @@ def test_bad_files(tmp_path):
         load_config(tmp_path / "bad.toml")
     with pytest.raises(ConfigError, match="--set expects key=value"):
         load_config(None, ["alpha"])
+
+
+def test_method_option_values_are_checked_before_any_training():
+    with pytest.raises(ConfigError, match=r"method-options.fedgma: fedgma: rho must lie in \[0.0, 1.0\], got 2.0"):
+        ExperimentConfig(strategies=("fedgma",), method_options={"fedgma": {"rho": 2.0}})
+
+
+def test_warmup_longer_than_training_is_refused():
+    with pytest.raises(ConfigError, match="warmup-steps=30 must be smaller than local-steps=20"):
+        ExperimentConfig(local_steps=20, warmup_steps=30).client_plans()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 import pytest
 
 from fedmerge import ConfigError
@@ -73,3 +74,14 @@ def test_small_alpha_skews_labels_more_than_large_alpha():
 def test_bad_specs_raise_config_error(spec, needle):
     with pytest.raises(ConfigError, match=needle):
         load_federated(spec)
+
+
+def test_tasks_partition_gives_every_client_a_different_task():
+    data = load_federated(DataSpec(num_clients=12, partition="tasks", seed=0))
+    names = [c.task for c in data.clients]
+    assert len(set(names)) == 12
+    inputs = [t.x for t in data.task_tests]  # the global test split under each client's transform
+    for i in range(12):
+        for j in range(i):
+            assert not torch.equal(inputs[i], inputs[j]), (names[i], names[j])
+    assert all(torch.equal(t.y, data.test.y) for t in data.task_tests)  # labels unchanged: same 10 classes

@@ -152,11 +152,18 @@ def test_tsv_keeps_one_triplet_when_tasks_outnumber_the_rank():
     rng = np.random.default_rng(2)
     mats = [rng.normal(size=(2, 5)) for _ in range(3)]  # rank 2 < 3 tasks: k = max(1, 0) = 1
     out = merge("tsv", [{"w": torch.tensor(m)} for m in mats])
-    assert torch.isfinite(out["w"]).all()
-    # with k = 1 the concatenated left factor is 2×3; its polar factor has orthonormal rows
+    # with k = 1 the concatenated left factor is 2×3: its polar factor P Qᵀ has orthonormal rows
     u = np.hstack([np.linalg.svd(m)[0][:, :1] for m in mats])
+    s = np.array([np.linalg.svd(m)[1][0] for m in mats])
+    v = np.hstack([np.linalg.svd(m)[2][:1].T for m in mats])
     p = polar_factor(torch.tensor(u)).numpy()
     np.testing.assert_allclose(p @ p.T, np.eye(2), atol=1e-10)
+
+    def polar(x):  # written out from the SVD, independently of the code under test
+        a, _, bt = np.linalg.svd(x, full_matrices=False)
+        return a @ bt
+
+    np.testing.assert_allclose(out["w"].numpy(), polar(u) @ np.diag(s) @ polar(v).T, atol=1e-8)
 
 
 def test_polar_factor_has_orthonormal_columns_and_is_nearest():

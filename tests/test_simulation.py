@@ -53,6 +53,11 @@ def test_one_shot_fedavg_through_flower_is_task_arithmetic_on_individual_task_ve
     expected = {k: sum(pi * t[k] for pi, t in zip(p, taus)) for k in taus[0]}
     for k in expected:
         torch.testing.assert_close(out.merged["fedavg"][k], expected[k], atol=1e-6, rtol=0)
+    # FedNova through Flower: (Σ_j p_j K_j) Σ_i p_i τ_i / K_i with the steps each client trained
+    tau_eff = sum(pi * k for pi, k in zip(p, steps))
+    nova = {k: sum(tau_eff * pi / ki * t[k] for pi, ki, t in zip(p, steps, taus)) for k in taus[0]}
+    for k in nova:
+        torch.testing.assert_close(out.merged["fednova"][k], nova[k], atol=1e-6, rtol=0)
     # θ0 + (1/N) Σ τ_i (Task Arithmetic, λ = η/N) is one-shot FedAvg with uniform p and η = 1
     ta = apply(base, out.merged["task_arithmetic"], 1.0 / n)
     uniform = apply(base, merge("fedavg", taus), 1.0)
