@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from fedmerge.errors import ConfigError
+from fedmerge.task_vector import l2_norm
 
 MODES = ("sign-flip", "scale", "gaussian", "random")
 
@@ -71,6 +72,6 @@ def attack(mode: str, task_vector: Mapping[str, Tensor], *, scale: float = -1.0,
     if mode == "gaussian":
         return {k: (v.double() + std * noise[k]).to(v.dtype) for k, v in task_vector.items()}
     # random: a uniformly random direction, rescaled to the honest vector's norm
-    norm = math.sqrt(sum(float(v.double().pow(2).sum()) for v in task_vector.values()))
+    norm = l2_norm(task_vector)
     noise_norm = math.sqrt(sum(float(n.pow(2).sum()) for n in noise.values())) or 1.0
     return {k: (noise[k] * (norm / noise_norm)).to(v.dtype) for k, v in task_vector.items()}

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from fedmerge.data import FederatedData
 from fedmerge.spectral import interference
+from fedmerge.task_vector import l2_norm
 
 
 def label_distributions(data: FederatedData) -> list[list[float]]:
@@ -64,7 +65,7 @@ def cosine_matrix(task_vectors: Sequence[Mapping[str, Tensor]]) -> list[list[flo
 
 
 def task_vector_measures(task_vectors: Sequence[Mapping[str, Tensor]]) -> dict[str, Any]:
-    norms = [math.sqrt(sum(float(t.double().pow(2).sum()) for t in tv.values())) for tv in task_vectors]
+    norms = [l2_norm(tv) for tv in task_vectors]
     mean = sum(norms) / len(norms)
     std = math.sqrt(sum((x - mean) ** 2 for x in norms) / len(norms))
     cos = cosine_matrix(task_vectors)

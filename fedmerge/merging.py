@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from fedmerge.errors import MergeError
-from fedmerge.task_vector import compute_dtype
+from fedmerge.task_vector import compute_dtype, l2_norm
 
 TaskVectors = Sequence[Mapping[str, Tensor]]
 Combine = Callable[..., dict[str, Tensor]]
@@ -283,7 +283,7 @@ def fedgma(task_vectors: TaskVectors, p: Sequence[float], *, rho: float = 0.5) -
 @register("cclip", natural_scale="mean")
 def cclip(task_vectors: TaskVectors, p: Sequence[float], *, rho: float | None = None) -> dict[str, Tensor]:
     """Centred clipping at θ0: Σ_i p_i τ_i · min(1, rho / ‖τ_i‖₂); rho defaults to the median norm."""
-    norms = [math.sqrt(sum(float(t.double().pow(2).sum()) for t in tv.values())) for tv in task_vectors]
+    norms = [l2_norm(tv) for tv in task_vectors]
     if rho is None:
         rho = float(torch.tensor(norms, dtype=torch.float64).quantile(0.5))
     rho = _check_range("cclip", "rho", rho, 0.0, math.inf)

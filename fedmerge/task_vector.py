@@ -103,7 +103,7 @@ class TaskVector(Mapping[str, Tensor]):
 
     def norm(self) -> float:
         """L2 norm over every entry of every tensor (float64 accumulation)."""
-        return math.sqrt(sum(float(v.double().pow(2).sum()) for v in self._tensors.values()))
+        return l2_norm(self._tensors)
 
     def flatten(self) -> Tensor:
         """All entries as one 1-D float tensor, in key order."""
@@ -120,6 +120,11 @@ class TaskVector(Mapping[str, Tensor]):
     @classmethod
     def load(cls, path: str | os.PathLike) -> TaskVector:
         return cls(floating_items(load_state(path)))
+
+
+def l2_norm(tensors: Mapping[str, Tensor]) -> float:
+    """‖τ‖₂ over every entry of every tensor, accumulated in float64: the one norm of a task vector."""
+    return math.sqrt(sum(float(t.double().pow(2).sum()) for t in tensors.values()))
 
 
 def apply(base: StateDict, merged: Mapping[str, Tensor], scale: float) -> dict[str, Tensor]:

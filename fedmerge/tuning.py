@@ -31,6 +31,7 @@ from torch import Tensor
 
 from fedmerge.errors import MergeError
 from fedmerge.merging import METHODS, TaskVectors, merge
+from fedmerge.task_vector import l2_norm
 
 LAMBDA_GRID: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 41))
 FEDGMA_RHO_GRID: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(1, 10))
@@ -54,7 +55,7 @@ def option_grid(method: str, task_vectors: TaskVectors, fixed: Mapping[str, Any]
     if method == "fedgma" and "rho" not in fixed:
         return [{"rho": r} for r in FEDGMA_RHO_GRID]
     if method == "cclip" and "rho" not in fixed:
-        norms = [math.sqrt(sum(float(t.double().pow(2).sum()) for t in tv.values())) for tv in task_vectors]
+        norms = [l2_norm(tv) for tv in task_vectors]
         lo, hi = min(norms), max(norms)
         values = sorted({lo + (hi - lo) * i / CCLIP_RHO_POINTS for i in range(CCLIP_RHO_POINTS)})
         return [{"rho": v} for v in values]

@@ -20,7 +20,6 @@ from torch import Tensor
 from fedmerge.data import load_federated
 from fedmerge.evaluation import Evaluator, normalized_accuracy
 from fedmerge.measures import data_measures, task_vector_measures
-from fedmerge.merging import METHODS
 from fedmerge.models import build_model, device_for
 from fedmerge.records import to_config
 from fedmerge.task_vector import TaskVector, apply
@@ -187,13 +186,9 @@ def tune_scales(config: ExperimentConfig, data, base, strategy: OneShotMerge, ev
     def score(merged, scale: float) -> float:
         return normalized_accuracy(evaluator.accuracies(apply(base, merged, scale), vals), own)
 
-    task_vectors = [r.task_vector for r in reports]
-    weights = [float(r.metrics[strategy.weighted_by_key]) for r in reports] if strategy.weighted_by_key else None
     out = {}
     for m in methods:
-        options = dict(strategy.method_options[m])
-        for opt in METHODS[m].per_client:
-            options[opt] = [r.metrics[opt.replace("_", "-")] for r in reports]
+        task_vectors, weights, options = strategy.merge_inputs(m)  # exactly what the round merged
         with single_thread():  # hundreds of small evaluations: one thread avoids contention
             out[m] = tune_method(m, task_vectors, score, weights=weights, options=options,
                                  merged=strategy.merged[m])

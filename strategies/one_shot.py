@@ -244,18 +244,24 @@ class OneShotMerge(Strategy):
             )
         # A fixed order makes floating-point sums, and so the merged weights, reproducible.
         self.reports.sort(key=lambda r: (r.partition_id if r.partition_id is not None else 1 << 30, r.node_id))
-        task_vectors = [r.task_vector for r in self.reports]
-        weights = [float(r.metrics[self.weighted_by_key]) for r in self.reports] if self.weighted_by_key else None
         for m in self.methods:
-            options = dict(self.method_options[m])
-            for opt in METHODS[m].per_client:
-                options[opt] = [r.metrics[_metric_key(opt)] for r in self.reports]
+            task_vectors, weights, options = self.merge_inputs(m)
             t0 = time.perf_counter()
             self.merged[m] = merge(m, task_vectors, weights, **options)
             self.merge_seconds[m] = time.perf_counter() - t0
         first = self.methods[0]
         model = apply(self.base, self.merged[first], self.scale[first])
         return ArrayRecord(model), MetricRecord({"num-merged": len(self.reports), "num-failed": len(self.failures)})
+
+    def merge_inputs(self, method: str) -> tuple[list[dict[str, Tensor]], list[float] | None, dict[str, Any]]:
+        """What ``merge(method, ...)`` gets from the accepted replies: task vectors, weights p_i (None:
+        uniform) and options, per-client ones (FedNova's ``local_steps``) read from reply metrics."""
+        task_vectors = [r.task_vector for r in self.reports]
+        weights = [float(r.metrics[self.weighted_by_key]) for r in self.reports] if self.weighted_by_key else None
+        options = dict(self.method_options[method])
+        for opt in METHODS[method].per_client:
+            options[opt] = [r.metrics[_metric_key(opt)] for r in self.reports]
+        return task_vectors, weights, options
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
