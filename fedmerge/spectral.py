@@ -161,11 +161,7 @@ def _tsv_merge_batch(mats: Tensor, *, method: str = "fast") -> Tensor:
     num_layers, t, m, n = mats.shape
     k = max(1, min(m, n) // t)
     tol = _rank_tol(mats.dtype, (m, n))
-    if method == "exact":
-        u, s, vh = torch.linalg.svd(mats.double(), full_matrices=False)
-        u, s, vh = u[..., :k], s[..., :k], vh[..., :k, :]
-    else:
-        u, s, vh = top_singular_triplets(mats, k, method="auto")
+    u, s, vh = top_singular_triplets(mats, k, method="exact" if method == "exact" else "auto")
     keep = s > tol * s[..., :1]  # numerically zero triplets carry nothing of their task
     s = s * keep
     u_cat = (u * keep.unsqueeze(-2)).permute(0, 2, 1, 3).reshape(num_layers, m, t * k)
@@ -239,9 +235,8 @@ def task_rank(shape: Sequence[int], num_tasks: int) -> int:
 
 
 def task_singular_vectors(matrices: Sequence[Tensor], k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Each task's top-k singular triplets in float64: U (T×m×k), σ (T×k), Vᵀ (T×k×n)."""
-    u, s, vh = torch.linalg.svd(torch.stack([m.double() for m in matrices]), full_matrices=False)
-    return u[:, :, :k], s[:, :k], vh[:, :k, :]
+    """Each task's exact top-k singular triplets in float64: U (T×m×k), σ (T×k), Vᵀ (T×k×n)."""
+    return top_singular_triplets(torch.stack(list(matrices)), k, method="exact")
 
 
 def per_matrix(task_vectors: TaskVectors, p: Sequence[float], merge_matrix: MatrixMerge) -> dict[str, Tensor]:
@@ -309,13 +304,13 @@ def singular_task_interference(matrices: Sequence[Tensor]) -> float:
     """STI of one layer (TSV paper, Eq. 6): ‖(UᵀU − I) Σ (VᵀV − I)‖₁, summed over |entries|.
 
     U = [U_1 … U_T] and V = [V_1 … V_T] concatenate every task's top k = ⌊r/T⌋ singular vectors
-    (columns), Σ = diag(σ_1 … σ_T). Triplets with σ = 0 (beyond a task's numerical rank) are left
-    out: they carry nothing of the task and their vectors are arbitrary, so keeping them would make
-    orthogonal tasks interfere.
+    (columns), Σ = diag(σ_1 … σ_T). Triplets beyond a task's numerical rank are left out, with the
+    same per-task cut-off as TSV-Merge: they carry nothing of the task and their vectors are
+    arbitrary, so keeping them would make orthogonal tasks interfere.
     """
-    u, s, vh = task_singular_vectors(matrices, task_rank(matrices[0].shape, len(matrices)))
-    tol = float(s.max()) * max(matrices[0].shape) * torch.finfo(torch.float64).eps if s.numel() else 0.0
-    keep = s > tol
+    shape = matrices[0].shape
+    u, s, vh = task_singular_vectors(matrices, task_rank(shape, len(matrices)))
+    keep = s > _rank_tol(matrices[0].dtype, shape) * s[:, :1]
     if not bool(keep.any()):
         return 0.0
     u_cat = torch.cat([u[t][:, keep[t]] for t in range(len(matrices))], dim=1)
