@@ -38,16 +38,31 @@ def polar_factor(x: Tensor, rcond: float | None = None) -> Tensor:
 # TSV-M is computed two ways. ``method="exact"`` (the reference, used by the tests) takes a full
 # SVD of every task matrix and SVDs of the concatenated bases, as the published implementations do.
 # ``method="fast"`` (the default) needs only the top k = ⌊r/T⌋ triplets of each task: a randomized
-# range finder with power iterations in the input precision, batched over tasks and layers of one
-# shape, then a Rayleigh-Ritz step and both polar factors from float64 eigendecompositions of the
-# small Gram matrices (whitening X (XᵀX)^(-1/2), Prop. 4.1 of the TSV paper). Both drop triplets
-# whose σ is numerically zero (≤ max(m, n) · eps · σ_1 of that task), so zero matrices, tasks of
-# rank < k and duplicated tasks give well-defined results rather than arbitrary singular vectors.
+# block Krylov method in the input precision, batched over tasks and layers of one shape, with a
+# float64 Rayleigh-Ritz step; then both polar factors by whitening X (XᵀX)^(-1/2) (Prop. 4.1 of the
+# TSV paper) with the Gram matrices and their eigendecompositions in float64 and the products with X
+# in the input precision. Both drop triplets whose σ is numerically zero (≤ max(m, n) · eps · σ_1 of
+# that task), so zero matrices, tasks of rank < k and duplicated tasks give well-defined results
+# rather than arbitrary singular vectors.
+#
+# Why these choices (measured on ViT-B/32 shapes, T = 8; see benchmarks/ and the README):
+# - TSV-M is ill-conditioned in the per-task subspaces: the stacked bases of square layers have
+#   condition numbers up to ~5e3, so a top-k subspace off by 1e-3 near the cut-off σ_k moves the
+#   merge by ~1e-1. The triplets must be nearly as accurate as a full SVD's, also for slowly (1/j)
+#   decaying spectra where σ_k/σ_{k+1} ≈ 1.01. Subspace (power) iteration on 2k columns needed 13
+#   products with A or Aᵀ (26 k-column passes) for 5e-5; block Krylov on blocks of ⌈k/3⌉ columns
+#   with depth 10 needs 21 narrow products (7 k-column passes) for 4e-5 (Musco & Musco, NeurIPS
+#   2015). Depth 8 or blocks of k/2 with depth 6 leave 5e-4 on 1/j spectra.
+# - What remains is mostly float64 eigendecompositions: two 768×768 ones per layer for the polar
+#   factors (~65 ms each on two cores) and the Rayleigh-Ritz ones (~9 ms per task and layer).
+# - Gram matrices square condition numbers: formed or diagonalised in float32 they lose σ_k²'s
+#   digits (a float32 eigh of the polar Gram matrices gives a 1e-1 error), so they are float64.
+#   The products X · (Q Λ^(-1/2)) · Qᵀ of the float32 bases keep float32 (2.5e-5 error, like the
+#   published float32 code's 9e-6), which saves the costliest float64 multiplications.
 
 _SKETCH_SEED = 0x75F  # fixed: the fast path is deterministic
+_KRYLOV_DEPTH = 10  # block Krylov steps after the first block
 _EXACT_BELOW = 64  # matrices whose smaller side is at most this get the full SVD
-_SKETCH_ERROR = 1e-4  # aimed-for relative error of the randomized triplets' effect on TSV-M
-_MAX_POWER_ITERS = 8
 
 
 def _rank_tol(dtype: torch.dtype, shape: Sequence[int]) -> float:
@@ -61,32 +76,43 @@ def _orthonormal(y: Tensor) -> Tensor:
     return torch.linalg.qr(y).Q
 
 
-def _well_conditioned_basis(y: Tensor) -> Tensor:
-    """A well-conditioned basis of the same column space, for the power iterations: shifted
-    Cholesky-QR (Fukaya et al. 2020), a few times cheaper than Householder QR. Exactly orthonormal
-    only when y is well conditioned, which power iterations do not need."""
-    gram = (y.mT @ y).double()
-    shift = gram.diagonal(dim1=-2, dim2=-1).amax(dim=-1, keepdim=True) * 1e-6 + torch.finfo(torch.float64).tiny
-    r, info = torch.linalg.cholesky_ex(gram + torch.diag_embed(shift.expand(gram.shape[:-1])), upper=True)
-    if bool((info == 0).all()):
-        q = torch.linalg.solve_triangular(r.to(y.dtype), y, upper=True, left=False)
-        if bool(torch.isfinite(q).all()):
-            return q
-    return _orthonormal(y)  # zero or numerically rank-deficient blocks
+def _orthonormal_complement(w: Tensor, basis: Tensor, gen: torch.Generator) -> Tensor:
+    """Orthonormal columns spanning w's part outside the span of ``basis`` (orthonormal columns).
+
+    Classical Gram-Schmidt twice, Householder QR, and one more projection of the normalised columns:
+    the Krylov basis stays orthonormal to working precision, which Rayleigh-Ritz assumes. Columns of
+    w that lay (numerically) inside the span already, as for matrices of rank below the Krylov
+    space's size, are replaced by random directions instead of normalised rounding noise.
+    """
+    def project_out(x: Tensor) -> Tensor:
+        return x - basis @ (basis.mT @ x)
+
+    q = project_out(_orthonormal(project_out(project_out(w))))
+    fresh = q.norm(dim=-2, keepdim=True) > 0.5
+    if not bool(fresh.all()):
+        noise = torch.randn(q.shape, generator=gen, dtype=q.dtype)
+        q = project_out(project_out(torch.where(fresh, q, noise)))
+    return _orthonormal(q)
+
+
+def krylov_block_size(k: int) -> int:
+    """Columns per block Krylov step for top-k triplets: ⌈k/3⌉, at least 4."""
+    return max(4, -(-k // 3))
 
 
 def top_singular_triplets(
-    a: Tensor, k: int, *, method: str = "auto", oversample: int | None = None, power_iters: int | None = None
+    a: Tensor, k: int, *, method: str = "auto", block_size: int | None = None, depth: int = _KRYLOV_DEPTH
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The top-k singular triplets of every matrix in a batch ``a`` (…, m, n), in float64.
 
     Returns U (…, m, k), σ (…, k) in descending order and Vᵀ (…, k, n), like
-    ``torch.linalg.svd(a)[:k]``. ``method="exact"`` takes the full SVD; ``"randomized"`` a range finder
-    of l = k + ``oversample`` columns (default k, at least 16) with ``power_iters`` power iterations
-    (default: as many as the spectrum needs, 2 to 8, estimated after the first from the Ritz values)
-    (Halko, Martinsson & Tropp 2011, Alg. 4.4) in float32 (float64 for float64 input), then a
-    float64 Rayleigh-Ritz step; ``"auto"`` picks the full SVD for small matrices or large k. The
-    angle error of the randomized vectors shrinks like (σ_{l+1}/σ_k)^(2·power_iters).
+    ``torch.linalg.svd(a)[:k]``. ``method="exact"`` takes the full SVD; ``"randomized"`` a randomized
+    block Krylov method: the space spanned by Ω, AᵀAΩ, …, (AᵀA)^depth Ω for a Gaussian Ω of
+    ``block_size`` columns (default :func:`krylov_block_size`), built in float32 (float64 for
+    float64 input) with 2·depth + 1 products with A or Aᵀ, then a float64 Rayleigh-Ritz step
+    (Musco & Musco, "Randomized Block Krylov Methods for Stronger and Faster Approximate SVD",
+    NeurIPS 2015). ``"auto"`` takes the full SVD when the Krylov space would exceed half the
+    matrix's smaller side, or that side is at most 64.
     """
     if method not in ("auto", "exact", "randomized"):
         raise ValueError(f"method must be 'auto', 'exact' or 'randomized', got {method!r}")
@@ -94,70 +120,61 @@ def top_singular_triplets(
     r = min(m, n)
     k = max(1, min(k, r))
     if m < n:  # work on the tall side: Aᵀ = V Σ Uᵀ
-        v, s, uh = top_singular_triplets(a.mT, k, method=method, oversample=oversample, power_iters=power_iters)
+        v, s, uh = top_singular_triplets(a.mT, k, method=method, block_size=block_size, depth=depth)
         return uh.mT, s, v.mT
-    l_cols = min(n, k + (max(k, 16) if oversample is None else oversample))
-    if method == "exact" or (method == "auto" and (n <= _EXACT_BELOW or 2 * l_cols > n)):
+    b = krylov_block_size(k) if block_size is None else block_size
+    width = min(n, (depth + 1) * b)
+    if method == "exact" or (method == "auto" and (n <= _EXACT_BELOW or 2 * width > n)) or width < k:
         u, s, vh = torch.linalg.svd(a.double(), full_matrices=False)
         return u[..., :k], s[..., :k], vh[..., :k, :]
     a = a.reshape(-1, m, n)
-    work = torch.float64 if a.dtype == torch.float64 else torch.float32
-    aw = a.to(work)
+    aw = a.to(torch.float64 if a.dtype == torch.float64 else torch.float32)
     gen = torch.Generator().manual_seed(_SKETCH_SEED)
-    z = torch.randn(n, l_cols, generator=gen, dtype=work).expand(a.shape[0], n, l_cols)
-    z = _well_conditioned_basis(aw.mT @ _well_conditioned_basis(aw @ z))
-    iters, done = power_iters, 1
-    if iters is None:  # error ≈ 0.35 ρ^q with ρ = (σ_{l+1}/σ_k)², estimated by the Ritz values
-        y = aw @ z
-        theta = torch.linalg.eigvalsh((y.mT @ y).double())  # ascending
-        top = theta[..., -k]
-        ratio = torch.where(top > 1e-10 * theta[..., -1], theta[..., 0].clamp_min(0) / top, 0.0)
-        rho = float(ratio.amax()) ** 0.75 if ratio.numel() else 0.0  # early Ritz values underestimate ρ
-        iters = 2 if rho <= 0 else (_MAX_POWER_ITERS if rho >= 1 else
-                                    int(min(_MAX_POWER_ITERS, max(2, math.ceil(math.log(_SKETCH_ERROR / 0.35) / math.log(rho))))))
-        z, done = _well_conditioned_basis(aw.mT @ _well_conditioned_basis(y)), 2
-    for _ in range(iters - done):
-        z = _well_conditioned_basis(aw.mT @ _well_conditioned_basis(aw @ z))
-    # Rayleigh-Ritz on the right subspace in float64: A Z = Ũ S̃ W̃ᵀ gives U ≈ Ũ, σ ≈ S̃, V ≈ Z W̃.
-    ad = a.double()
-    zd = _orthonormal(z.double())
-    y = ad @ zd
+    steps = width // b
+    z = aw.new_empty(a.shape[0], n, steps * b)  # the Krylov basis, filled block by block
+    y = aw.new_empty(a.shape[0], m, steps * b)  # A z
+    z[..., :b] = _orthonormal(torch.randn(n, b, generator=gen, dtype=aw.dtype).expand(a.shape[0], n, b))
+    y[..., :b] = aw @ z[..., :b]
+    for j in range(1, steps):
+        block = slice(j * b, (j + 1) * b)
+        z[..., block] = _orthonormal_complement(aw.mT @ y[..., block.start - b:block.start], z[..., :block.start], gen)
+        y[..., block] = aw @ z[..., block]
+    # Rayleigh-Ritz on the right Krylov space Z: Y = A Z, its Gram matrix (eigenvalues σ², so it must
+    # not be rounded to float32) and everything after it in float64.
+    y = y.double()
     theta, w = torch.linalg.eigh(y.mT @ y)
     theta, w = theta.flip(-1)[..., :k], w.flip(-1)[..., :k]
     s = theta.clamp_min(0).sqrt()
     pos = (s > 0).unsqueeze(-2)
     u = torch.where(pos, (y @ w) / torch.where(pos, s.unsqueeze(-2), 1.0), 0.0)
-    vh = (zd @ w).mT
+    vh = (z.double() @ w).mT
     return u.reshape(*batch, m, k), s.reshape(*batch, k), vh.reshape(*batch, k, n)
 
 
-def _gram(x: Tensor) -> Tensor:
-    """The smaller Gram matrix of every matrix in a batch: XᵀX for tall x, XXᵀ for wide x."""
-    return x.mT @ x if x.shape[-1] <= x.shape[-2] else x @ x.mT
+def _polar_by_whitening(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """The polar factor x (XᵀX)^(-1/2) (tall x) or (XXᵀ)^(-1/2) x (wide) of every matrix in a batch.
 
-
-def _inverse_sqrt(gram: Tensor) -> Tensor:
-    """G^(-1/2) of symmetric PSD matrices (float64 eigh); eigenvalues ≤ c·eps·λ_max count as zero."""
-    lam, q = torch.linalg.eigh(gram)
-    tol = lam[..., -1:].clamp_min(0) * (gram.shape[-1] * torch.finfo(gram.dtype).eps)
-    inv_sqrt = torch.where(lam > tol, lam.clamp_min(torch.finfo(gram.dtype).tiny).rsqrt(), 0.0)
-    return (q * inv_sqrt.unsqueeze(-2)) @ q.mT
-
-
-def _whiten(x: Tensor, root: Tensor | None = None) -> Tensor:
-    """Polar factor of every matrix in a batch as x (XᵀX)^(-1/2) (tall) or (XXᵀ)^(-1/2) x (wide).
-
-    Equal to ``polar_factor`` (Prop. 4.1 of the TSV paper), at the cost of one eigendecomposition of
-    the smaller Gram matrix instead of an SVD of x. ``root`` is that matrix's inverse square root
-    when already computed.
+    Equal to :func:`polar_factor` (Prop. 4.1 of the TSV paper) at the cost of one float64
+    eigendecomposition Q Λ Qᵀ of the smaller Gram matrix instead of an SVD of x; eigenvalues
+    ≤ c·eps·λ_max count as zero. The products with x are taken in ``dtype``.
     """
-    if root is None:
-        root = _inverse_sqrt(_gram(x))
-    return x @ root if x.shape[-1] <= x.shape[-2] else root @ x
+    wide = x.shape[-1] > x.shape[-2]
+    if wide:
+        x = x.mT
+    xd = x.double()
+    lam, q = torch.linalg.eigh(xd.mT @ xd)
+    tol = lam[..., -1:].clamp_min(0) * (lam.shape[-1] * torch.finfo(torch.float64).eps)
+    inv_sqrt = torch.where(lam > tol, lam.clamp_min(torch.finfo(torch.float64).tiny).rsqrt(), 0.0)
+    q = q.to(dtype)
+    out = (x.to(dtype) @ (q * inv_sqrt.to(dtype).unsqueeze(-2))) @ q.mT
+    return out.mT if wide else out
 
 
 def _tsv_merge_batch(mats: Tensor, *, method: str = "fast") -> Tensor:
-    """TSV-M for a batch of layers of one shape: ``mats`` (L, T, m, n) → merged (L, m, n), float64."""
+    """TSV-M for a batch of layers of one shape: ``mats`` (L, T, m, n) → merged (L, m, n).
+
+    float64 for ``method="exact"`` and float64 input, float32 otherwise.
+    """
     num_layers, t, m, n = mats.shape
     k = max(1, min(m, n) // t)
     tol = _rank_tol(mats.dtype, (m, n))
@@ -170,14 +187,8 @@ def _tsv_merge_batch(mats: Tensor, *, method: str = "fast") -> Tensor:
     if method == "exact":
         pu, pv = polar_factor(u_cat), polar_factor(v_cat)
     else:
-        gu, gv = _gram(u_cat), _gram(v_cat)
-        if gu.shape == gv.shape:  # one batched eigendecomposition for both sides
-            ru, rv = _inverse_sqrt(torch.cat([gu, gv])).split(num_layers)
-        else:
-            ru, rv = _inverse_sqrt(gu), _inverse_sqrt(gv)
-        pu, pv = _whiten(u_cat, ru), _whiten(v_cat, rv)
-        if mats.dtype != torch.float64:  # orthonormal factors: the last product is exact enough in float32
-            pu, pv, s_cat = pu.float(), pv.float(), s_cat.float()
+        work = torch.float64 if mats.dtype == torch.float64 else torch.float32
+        pu, pv, s_cat = _polar_by_whitening(u_cat, work), _polar_by_whitening(v_cat, work), s_cat.to(work)
     return (pu * s_cat.unsqueeze(-2)) @ pv.mT
 
 
@@ -214,8 +225,12 @@ def tsv(task_vectors: TaskVectors, p: Sequence[float]) -> dict[str, Tensor]:
         step = max(1, _TSV_BATCH_BYTES // per_layer)
         for i in range(0, len(keys), step):
             chunk = keys[i:i + step]
-            mats = torch.stack([torch.stack([tv[key] for tv in task_vectors]) for key in chunk])
-            merged = _tsv_merge_batch(mats if mats.dtype == torch.float64 else mats.float())
+            mats = torch.empty(len(chunk), len(task_vectors), *shape,
+                               dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+            for i_layer, key in enumerate(chunk):  # one copy of the inputs, converted on the way
+                for i_task, tv in enumerate(task_vectors):
+                    mats[i_layer, i_task] = tv[key]
+            merged = _tsv_merge_batch(mats)
             for key, mat in zip(chunk, merged):
                 out[key] = mat.to(dtype)
     return {key: out[key] for key in first}

@@ -92,7 +92,7 @@ def test_batched_top_k_triplets_match_the_svd():
     torch.testing.assert_close(s, s0[:, :20], rtol=1e-6, atol=0)
     assert rel_err(u @ torch.diag_embed(s) @ vh, u0[..., :20] @ torch.diag_embed(s0[:, :20]) @ vh0[:, :20]) < 1e-5
     assert u.dtype == torch.float64 and u.shape == (3, 400, 20) and vh.shape == (3, 20, 300)
-    ut, st, vht = top_singular_triplets(a.mT, 20)  # wide input
+    _, st, _ = top_singular_triplets(a.mT, 20)  # wide input
     torch.testing.assert_close(st, s, rtol=1e-6, atol=0)
 
 
@@ -101,3 +101,25 @@ def test_fast_tsv_through_merge_keeps_dtype_and_is_deterministic():
     a, b = merge("tsv", tvs), merge("tsv", tvs)
     assert a["w"].dtype == torch.float16 and torch.equal(a["w"], b["w"])
     torch.testing.assert_close(a["b"], torch.full((3,), 1.5))
+
+
+def test_krylov_triplets_of_a_slowly_decaying_spectrum_match_the_svd_at_the_cut_off():
+    # σ_j ∝ 1/j: σ_k/σ_{k+1} = 1.02 at k = 48, the hard case for randomized methods
+    a = torch.stack([decaying(512, 384, decay="power", seed=i) for i in range(2)])
+    u, s, vh = top_singular_triplets(a, 48, method="randomized")
+    u0, s0, vh0 = torch.linalg.svd(a.double(), full_matrices=False)
+    torch.testing.assert_close(s, s0[:, :48], rtol=1e-5, atol=0)
+    truncated = u0[..., :48] @ torch.diag_embed(s0[:, :48]) @ vh0[:, :48]
+    assert rel_err(u @ torch.diag_embed(s) @ vh, truncated) < 1e-4
+
+
+def test_krylov_triplets_of_a_matrix_of_lower_rank_than_the_krylov_space():
+    # rank 6 < the Krylov space (blocks of 4, 11 of them): later blocks have nothing new to find
+    a = decaying(400, 300, rank=6, seed=3)
+    u, s, vh = top_singular_triplets(a, 10, method="randomized")
+    s0 = torch.linalg.svdvals(a.double())
+    torch.testing.assert_close(s[:6], s0[:6], rtol=1e-5, atol=0)
+    assert float(s[6:].max()) < 1e-5 * float(s0[0])
+    live = u[:, :6]  # the triplets that carry the matrix are orthonormal and rebuild it
+    torch.testing.assert_close(live.T @ live, torch.eye(6, dtype=torch.float64), atol=1e-6, rtol=0)
+    assert rel_err(u[:, :6] @ torch.diag(s[:6]) @ vh[:6], a) < 1e-5
