@@ -1,16 +1,19 @@
 """One command for every performance target of issue 5: ``python -m benchmarks [--quick] [--only ...]``.
 
 Sections (each prints a table):
-  tsv      TSV-M, fast vs the full-SVD reference, on ViT-B/32 and ViT-L/14 shapes (HF CLIPVisionModel:
-           q, k, v, out d×d; fc1 4d×d; fc2 d×4d per block) at T = 8, 14, 20, random task matrices with
-           σ_j ∝ 1/j ("power") or exp(−16 j/r) ("exp"). The reference is timed on a subset of blocks
-           and extrapolated (marked "*"); L/14 is timed on a subset of blocks and scaled to 24.
+  tsv      TSV-M: fedmerge's fast path against the published algorithm (float32 full SVDs, as the TSV
+           authors' code), on ViT-B/32 and ViT-L/14 shapes (open_clip layout: in_proj 3d×d, out_proj
+           d×d, fc1 4d×d, fc2 d×4d per block; one B/32 row in Hugging Face's q/k/v layout) at
+           T = 8, 14, 20, random task matrices with σ_j ∝ 1/j or exp(−16 j/r). Errors against the
+           float64 full-SVD reference. The baseline runs on one block and is scaled ("*"); L/14's
+           fast path runs on two blocks and is scaled to 24.
   linear   every non-spectral merging method on 8 task vectors: seconds, GB/s of task vectors read,
            extra peak memory (resident set size above the inputs).
   offline  ``fedmerge merge`` on 8 safetensors checkpoints of a ~100M-parameter model: peak memory
            (/usr/bin/time -v) against the model size.
-  sim      the in-process engine from 8 to 128 clients: the results.json timing split and the
-           overhead per client beyond the client's own training.
+  default  the default run (``fedmerge run``'s preset) on both engines: results.json's timing split.
+  sim      the in-process engine from 8 to 128 clients: the timing split and the overhead per
+           client beyond the client's own training.
 Timings are wall-clock on whatever machine runs this; min of repeats where cheap.
 """
 
@@ -32,6 +35,11 @@ import torch
 from fedmerge import merge
 from fedmerge.merging import METHODS
 
+# Transformer blocks' 2-D weights, as (name, rows, columns) in multiples of the width d. "open_clip"
+# is the layout the TSV authors merge (one d→3d attention in-projection: 4 matrices per block, 48 in
+# ViT-B/32); "hf" is Hugging Face's CLIPVisionModel, which fedmerge's CLIP path loads (q, k, v apart).
+LAYOUTS = {"open_clip": [("in_proj", 3, 1), ("out_proj", 1, 1), ("fc1", 4, 1), ("fc2", 1, 4)],
+           "hf": [("q", 1, 1), ("k", 1, 1), ("v", 1, 1), ("out", 1, 1), ("fc1", 4, 1), ("fc2", 1, 4)]}
 MODELS = {"ViT-B/32": (768, 12), "ViT-L/14": (1024, 24)}  # width, blocks
 
 
@@ -61,13 +69,25 @@ def decaying_matrix(m: int, n: int, decay: str, gen: torch.Generator) -> torch.T
     return 1e-2 * (u * s) @ v.T
 
 
-def block_task_vectors(width: int, block: int, tasks: int, decay: str, seed: int) -> list[dict[str, torch.Tensor]]:
+def block_task_vectors(width: int, block: int, tasks: int, decay: str, seed: int,
+                       layout: str = "hf") -> list[dict[str, torch.Tensor]]:
     """One transformer block's 2-D tensors for ``tasks`` task vectors (generated, never downloaded)."""
     gen = torch.Generator().manual_seed(seed * 1000 + block)
-    shapes = {"q": (width, width), "k": (width, width), "v": (width, width), "out": (width, width),
-              "fc1": (4 * width, width), "fc2": (width, 4 * width)}
-    return [{f"{block}.{name}": decaying_matrix(*shape, decay, gen) for name, shape in shapes.items()}
-            for _ in range(tasks)]
+    return [{f"{block}.{name}": decaying_matrix(rows * width, cols * width, decay, gen)
+             for name, rows, cols in LAYOUTS[layout]} for _ in range(tasks)]
+
+
+def published_tsv_merge(matrices: list[torch.Tensor]) -> torch.Tensor:
+    """TSV-M as the TSV authors' code computes it, transcribed: float32 thin SVD of every task
+    matrix, k = ⌊r/T⌋ triplets each, SVDs of the stacked bases, U⊥ diag(σ) V⊥ᵀ. The baseline."""
+    k = max(1, min(matrices[0].shape) // len(matrices))
+    svds = [torch.linalg.svd(m, full_matrices=False) for m in matrices]
+    u = torch.cat([u[:, :k] for u, _, _ in svds], dim=1)
+    s = torch.cat([s[:k] for _, s, _ in svds])
+    v = torch.cat([vh[:k].T for _, _, vh in svds], dim=1)
+    uu, _, uvh = torch.linalg.svd(u, full_matrices=False)
+    vu, _, vvh = torch.linalg.svd(v, full_matrices=False)
+    return torch.linalg.multi_dot([uu, uvh, torch.diag(s), (vu @ vvh).T])
 
 
 def rel_err(a: dict, b: dict) -> float:
@@ -77,44 +97,48 @@ def rel_err(a: dict, b: dict) -> float:
 
 
 def bench_tsv(quick: bool) -> list[list]:
+    """fedmerge's TSV-M against the published float32 algorithm; errors against the float64 reference."""
     from fedmerge.spectral import tsv_merge_matrix_reference
 
-    def reference(tvs):
-        return {k: tsv_merge_matrix_reference([tv[k] for tv in tvs]).float() for k in tvs[0]}
+    def per_key(fn, tvs):
+        return {k: fn([tv[k] for tv in tvs]) for k in tvs[0]}
 
-    configs = [("ViT-B/32", t, "power") for t in (8, 14, 20)] + [("ViT-B/32", 8, "exp")]
-    configs += [("ViT-L/14", t, "power") for t in (8, 14, 20)]
+    configs = [("ViT-B/32", "open_clip", t, "power") for t in (8, 14, 20)]
+    configs += [("ViT-B/32", "open_clip", 8, "exp"), ("ViT-B/32", "hf", 8, "power")]
+    configs += [("ViT-L/14", "open_clip", t, "power") for t in (8, 14, 20)]
     if quick:
-        configs = [("ViT-B/32", 8, "power"), ("ViT-B/32", 8, "exp")]
+        configs = [("ViT-B/32", "open_clip", 8, "power"), ("ViT-B/32", "open_clip", 8, "exp")]
     rows = []
-    for model, tasks, decay in configs:
+    for model, layout, tasks, decay in configs:
         width, blocks = MODELS[model]
-        fast_blocks = (2 if quick else blocks) if model == "ViT-B/32" else (1 if quick else 2)
-        ref_blocks = 1
-        fast_s = ref_s = 0.0
-        errs = []
+        fast_blocks = (2 if quick else blocks) if model == "ViT-B/32" else 2
+        fast_s = pub_s = 0.0
         params = 0
         for b in range(fast_blocks):
-            tvs = block_task_vectors(width, b, tasks, decay, seed=tasks)
+            tvs = block_task_vectors(width, b, tasks, decay, seed=tasks, layout=layout)
             params = sum(t.numel() for t in tvs[0].values())
             t0 = time.perf_counter()
             out = merge("tsv", tvs)
             fast_s += time.perf_counter() - t0
-            if b < ref_blocks:
+            if b == 0:  # the baseline and the float64 reference on one block
                 t0 = time.perf_counter()
-                ref = reference(tvs)
-                ref_s += time.perf_counter() - t0
-                errs.append(rel_err(out, ref))
-            del tvs
+                pub = per_key(published_tsv_merge, tvs)
+                pub_s = time.perf_counter() - t0
+                ref = per_key(lambda mats: tsv_merge_matrix_reference(mats).float(), tvs)
+                err, pub_err = rel_err(out, ref), rel_err(pub, ref)
+                del pub, ref
+            del tvs, out
         fast_total = fast_s * blocks / fast_blocks
-        ref_total = ref_s * blocks / ref_blocks
-        shape = f"{blocks}×(4×{width}², {4 * width}×{width}, {width}×{4 * width})"
-        rows.append([model, tasks, decay, shape, f"{params * blocks / 1e6:.0f}M",
-                     f"{fast_total:.1f}" + ("" if fast_blocks == blocks else "*"),
-                     f"{ref_total:.1f}*", f"{ref_total / fast_total:.1f}×", f"{max(errs):.1e}"])
-        print(f"  tsv {model} T={tasks} {decay}: fast {fast_total:.1f}s ref {ref_total:.1f}s", flush=True)
-    table("TSV-M on transformer shapes (2-D tensors only; * = measured on a subset of blocks, scaled to all)",
-          ["model", "T", "spectrum", "matrices", "params", "fast s", "full-SVD s", "speed-up", "rel. error"], rows)
+        pub_total = pub_s * blocks
+        rows.append([model, layout, tasks, "1/j" if decay == "power" else "exp", f"{params * blocks / 1e6:.0f}M",
+                     f"{fast_total:.1f}" + ("" if fast_blocks == blocks else "*"), f"{pub_total:.1f}*",
+                     f"{pub_total / fast_total:.1f}×", f"{err:.1e}", f"{pub_err:.1e}"])
+        print(f"  tsv {model} {layout} T={tasks} {decay}: fast {fast_total:.1f}s published {pub_total:.1f}s",
+              flush=True)
+    table("TSV-M, 2-D tensors of the model (* = timed on a subset of blocks, scaled to all; errors: relative "
+          "Frobenius distance to the float64 full-SVD reference on the first block)",
+          ["model", "layout", "T", "σ_j", "params", "fedmerge s", "published s", "speed-up", "error",
+           "published error"], rows)
     return rows
 
 
@@ -124,13 +148,15 @@ def bench_tsv(quick: bool) -> list[list]:
 
 
 _CHILD = """
-import resource, sys, torch
+import sys, torch
 from fedmerge import merge
+def high_water():  # peak RSS of this process image (VmHWM starts afresh at exec; ru_maxrss does not)
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
 method, n, numel, opts = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), eval(sys.argv[4])
 tvs = [{f"t{i}": torch.randn(numel // 8 // 1024, 1024) for i in range(8)} for _ in range(n)]
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = high_water()
 out = merge(method, tvs, **opts)
-print(1024 * (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before))
+print(1024 * (high_water() - before))
 """
 
 
@@ -206,6 +232,12 @@ def bench_offline(quick: bool) -> list[list]:
             models.append(f"{tmp}/ft{j}.safetensors")
             del ft
         del base
+        # What the command costs before it reads a checkpoint: the resident set of an interpreter that
+        # imported what `fedmerge merge` imports (torch's CUDA build alone maps ~0.5 GB).
+        probe = subprocess.run([sys.executable, "-c", "import simulations.cli, fedmerge.offline; "
+                                "print(int(open('/proc/self/statm').read().split()[1]) * 4096)"],
+                               capture_output=True, text=True)
+        baseline = int(probe.stdout.split()[-1]) if probe.returncode == 0 else 0
         for method in ("fedavg", "task_arithmetic", "median"):
             out = f"{tmp}/merged-{method}.safetensors"
             cmd = ["/usr/bin/time", "-v", exe, "merge", "--base", f"{tmp}/base.safetensors", "--models", *models,
@@ -217,10 +249,10 @@ def bench_offline(quick: bool) -> list[list]:
                          if "Maximum resident set size" in line), 0)
             note = "" if proc.returncode == 0 else proc.stderr.strip().splitlines()[-1][:80]
             rows.append([method, f"{params / 1e6:.0f}M", f"{size / 1e9:.2f}", f"{wall:.1f}", f"{peak / 1e9:.2f}",
-                         f"{peak / size:.2f}", note])
-    table("Offline merge (`fedmerge merge`, 8 checkpoints, float32): peak RSS of the whole process, "
-          "in GB and in model sizes", ["method", "params", "model GB", "seconds", "peak GB", "peak / model", "note"],
-          rows)
+                         f"{baseline / 1e9:.2f}", f"{(peak - baseline) / size:.2f}", note])
+    table("Offline merge (`fedmerge merge`, 8 checkpoints, float32): peak RSS of the process (GB), the RSS of "
+          "the same imports before any work, and the difference in model sizes",
+          ["method", "params", "model GB", "seconds", "peak GB", "imports GB", "merge / model", "note"], rows)
     return rows
 
 
@@ -250,15 +282,16 @@ def bench_sim(quick: bool) -> list[list]:
     cache = tempfile.mkdtemp(prefix="fedmerge-bench-cache-")
     try:
         for n in ((8, 32) if quick else (8, 16, 32, 64, 128)):
-            config = ExperimentConfig(name="bench", num_clients=n, partition="iid", local_steps=[5] * n,
+            config = ExperimentConfig(name="bench", num_clients=n, partition="iid", local_steps=[5] * n, test_fraction=0.15,
                                       strategies=("fedavg", "median"), engine="inprocess", pretrain_steps=30,
                                       cache_dir=cache, seed=0)
             trained.update(seconds=0.0, calls=0)
             timing = run_experiment(config, progress=False).results["timing"]
             overhead = (timing["clients"] - trained["seconds"]) / n
-            rows.append([n, timing.get("wait_for_nodes", 0.0) + timing.get("query", 0.0), timing["clients"],
-                         trained["seconds"], 1e3 * overhead, timing["merging"], 1e3 * timing["merging"] / n,
-                         timing["evaluation"], timing["total"]])
+            rows.append([n, *(f"{v:.2f}" for v in (timing.get("wait_for_nodes", 0.0) + timing.get("query", 0.0),
+                                                     timing["clients"], trained["seconds"])),
+                         f"{1e3 * overhead:.1f}", f"{timing['merging']:.3f}", f"{1e3 * timing['merging'] / n:.2f}",
+                         f"{timing['evaluation']:.2f}", f"{timing['total']:.2f}"])
     finally:
         local.local_update = original
         shutil.rmtree(cache, ignore_errors=True)
@@ -268,7 +301,29 @@ def bench_sim(quick: bool) -> list[list]:
     return rows
 
 
-SECTIONS = {"tsv": bench_tsv, "linear": bench_linear, "offline": bench_offline, "sim": bench_sim}
+def bench_default(quick: bool) -> list[list]:
+    from simulations.config import load_config
+    from simulations.experiment import run_experiment
+
+    stages = ["data", "pretrain", "wait_for_nodes", "query", "clients", "merging", "evaluation"]
+    rows = []
+    cache = tempfile.mkdtemp(prefix="fedmerge-bench-cache-")
+    try:
+        config = load_config(overrides=[f"cache-dir={cache!r}"])
+        run_experiment(config.replace(engine="inprocess"), progress=False)  # warm the pre-training cache
+        for engine in ("inprocess", "ray"):
+            timing = run_experiment(config.replace(engine=engine), progress=False).results["timing"]
+            other = timing["total"] - sum(timing.get(k, 0.0) for k in stages)
+            rows.append([engine, *(f"{v:.2f}" for v in [*(timing.get(k, 0.0) for k in stages), other, timing["total"]])])
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    table(f"Default run ({config.num_clients} clients, pre-trained base cached; seconds; 'engine' = total minus "
+          "the stages: engine start and stop)", ["engine", *stages, "engine", "total"], rows)
+    return rows
+
+
+SECTIONS = {"tsv": bench_tsv, "linear": bench_linear, "offline": bench_offline, "default": bench_default,
+            "sim": bench_sim}
 
 
 def main(argv: list[str] | None = None) -> None:
