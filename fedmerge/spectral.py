@@ -57,8 +57,8 @@ def polar_factor(x: Tensor, rcond: float | None = None) -> Tensor:
 #   factors (~65 ms each on two cores) and the Rayleigh-Ritz ones (~9 ms per task and layer).
 # - Gram matrices square condition numbers: formed or diagonalised in float32 they lose σ_k²'s
 #   digits (a float32 eigh of the polar Gram matrices gives a 1e-1 error), so they are float64.
-#   The products X · (Q Λ^(-1/2)) · Qᵀ of the float32 bases keep float32 (2.5e-5 error, like the
-#   published float32 code's 9e-6), which saves the costliest float64 multiplications.
+#   The products with the whitening matrices are float64 too: in float32 they lose orthogonality
+#   like eps·κ², which tasks sharing a component (IID clients) make large.
 
 _SKETCH_SEED = 0x75F  # fixed: the fast path is deterministic
 _KRYLOV_DEPTH = 10  # block Krylov steps after the first block
@@ -124,7 +124,7 @@ def top_singular_triplets(
         return uh.mT, s, v.mT
     b = krylov_block_size(k) if block_size is None else block_size
     width = min(n, (depth + 1) * b)
-    if method == "exact" or (method == "auto" and (n <= _EXACT_BELOW or 2 * width > n)) or width < k:
+    if method == "exact" or (method == "auto" and (n <= _EXACT_BELOW or 2 * width > n)) or (width // b) * b < k:
         u, s, vh = torch.linalg.svd(a.double(), full_matrices=False)
         return u[..., :k], s[..., :k], vh[..., :k, :]
     a = a.reshape(-1, m, n)
@@ -188,7 +188,10 @@ def _tsv_merge_batch(mats: Tensor, *, method: str = "fast") -> Tensor:
         pu, pv = polar_factor(u_cat), polar_factor(v_cat)
     else:
         work = torch.float64 if mats.dtype == torch.float64 else torch.float32
-        pu, pv, s_cat = _polar_by_whitening(u_cat, work), _polar_by_whitening(v_cat, work), s_cat.to(work)
+        # float64 products: in float32 the whitening loses orthogonality like eps·κ², and tasks sharing
+        # a component (IID clients) have ill-conditioned stacked bases (review: 4e-3 vs 6.5e-8 error).
+        pu, pv = _polar_by_whitening(u_cat, torch.float64), _polar_by_whitening(v_cat, torch.float64)
+        pu, pv, s_cat = pu.to(work), pv.to(work), s_cat.to(work)
     return (pu * s_cat.unsqueeze(-2)) @ pv.mT
 
 
