@@ -151,22 +151,22 @@ def top_singular_triplets(
     return u.reshape(*batch, m, k), s.reshape(*batch, k), vh.reshape(*batch, k, n)
 
 
-def _polar_by_whitening(x: Tensor, dtype: torch.dtype) -> Tensor:
+def _polar_by_whitening(x: Tensor) -> Tensor:
     """The polar factor x (XᵀX)^(-1/2) (tall x) or (XXᵀ)^(-1/2) x (wide) of every matrix in a batch.
 
     Equal to :func:`polar_factor` (Prop. 4.1 of the TSV paper) at the cost of one float64
     eigendecomposition Q Λ Qᵀ of the smaller Gram matrix instead of an SVD of x; eigenvalues
-    ≤ c·eps·λ_max count as zero. The products with x are taken in ``dtype``.
+    ≤ c·eps·λ_max count as zero. Everything in float64: in float32 the products lose orthogonality
+    like eps·κ², and tasks sharing a component (IID clients) have ill-conditioned stacked bases.
     """
     wide = x.shape[-1] > x.shape[-2]
     if wide:
         x = x.mT
-    xd = x.double()
-    lam, q = torch.linalg.eigh(xd.mT @ xd)
+    x = x.double()
+    lam, q = torch.linalg.eigh(x.mT @ x)
     tol = lam[..., -1:].clamp_min(0) * (lam.shape[-1] * torch.finfo(torch.float64).eps)
     inv_sqrt = torch.where(lam > tol, lam.clamp_min(torch.finfo(torch.float64).tiny).rsqrt(), 0.0)
-    q = q.to(dtype)
-    out = (x.to(dtype) @ (q * inv_sqrt.to(dtype).unsqueeze(-2))) @ q.mT
+    out = (x @ (q * inv_sqrt.unsqueeze(-2))) @ q.mT
     return out.mT if wide else out
 
 
@@ -188,10 +188,7 @@ def _tsv_merge_batch(mats: Tensor, *, method: str = "fast") -> Tensor:
         pu, pv = polar_factor(u_cat), polar_factor(v_cat)
     else:
         work = torch.float64 if mats.dtype == torch.float64 else torch.float32
-        # float64 products: in float32 the whitening loses orthogonality like eps·κ², and tasks sharing
-        # a component (IID clients) have ill-conditioned stacked bases (review: 4e-3 vs 6.5e-8 error).
-        pu, pv = _polar_by_whitening(u_cat, torch.float64), _polar_by_whitening(v_cat, torch.float64)
-        pu, pv, s_cat = pu.to(work), pv.to(work), s_cat.to(work)
+        pu, pv, s_cat = _polar_by_whitening(u_cat).to(work), _polar_by_whitening(v_cat).to(work), s_cat.to(work)
     return (pu * s_cat.unsqueeze(-2)) @ pv.mT
 
 
@@ -224,7 +221,7 @@ def tsv(task_vectors: TaskVectors, p: Sequence[float]) -> dict[str, Tensor]:
         if ref.dim() == 2:
             groups.setdefault((tuple(ref.shape), ref.dtype), []).append(key)
     for (shape, dtype), keys in groups.items():
-        per_layer = len(task_vectors) * shape[0] * shape[1] * 8
+        per_layer = len(task_vectors) * shape[0] * shape[1] * (8 if dtype == torch.float64 else 4)
         step = max(1, _TSV_BATCH_BYTES // per_layer)
         for i in range(0, len(keys), step):
             chunk = keys[i:i + step]

@@ -1,4 +1,4 @@
-"""The fast TSV-M (top-k triplets by randomized range finding, polar factors by whitening) against
+"""The fast TSV-M (top-k triplets by randomized block Krylov, polar factors by whitening) against
 the full-SVD reference, on task matrices whose spectra decay like fine-tuning deltas."""
 
 from __future__ import annotations
