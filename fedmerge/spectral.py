@@ -38,12 +38,13 @@ def polar_factor(x: Tensor, rcond: float | None = None) -> Tensor:
 # TSV-M is computed two ways. ``method="exact"`` (the reference, used by the tests) takes a full
 # SVD of every task matrix and SVDs of the concatenated bases, as the published implementations do.
 # ``method="fast"`` (the default) needs only the top k = ⌊r/T⌋ triplets of each task: a randomized
-# block Krylov method in the input precision, batched over tasks and layers of one shape, with a
-# float64 Rayleigh-Ritz step; then both polar factors by whitening X (XᵀX)^(-1/2) (Prop. 4.1 of the
-# TSV paper) with the Gram matrices and their eigendecompositions in float64 and the products with X
-# in the input precision. Both drop triplets whose σ is numerically zero (≤ max(m, n) · eps · σ_1 of
-# that task), so zero matrices, tasks of rank < k and duplicated tasks give well-defined results
-# rather than arbitrary singular vectors.
+# block Krylov method in float32 (float64 for float64 input), batched over tasks and layers of one
+# shape, with a float64 Rayleigh-Ritz step whose every triplet is checked by its residual (matrices
+# whose Krylov space did not converge, such as noise-like spectra flat around σ_k, get the full SVD);
+# then both polar factors by whitening X (XᵀX)^(-1/2) (Prop. 4.1 of the TSV paper), in float64.
+# Both paths drop triplets whose σ is numerically zero (≤ max(m, n) · eps · σ_1 of that task), so
+# zero matrices, tasks of rank < k and duplicated tasks give well-defined results rather than
+# arbitrary singular vectors.
 #
 # Why these choices (measured on ViT-B/32 shapes, T = 8; see benchmarks/ and the README):
 # - TSV-M is ill-conditioned in the per-task subspaces: the stacked bases of square layers have
@@ -59,10 +60,15 @@ def polar_factor(x: Tensor, rcond: float | None = None) -> Tensor:
 #   digits (a float32 eigh of the polar Gram matrices gives a 1e-1 error), so they are float64.
 #   The products with the whitening matrices are float64 too: in float32 they lose orthogonality
 #   like eps·κ², which tasks sharing a component (IID clients) make large.
+# - The residual check costs one narrow product: Aᵀu comes from AᵀAZ, which the Krylov recursion
+#   computes anyway as each next block's seed. Converged float32 triplets reach 2e-7 to 8e-7 · σ_1
+#   on ViT shapes; the tolerance 1e-5 · σ_1 leaves a margin. Spectra flat near σ_k (noise) stay at
+#   1e-3 to 6e-2 and, unchecked, moved the merge by 0.25-0.45.
 
 _SKETCH_SEED = 0x75F  # fixed: the fast path is deterministic
 _KRYLOV_DEPTH = 10  # block Krylov steps after the first block
 _EXACT_BELOW = 64  # matrices whose smaller side is at most this get the full SVD
+_RESIDUAL_TOL = 1e-5  # Ritz triplets with ‖Aᵀu − σv‖ above this · σ_1 are refined by the full SVD
 
 
 def _rank_tol(dtype: torch.dtype, shape: Sequence[int]) -> float:
@@ -100,8 +106,54 @@ def krylov_block_size(k: int) -> int:
     return max(4, -(-k // 3))
 
 
+def _exact_top_k(a: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The top-k triplets of every matrix in a batch from its full float64 SVD."""
+    u, s, vh = torch.linalg.svd(a.double(), full_matrices=False)
+    return u[..., :k], s[..., :k], vh[..., :k, :]
+
+
+def _block_krylov_top_k(a: Tensor, k: int, block_size: int, steps: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Top-k Ritz triplets of a batch (B, m, n), m ≥ n, from a block Krylov space of ``steps`` blocks.
+
+    Returns U, σ, Vᵀ (float64) and each matrix's largest residual ‖Aᵀu_i − σ_i v_i‖ / σ_1 over its k
+    triplets: how far the Ritz pairs are from singular pairs of A (zero for exact ones).
+    """
+    batch, m, n = a.shape
+    b = block_size
+    work = torch.float64 if a.dtype == torch.float64 else torch.float32
+    aw = a.to(work)
+    # Aᵀ(A z) scales like ‖A‖²: divide by max|A| first so that float32 neither overflows nor underflows.
+    scale = aw.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(work).tiny)
+    gen = torch.Generator().manual_seed(_SKETCH_SEED)
+    z = aw.new_empty(batch, n, steps * b)  # the Krylov basis Z, filled block by block
+    y = aw.new_empty(batch, m, steps * b)  # A Z
+    w = aw.new_empty(batch, n, steps * b)  # Aᵀ A Z / scale: the next block's seed, then the residuals
+    z[..., :b] = _orthonormal(torch.randn(n, b, generator=gen, dtype=work).expand(batch, n, b))
+    for j in range(steps):
+        block = slice(j * b, (j + 1) * b)
+        if j:
+            z[..., block] = _orthonormal_complement(w[..., block.start - b:block.start], z[..., :block.start], gen)
+        y[..., block] = aw @ z[..., block]
+        w[..., block] = aw.mT @ (y[..., block] / scale)
+    # Rayleigh-Ritz on Z: the Gram matrix of Y = A Z has eigenvalues σ², so it must not be rounded to
+    # float32; it and everything after it are float64.
+    y64 = y.double()
+    theta, ritz = torch.linalg.eigh(y64.mT @ y64)
+    theta, ritz = theta.flip(-1)[..., :k], ritz.flip(-1)[..., :k]
+    s = theta.clamp_min(0).sqrt()
+    pos = (s > 0).unsqueeze(-2)
+    s_safe = torch.where(pos, s.unsqueeze(-2), 1.0)
+    u = torch.where(pos, (y64 @ ritz) / s_safe, 0.0)
+    v = z.double() @ ritz
+    at_u = torch.where(pos, (w.double() @ ritz) * (scale.double() / s_safe), 0.0)  # Aᵀ u = Aᵀ A Z w / σ
+    residual = (at_u - v * s.unsqueeze(-2)).norm(dim=-2).amax(dim=-1)
+    residual = residual / s[..., 0].clamp_min(torch.finfo(torch.float64).tiny)
+    return u, s, v.mT, residual
+
+
 def top_singular_triplets(
-    a: Tensor, k: int, *, method: str = "auto", block_size: int | None = None, depth: int = _KRYLOV_DEPTH
+    a: Tensor, k: int, *, method: str = "auto", block_size: int | None = None, depth: int = _KRYLOV_DEPTH,
+    tol: float = _RESIDUAL_TOL,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The top-k singular triplets of every matrix in a batch ``a`` (…, m, n), in float64.
 
@@ -109,10 +161,12 @@ def top_singular_triplets(
     ``torch.linalg.svd(a)[:k]``. ``method="exact"`` takes the full SVD; ``"randomized"`` a randomized
     block Krylov method: the space spanned by Ω, AᵀAΩ, …, (AᵀA)^depth Ω for a Gaussian Ω of
     ``block_size`` columns (default :func:`krylov_block_size`), built in float32 (float64 for
-    float64 input) with 2·depth + 1 products with A or Aᵀ, then a float64 Rayleigh-Ritz step
+    float64 input) with 2·depth + 2 products with A or Aᵀ, then a float64 Rayleigh-Ritz step
     (Musco & Musco, "Randomized Block Krylov Methods for Stronger and Faster Approximate SVD",
-    NeurIPS 2015). ``"auto"`` takes the full SVD when the Krylov space would exceed half the
-    matrix's smaller side, or that side is at most 64.
+    NeurIPS 2015). Every Ritz triplet is checked: a matrix whose residual ‖Aᵀu_i − σ_i v_i‖ exceeds
+    ``tol`` · σ_1 for some i ≤ k (the space had not converged: spectra flat around σ_k, like noise)
+    gets the full SVD instead. ``"auto"`` takes the full SVD when the Krylov space would exceed half
+    the matrix's smaller side, or that side is at most 64.
     """
     if method not in ("auto", "exact", "randomized"):
         raise ValueError(f"method must be 'auto', 'exact' or 'randomized', got {method!r}")
@@ -120,34 +174,17 @@ def top_singular_triplets(
     r = min(m, n)
     k = max(1, min(k, r))
     if m < n:  # work on the tall side: Aᵀ = V Σ Uᵀ
-        v, s, uh = top_singular_triplets(a.mT, k, method=method, block_size=block_size, depth=depth)
+        v, s, uh = top_singular_triplets(a.mT, k, method=method, block_size=block_size, depth=depth, tol=tol)
         return uh.mT, s, v.mT
     b = krylov_block_size(k) if block_size is None else block_size
     width = min(n, (depth + 1) * b)
     if method == "exact" or (method == "auto" and (n <= _EXACT_BELOW or 2 * width > n)) or (width // b) * b < k:
-        u, s, vh = torch.linalg.svd(a.double(), full_matrices=False)
-        return u[..., :k], s[..., :k], vh[..., :k, :]
+        return _exact_top_k(a, k)
     a = a.reshape(-1, m, n)
-    aw = a.to(torch.float64 if a.dtype == torch.float64 else torch.float32)
-    gen = torch.Generator().manual_seed(_SKETCH_SEED)
-    steps = width // b
-    z = aw.new_empty(a.shape[0], n, steps * b)  # the Krylov basis, filled block by block
-    y = aw.new_empty(a.shape[0], m, steps * b)  # A z
-    z[..., :b] = _orthonormal(torch.randn(n, b, generator=gen, dtype=aw.dtype).expand(a.shape[0], n, b))
-    y[..., :b] = aw @ z[..., :b]
-    for j in range(1, steps):
-        block = slice(j * b, (j + 1) * b)
-        z[..., block] = _orthonormal_complement(aw.mT @ y[..., block.start - b:block.start], z[..., :block.start], gen)
-        y[..., block] = aw @ z[..., block]
-    # Rayleigh-Ritz on the right Krylov space Z: Y = A Z, its Gram matrix (eigenvalues σ², so it must
-    # not be rounded to float32) and everything after it in float64.
-    y = y.double()
-    theta, w = torch.linalg.eigh(y.mT @ y)
-    theta, w = theta.flip(-1)[..., :k], w.flip(-1)[..., :k]
-    s = theta.clamp_min(0).sqrt()
-    pos = (s > 0).unsqueeze(-2)
-    u = torch.where(pos, (y @ w) / torch.where(pos, s.unsqueeze(-2), 1.0), 0.0)
-    vh = (z.double() @ w).mT
+    u, s, vh, residual = _block_krylov_top_k(a, k, b, width // b)
+    unconverged = (residual > tol).nonzero().squeeze(-1)
+    if len(unconverged):
+        u[unconverged], s[unconverged], vh[unconverged] = _exact_top_k(a[unconverged], k)
     return u.reshape(*batch, m, k), s.reshape(*batch, k), vh.reshape(*batch, k, n)
 
 

@@ -123,3 +123,46 @@ def test_krylov_triplets_of_a_matrix_of_lower_rank_than_the_krylov_space():
     live = u[:, :6]  # the triplets that carry the matrix are orthonormal and rebuild it
     torch.testing.assert_close(live.T @ live, torch.eye(6, dtype=torch.float64), atol=1e-6, rtol=0)
     assert rel_err(u[:, :6] @ torch.diag(s[:6]) @ vh[:6], a) < 1e-5
+
+
+def low_rank_plus_noise(n: int, noise: float, seed: int) -> torch.Tensor:
+    """A rank-8 signal (σ_j = 1/j) plus Gaussian noise of spectral norm ≈ 2·noise: a flat tail."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.linalg.qr(torch.randn(n, 8, generator=g, dtype=torch.float64)).Q
+    v = torch.linalg.qr(torch.randn(n, 8, generator=g, dtype=torch.float64)).Q
+    signal = (u / torch.arange(1, 9)) @ v.T
+    return (signal + noise * torch.randn(n, n, generator=g, dtype=torch.float64) / n**0.5).float()
+
+
+@pytest.mark.parametrize("noise", [0.01, 1.0])
+def test_unconverged_krylov_triplets_are_replaced_by_the_svd(noise):
+    # k = 32 falls in the noise: the Krylov space cannot resolve it, the residual check must notice
+    a = torch.stack([low_rank_plus_noise(256, noise, seed=i) for i in range(3)])
+    u0, s0, vh0 = torch.linalg.svd(a.double(), full_matrices=False)
+    truncated = u0[..., :32] @ torch.diag_embed(s0[:, :32]) @ vh0[:, :32]
+    u, s, vh = top_singular_triplets(a, 32, method="randomized", tol=float("inf"))  # unchecked Ritz triplets
+    assert rel_err(u @ torch.diag_embed(s) @ vh, truncated) > 1e-2
+    u, s, vh = top_singular_triplets(a, 32, method="randomized")
+    assert rel_err(u @ torch.diag_embed(s) @ vh, truncated) < 1e-10
+
+
+@pytest.mark.parametrize("noise", [0.01, 0.1, 1.0])
+def test_fast_tsv_of_noisy_task_matrices_matches_the_reference(noise):
+    mats = [low_rank_plus_noise(256, noise, seed=i) for i in range(8)]
+    assert rel_err(tsv_merge_matrix(mats), tsv_merge_matrix_reference(mats)) < 1e-3
+
+
+@pytest.mark.parametrize("spread", [1.0, 0.3])
+def test_fast_tsv_of_tasks_sharing_a_component_matches_the_reference(spread):
+    # IID clients: every task is a common update plus its own, so the stacked bases are ill-conditioned
+    common = decaying(256, 256, seed=100)
+    mats = [common + spread * decaying(256, 256, seed=i) for i in range(8)]
+    assert rel_err(tsv_merge_matrix(mats), tsv_merge_matrix_reference(mats)) < 1e-3
+
+
+@pytest.mark.parametrize("scale", [1e30, 1e-20])
+def test_krylov_triplets_of_extreme_scales_neither_overflow_nor_underflow(scale):
+    a = torch.stack([decaying(256, 256, seed=i) for i in range(2)]) * scale  # AᵀA would leave float32's range
+    _, s, _ = top_singular_triplets(a, 32, method="randomized")
+    s0 = torch.linalg.svdvals(a.double())[:, :32]
+    torch.testing.assert_close(s, s0, rtol=1e-5, atol=0)
