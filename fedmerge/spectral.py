@@ -58,8 +58,10 @@ def polar_factor(x: Tensor, rcond: float | None = None) -> Tensor:
 #   factors (~65 ms each on two cores) and the Rayleigh-Ritz ones (~9 ms per task and layer).
 # - Gram matrices square condition numbers: formed or diagonalised in float32 they lose σ_k²'s
 #   digits (a float32 eigh of the polar Gram matrices gives a 1e-1 error), so they are float64.
-#   The products with the whitening matrices are float64 too: in float32 they lose orthogonality
-#   like eps·κ², which tasks sharing a component (IID clients) make large.
+#   The products with the whitening matrices are float64 too unless the stacked basis is well
+#   conditioned (κ ≤ 32, as on the tall sides of fc1/fc2/in_proj): in float32 they lose
+#   orthogonality like eps·κ, and tasks sharing a component (IID clients) make κ reach 1e5.
+#   Beyond κ ≈ 1e6 the Gram matrix cannot resolve σ_min at all, and the SVD takes over.
 # - The residual check costs one narrow product: Aᵀu comes from AᵀAZ, which the Krylov recursion
 #   computes anyway as each next block's seed. Converged float32 triplets reach 2e-7 to 8e-7 · σ_1
 #   on ViT shapes; the tolerance 1e-5 · σ_1 leaves a margin. Spectra flat near σ_k (noise) stay at
@@ -69,6 +71,8 @@ _SKETCH_SEED = 0x75F  # fixed: the fast path is deterministic
 _KRYLOV_DEPTH = 10  # block Krylov steps after the first block
 _EXACT_BELOW = 64  # matrices whose smaller side is at most this get the full SVD
 _RESIDUAL_TOL = 1e-5  # Ritz triplets with ‖Aᵀu − σv‖ above this · σ_1 are refined by the full SVD
+_WHITENING_MIN_RATIO = 1e-12  # Gram eigenvalues below this · λ_max are zero or unresolved (κ > 1e6)
+_LOW_PRECISION_MAX_COND = 32.0  # stacked bases this well conditioned are whitened in float32
 
 
 def _rank_tol(dtype: torch.dtype, shape: Sequence[int]) -> float:
@@ -122,8 +126,6 @@ def _block_krylov_top_k(a: Tensor, k: int, block_size: int, steps: int) -> tuple
     b = block_size
     work = torch.float64 if a.dtype == torch.float64 else torch.float32
     aw = a.to(work)
-    # Aᵀ(A z) scales like ‖A‖²: divide by max|A| first so that float32 neither overflows nor underflows.
-    scale = aw.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(work).tiny)
     gen = torch.Generator().manual_seed(_SKETCH_SEED)
     z = aw.new_empty(batch, n, steps * b)  # the Krylov basis Z, filled block by block
     y = aw.new_empty(batch, m, steps * b)  # A Z
@@ -134,6 +136,8 @@ def _block_krylov_top_k(a: Tensor, k: int, block_size: int, steps: int) -> tuple
         if j:
             z[..., block] = _orthonormal_complement(w[..., block.start - b:block.start], z[..., :block.start], gen)
         y[..., block] = aw @ z[..., block]
+        if not j:  # Aᵀ(A z) scales like ‖A‖²: divide A z by about ‖A‖ so float32 neither over- nor underflows
+            scale = y[..., :b].abs().amax(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(work).tiny)
         w[..., block] = aw.mT @ (y[..., block] / scale)
     # Rayleigh-Ritz on Z: the Gram matrix of Y = A Z has eigenvalues σ², so it must not be rounded to
     # float32; it and everything after it are float64.
@@ -188,22 +192,34 @@ def top_singular_triplets(
     return u.reshape(*batch, m, k), s.reshape(*batch, k), vh.reshape(*batch, k, n)
 
 
-def _polar_by_whitening(x: Tensor) -> Tensor:
+def _polar_by_whitening(x: Tensor, live_columns: Tensor, dtype: torch.dtype) -> Tensor:
     """The polar factor x (XᵀX)^(-1/2) (tall x) or (XXᵀ)^(-1/2) x (wide) of every matrix in a batch.
 
-    Equal to :func:`polar_factor` (Prop. 4.1 of the TSV paper) at the cost of one float64
-    eigendecomposition Q Λ Qᵀ of the smaller Gram matrix instead of an SVD of x; eigenvalues
-    ≤ c·eps·λ_max count as zero. Everything in float64: in float32 the products lose orthogonality
-    like eps·κ², and tasks sharing a component (IID clients) have ill-conditioned stacked bases.
+    :func:`polar_factor` (Prop. 4.1 of the TSV paper) at the cost of one float64 eigendecomposition
+    Q Λ Qᵀ of the smaller Gram matrix instead of an SVD of x. ``live_columns`` counts each matrix's
+    non-zero columns: the Gram matrix cannot resolve σ below ~1e-6 · σ_max, so a matrix with more
+    eigenvalues under ``_WHITENING_MIN_RATIO`` · λ_max than its zero columns explain (duplicated
+    tasks, κ > 1e6) gets the SVD. The product with the whitening matrix is float32 when ``dtype`` is
+    and x is well conditioned (error ~eps·κ), float64 otherwise; the result has ``dtype``.
     """
     wide = x.shape[-1] > x.shape[-2]
     if wide:
         x = x.mT
     x = x.double()
     lam, q = torch.linalg.eigh(x.mT @ x)
-    tol = lam[..., -1:].clamp_min(0) * (lam.shape[-1] * torch.finfo(torch.float64).eps)
-    inv_sqrt = torch.where(lam > tol, lam.clamp_min(torch.finfo(torch.float64).tiny).rsqrt(), 0.0)
-    out = (x @ (q * inv_sqrt.unsqueeze(-2))) @ q.mT
+    small = lam <= _WHITENING_MIN_RATIO * lam[..., -1:]
+    structural_zeros = (lam.shape[-1] - live_columns).clamp_min(0)
+    inv_sqrt = torch.where(small, 0.0, lam.clamp_min(torch.finfo(torch.float64).tiny).rsqrt())
+    whiten = (q * inv_sqrt.unsqueeze(-2)) @ q.mT
+    cond_sq = lam[..., -1] / torch.where(small, torch.inf, lam).amin(dim=-1)
+    out = x.new_empty(x.shape, dtype=dtype)
+    ill = small.sum(dim=-1) > structural_zeros
+    cheap = ~ill & (cond_sq <= _LOW_PRECISION_MAX_COND**2) if dtype != torch.float64 else torch.zeros_like(ill)
+    for subset, work in ((cheap, dtype), (~ill & ~cheap, torch.float64)):
+        if bool(subset.any()):
+            out[subset] = (x[subset].to(work) @ whiten[subset].to(work)).to(dtype)
+    if bool(ill.any()):
+        out[ill] = polar_factor(x[ill]).to(dtype)
     return out.mT if wide else out
 
 
@@ -225,7 +241,9 @@ def _tsv_merge_batch(mats: Tensor, *, method: str = "fast") -> Tensor:
         pu, pv = polar_factor(u_cat), polar_factor(v_cat)
     else:
         work = torch.float64 if mats.dtype == torch.float64 else torch.float32
-        pu, pv, s_cat = _polar_by_whitening(u_cat).to(work), _polar_by_whitening(v_cat).to(work), s_cat.to(work)
+        live = keep.reshape(num_layers, t * k).sum(dim=-1)
+        pu, pv = _polar_by_whitening(u_cat, live, work), _polar_by_whitening(v_cat, live, work)
+        s_cat = s_cat.to(work)
     return (pu * s_cat.unsqueeze(-2)) @ pv.mT
 
 

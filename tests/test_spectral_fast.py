@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from fedmerge import merge
-from fedmerge.spectral import top_singular_triplets, tsv_merge_matrix, tsv_merge_matrix_reference
+from fedmerge.spectral import (_polar_by_whitening, polar_factor, top_singular_triplets, tsv_merge_matrix,
+                               tsv_merge_matrix_reference)
 
 
 def decaying(m: int, n: int, *, decay: str = "power", rank: int | None = None, seed: int = 0) -> torch.Tensor:
@@ -166,3 +167,29 @@ def test_krylov_triplets_of_extreme_scales_neither_overflow_nor_underflow(scale)
     _, s, _ = top_singular_triplets(a, 32, method="randomized")
     s0 = torch.linalg.svdvals(a.double())[:, :32]
     torch.testing.assert_close(s, s0, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("cond,dtype", [(4.0, torch.float32), (1e4, torch.float32), (1e4, torch.float64),
+                                        (1e9, torch.float32)])
+def test_polar_factor_by_whitening_equals_the_svd_one(cond, dtype):
+    # well conditioned: float32 products; κ = 1e4: float64 ones; κ = 1e9: beyond the Gram matrix, the SVD
+    g = torch.Generator().manual_seed(0)
+    u = torch.linalg.qr(torch.randn(3, 300, 60, generator=g, dtype=torch.float64)).Q
+    v = torch.linalg.qr(torch.randn(3, 60, 60, generator=g, dtype=torch.float64)).Q
+    x = (u * torch.logspace(0, -torch.log10(torch.tensor(cond)).item(), 60, dtype=torch.float64)) @ v.mT
+    live = torch.full((3,), 60)
+    # squaring κ in the Gram matrix costs eps·κ² (float64); float32 products eps·κ (when κ is small)
+    tol = 1e-6 if cond < 10 else min(1e-6, 10 * torch.finfo(torch.float64).eps * cond**2)
+    for mat in (x, x.mT):  # tall and wide
+        p = _polar_by_whitening(mat, live, dtype)
+        assert p.dtype == dtype
+        torch.testing.assert_close(p.double(), polar_factor(mat), atol=tol, rtol=0)
+
+
+def test_polar_factor_by_whitening_of_bases_with_zero_columns():
+    # dropped triplets leave zero columns: the partial isometry on the live ones, without the SVD
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 200, 40, generator=g, dtype=torch.float64)
+    x[0, :, 30:] = 0
+    p = _polar_by_whitening(x, torch.tensor([30, 40]), torch.float64)
+    torch.testing.assert_close(p, polar_factor(x), atol=1e-12, rtol=0)
