@@ -93,8 +93,10 @@ def test_batched_top_k_triplets_match_the_svd():
     torch.testing.assert_close(s, s0[:, :20], rtol=1e-6, atol=0)
     assert rel_err(u @ torch.diag_embed(s) @ vh, u0[..., :20] @ torch.diag_embed(s0[:, :20]) @ vh0[:, :20]) < 1e-5
     assert u.dtype == torch.float64 and u.shape == (3, 400, 20) and vh.shape == (3, 20, 300)
-    _, st, _ = top_singular_triplets(a.mT, 20)  # wide input
+    ut, st, vht = top_singular_triplets(a.mT, 20)  # wide input: the transposed triplets
+    assert ut.shape == (3, 300, 20) and vht.shape == (3, 20, 400)
     torch.testing.assert_close(st, s, rtol=1e-6, atol=0)
+    assert rel_err(ut @ torch.diag_embed(st) @ vht, (u @ torch.diag_embed(s) @ vh).mT) < 1e-5
 
 
 def test_fast_tsv_through_merge_keeps_dtype_and_is_deterministic():
