@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fedmerge import merge
-from fedmerge.spectral import (_polar_by_whitening, polar_factor, top_singular_triplets, tsv_merge_matrix,
+from fedmerge.spectral import (_gram_top_k, _polar_by_whitening, polar_factor, top_singular_triplets, tsv_merge_matrix,
                                tsv_merge_matrix_reference)
 
 
@@ -146,7 +146,19 @@ def test_unconverged_krylov_triplets_are_replaced_by_the_svd(noise):
     u, s, vh = top_singular_triplets(a, 32, method="randomized", tol=float("inf"))  # unchecked Ritz triplets
     assert rel_err(u @ torch.diag_embed(s) @ vh, truncated) > 1e-2
     u, s, vh = top_singular_triplets(a, 32, method="randomized")
-    assert rel_err(u @ torch.diag_embed(s) @ vh, truncated) < 1e-10
+    assert rel_err(u @ torch.diag_embed(s) @ vh, truncated) < 1e-8
+
+
+def test_top_k_from_the_gram_matrix_matches_the_svd_and_hands_unresolved_spectra_to_it():
+    # σ_k = 1e-2 σ_1 is resolved by AᵀA in float64; σ_k ≈ 3e-11 σ_1 is below what it can see
+    steep = torch.stack([decaying(300, 200, decay="exp", seed=i) for i in range(2)]).double()
+    steep[1] *= torch.logspace(0, -30, 200, dtype=torch.float64)  # column scaling: σ_60 ≈ 3e-11 σ_1
+    for a, k in ((steep[:1], 20), (steep, 60)):
+        u, s, vh = _gram_top_k(a, k)
+        u0, s0, vh0 = torch.linalg.svd(a, full_matrices=False)
+        truncated = u0[..., :k] @ torch.diag_embed(s0[:, :k]) @ vh0[:, :k]
+        assert rel_err(u @ torch.diag_embed(s) @ vh, truncated) < 1e-9
+        torch.testing.assert_close(s, s0[:, :k], rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("noise", [0.01, 0.1, 1.0])
