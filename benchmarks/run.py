@@ -5,7 +5,8 @@ Sections (each prints a table):
            authors' code), on ViT-B/32 and ViT-L/14 shapes (open_clip layout: in_proj 3d×d, out_proj
            d×d, fc1 4d×d, fc2 d×4d per block; one B/32 row in Hugging Face's q/k/v layout) at
            T = 8, 14, 20, random task matrices with σ_j ∝ 1/j or exp(−16 j/r), or a low-rank signal
-           plus noise (a spectrum flat around the cut-off: the fast path's worst case). Errors against the
+           plus noise (a spectrum flat around the cut-off), or "shared": IID clients, a common 1/j
+           update plus 0.3 × each task's own (nearly singular stacked bases). Errors against the
            float64 full-SVD reference. The baseline runs on one block and is scaled ("*"); L/14's
            fast path runs on two blocks and is scaled to 24.
   linear   every non-spectral merging method on 8 task vectors: seconds, GB/s of task vectors read,
@@ -81,6 +82,10 @@ def block_task_vectors(width: int, block: int, tasks: int, decay: str, seed: int
                        layout: str = "hf") -> list[dict[str, torch.Tensor]]:
     """One transformer block's 2-D tensors for ``tasks`` task vectors (generated, never downloaded)."""
     gen = torch.Generator().manual_seed(seed * 1000 + block)
+    if decay == "shared":  # IID clients: one common 1/j update plus 0.3 × each task's own
+        common = {name: decaying_matrix(rows * width, cols * width, "power", gen) for name, rows, cols in LAYOUTS[layout]}
+        return [{f"{block}.{name}": common[name] + 0.3 * decaying_matrix(rows * width, cols * width, "power", gen)
+                 for name, rows, cols in LAYOUTS[layout]} for _ in range(tasks)]
     return [{f"{block}.{name}": decaying_matrix(rows * width, cols * width, decay, gen)
              for name, rows, cols in LAYOUTS[layout]} for _ in range(tasks)]
 
@@ -115,8 +120,8 @@ def bench_tsv(quick: bool) -> list[list]:
         return {k: fn([tv[k] for tv in tvs]) for k in tvs[0]}
 
     configs = [("ViT-B/32", "open_clip", t, "power") for t in (8, 14, 20)]
-    configs += [("ViT-B/32", "open_clip", 8, "exp"), ("ViT-B/32", "open_clip", 8, "noise"),
-                ("ViT-B/32", "hf", 8, "power")]
+    configs += [("ViT-B/32", "open_clip", 8, d) for d in ("exp", "noise", "shared")]
+    configs += [("ViT-B/32", "hf", 8, "power")]
     configs += [("ViT-L/14", "open_clip", t, "power") for t in (8, 14, 20)]
     if quick:
         configs = [("ViT-B/32", "open_clip", 8, "power"), ("ViT-B/32", "open_clip", 8, "exp")]
@@ -142,7 +147,7 @@ def bench_tsv(quick: bool) -> list[list]:
             del tvs, out
         fast_total = fast_s * blocks / fast_blocks
         pub_total = pub_s * blocks
-        rows.append([model, layout, tasks, {"power": "1/j", "exp": "exp", "noise": "noise"}[decay], f"{params * blocks / 1e6:.0f}M",
+        rows.append([model, layout, tasks, {"power": "1/j", "exp": "exp", "noise": "noise", "shared": "shared"}[decay], f"{params * blocks / 1e6:.0f}M",
                      f"{fast_total:.1f}" + ("" if fast_blocks == blocks else "*"), f"{pub_total:.1f}*",
                      f"{pub_total / fast_total:.1f}×", f"{err:.1e}", f"{pub_err:.1e}"])
         print(f"  tsv {model} {layout} T={tasks} {decay}: fast {fast_total:.1f}s published {pub_total:.1f}s",

@@ -69,6 +69,11 @@ def polar_factor(x: Tensor, rcond: float | None = None) -> Tensor:
 #   1e-3 to 6e-2 and, unchecked, moved the merge by 0.25-0.45. Those matrices then cost the
 #   Krylov work plus a float64 Gram eigendecomposition (2-3× cheaper than the SVD): on a ViT-B/32
 #   block of noise-like tasks the fast path is about as fast as the published float32 code.
+# - Tasks sharing most of their top directions (IID clients: a common update plus a small own part)
+#   make the stacked bases nearly singular (σ_min 1e-5 to 1e-7), and the merge amplifies the float32
+#   triplets' errors to 1e-3 (the published float32 code: 4e-4 to 2e-3). Such layers are found
+#   after the first merge from the whitening's smallest σ (< 1e-4) and merged again with float64
+#   triplets from AᵀA: errors 1e-6 to 1e-7, at about the published code's cost for those layers.
 
 _SKETCH_SEED = 0x75F  # fixed: the fast path is deterministic
 _KRYLOV_DEPTH = 10  # block Krylov steps after the first block
@@ -77,6 +82,7 @@ _RESIDUAL_TOL = 1e-5  # Ritz triplets with ‖Aᵀu − σv‖ above this · σ_
 _GRAM_MIN_RATIO = 1e-4  # σ_k/σ_1 below which AᵀA cannot give the triplets accurately: full SVD
 _WHITENING_MIN_RATIO = 1e-12  # Gram eigenvalues below this · λ_max are zero or unresolved (κ > 1e6)
 _LOW_PRECISION_MAX_COND = 32.0  # stacked bases this well conditioned are whitened in float32
+_REFINE_BELOW = 1e-4  # stacked bases with σ_min below this get float64 triplets (see _tsv_merge_batch)
 
 
 def _rank_tol(dtype: torch.dtype, shape: Sequence[int]) -> float:
@@ -192,11 +198,12 @@ def top_singular_triplets(
     (Musco & Musco, "Randomized Block Krylov Methods for Stronger and Faster Approximate SVD",
     NeurIPS 2015). Every Ritz triplet is checked: a matrix whose residual ‖Aᵀu_i − σ_i v_i‖ exceeds
     ``tol`` · σ_1 for some i ≤ k (the space had not converged: spectra flat around σ_k, like noise)
-    gets them from the float64 eigendecomposition of AᵀA instead (or the SVD when σ_k < 1e-4 · σ_1). ``"auto"`` takes the full SVD when the Krylov space would exceed half
+    gets them from the float64 eigendecomposition of AᵀA instead (or the SVD when σ_k < 1e-4 · σ_1),
+    which ``method="gram"`` uses for every matrix. ``"auto"`` takes the full SVD when the Krylov space would exceed half
     the matrix's smaller side, or that side is at most 64.
     """
-    if method not in ("auto", "exact", "randomized"):
-        raise ValueError(f"method must be 'auto', 'exact' or 'randomized', got {method!r}")
+    if method not in ("auto", "exact", "randomized", "gram"):
+        raise ValueError(f"method must be 'auto', 'exact', 'randomized' or 'gram', got {method!r}")
     *batch, m, n = a.shape
     r = min(m, n)
     k = max(1, min(k, r))
@@ -208,6 +215,9 @@ def top_singular_triplets(
     if method == "exact" or (method == "auto" and (n <= _EXACT_BELOW or 2 * width > n)) or (width // b) * b < k:
         return _exact_top_k(a, k)
     a = a.reshape(-1, m, n)
+    if method == "gram":
+        u, s, vh = _gram_top_k(a, k)
+        return u.reshape(*batch, m, k), s.reshape(*batch, k), vh.reshape(*batch, k, n)
     u, s, vh, residual = _block_krylov_top_k(a, k, b, width // b)
     unconverged = (residual > tol).nonzero().squeeze(-1)
     if len(unconverged):
@@ -223,7 +233,8 @@ def _polar_by_whitening(x: Tensor, live_columns: Tensor, dtype: torch.dtype) -> 
     non-zero columns: the Gram matrix cannot resolve σ below ~1e-6 · σ_max, so a matrix with more
     eigenvalues under ``_WHITENING_MIN_RATIO`` · λ_max than its zero columns explain (duplicated
     tasks, κ > 1e6) gets the SVD. The product with the whitening matrix is float32 when ``dtype`` is
-    and x is well conditioned (error ~eps·κ), float64 otherwise; the result has ``dtype``.
+    and x is well conditioned (error ~eps·κ), float64 otherwise; the result has ``dtype``. Also
+    returns each matrix's smallest resolved σ (0 where the Gram matrix could not resolve it).
     """
     wide = x.shape[-1] > x.shape[-2]
     if wide:
@@ -234,40 +245,60 @@ def _polar_by_whitening(x: Tensor, live_columns: Tensor, dtype: torch.dtype) -> 
     structural_zeros = (lam.shape[-1] - live_columns).clamp_min(0)
     inv_sqrt = torch.where(small, 0.0, lam.clamp_min(torch.finfo(torch.float64).tiny).rsqrt())
     whiten = (q * inv_sqrt.unsqueeze(-2)) @ q.mT
-    cond_sq = lam[..., -1] / torch.where(small, torch.inf, lam).amin(dim=-1)
+    lam_min = torch.where(small, torch.inf, lam).amin(dim=-1)
+    cond_sq = lam[..., -1] / lam_min
     out = x.new_empty(x.shape, dtype=dtype)
     ill = small.sum(dim=-1) > structural_zeros
+    sigma_min = torch.where(ill | lam_min.isinf(), 0.0, lam_min.sqrt())
     cheap = ~ill & (cond_sq <= _LOW_PRECISION_MAX_COND**2) if dtype != torch.float64 else torch.zeros_like(ill)
     for subset, work in ((cheap, dtype), (~ill & ~cheap, torch.float64)):
         if bool(subset.any()):
             out[subset] = (x[subset].to(work) @ whiten[subset].to(work)).to(dtype)
     if bool(ill.any()):
         out[ill] = polar_factor(x[ill]).to(dtype)
-    return out.mT if wide else out
+    return (out.mT if wide else out), sigma_min
 
 
 def _tsv_merge_batch(mats: Tensor, *, method: str = "fast") -> Tensor:
     """TSV-M for a batch of layers of one shape: ``mats`` (L, T, m, n) → merged (L, m, n).
 
-    float64 for ``method="exact"`` and float64 input, float32 otherwise.
+    float64 for ``method="exact"`` and float64 input, float32 otherwise. In the fast path, layers
+    whose stacked bases turn out nearly singular (σ_min < ``_REFINE_BELOW``: tasks sharing most of
+    their top directions) have float32 triplets recomputed in float64 from AᵀA and are merged again.
     """
     num_layers, t, m, n = mats.shape
     k = max(1, min(m, n) // t)
-    tol = _rank_tol(mats.dtype, (m, n))
-    u, s, vh = top_singular_triplets(mats, k, method="exact" if method == "exact" else "auto")
-    keep = s > tol * s[..., :1]  # numerically zero triplets carry nothing of their task
-    s = s * keep
+    if method == "exact":
+        u, s, vh = top_singular_triplets(mats, k, method="exact")
+        return _merge_triplets(mats.dtype, u, s, vh, exact=True)[0]
+    merged, sigma_min = _merge_triplets(mats.dtype, *top_singular_triplets(mats, k))
+    refine = (sigma_min < _REFINE_BELOW).nonzero().squeeze(-1)
+    if mats.dtype != torch.float64 and len(refine):  # float64 input had float64 triplets already
+        triplets = top_singular_triplets(mats[refine], k, method="gram")
+        merged[refine] = _merge_triplets(mats.dtype, *triplets)[0]
+    return merged
+
+
+def _merge_triplets(dtype: torch.dtype, u: Tensor, s: Tensor, vh: Tensor, *, exact: bool = False) -> tuple[Tensor, Tensor]:
+    """U⊥ diag(σ) V⊥ᵀ from every task's top-k triplets (L, T, …), and the stacked bases' smallest σ.
+
+    Triplets with σ ≤ max(m, n) · eps(``dtype``) · σ_1 of their task are dropped. ``exact``: polar
+    factors by SVD, float64; otherwise by whitening, in float32 unless ``dtype`` is float64.
+    """
+    num_layers, t, m, k = u.shape
+    n = vh.shape[-1]
+    keep = s > _rank_tol(dtype, (m, n)) * s[..., :1]  # numerically zero triplets carry nothing of their task
+    s_cat = (s * keep).reshape(num_layers, t * k)
     u_cat = (u * keep.unsqueeze(-2)).permute(0, 2, 1, 3).reshape(num_layers, m, t * k)
     v_cat = (vh * keep.unsqueeze(-1)).permute(0, 3, 1, 2).reshape(num_layers, n, t * k)
-    s_cat = s.reshape(num_layers, t * k)
-    if method == "exact":
-        pu, pv = polar_factor(u_cat), polar_factor(v_cat)
+    if exact:
+        pu, pv, sigma_min = polar_factor(u_cat), polar_factor(v_cat), s_cat.new_zeros(num_layers)
     else:
-        work = torch.float64 if mats.dtype == torch.float64 else torch.float32
+        work = torch.float64 if dtype == torch.float64 else torch.float32
         live = keep.reshape(num_layers, t * k).sum(dim=-1)
-        pu, pv = _polar_by_whitening(u_cat, live, work), _polar_by_whitening(v_cat, live, work)
-        s_cat = s_cat.to(work)
-    return (pu * s_cat.unsqueeze(-2)) @ pv.mT
+        (pu, su), (pv, sv) = _polar_by_whitening(u_cat, live, work), _polar_by_whitening(v_cat, live, work)
+        s_cat, sigma_min = s_cat.to(work), torch.minimum(su, sv)
+    return (pu * s_cat.unsqueeze(-2)) @ pv.mT, sigma_min
 
 
 def tsv_merge_matrix(matrices: Sequence[Tensor], *, method: str = "fast") -> Tensor:
