@@ -73,7 +73,9 @@ def polar_factor(x: Tensor, rcond: float | None = None) -> Tensor:
 #   make the stacked bases nearly singular (σ_min 1e-5 to 1e-7), and the merge amplifies the float32
 #   triplets' errors to 1e-3 (the published float32 code: 4e-4 to 2e-3). Such layers are found
 #   after the first merge from the whitening's smallest σ (< 1e-4) and merged again with float64
-#   triplets from AᵀA: errors 1e-6 to 1e-7, at about the published code's cost for those layers.
+#   triplets from AᵀA: errors 1e-6 to 1e-7. Layers whose tasks are alike (mean cosine > 0.3) go
+#   there directly, skipping the Krylov pass they would waste: on a ViT-B/32 block of IID-like
+#   tasks 8 s instead of 10-13 s (the published code: 10-11 s, error 1e-3).
 
 _SKETCH_SEED = 0x75F  # fixed: the fast path is deterministic
 _KRYLOV_DEPTH = 10  # block Krylov steps after the first block
@@ -83,6 +85,7 @@ _GRAM_MIN_RATIO = 1e-4  # σ_k/σ_1 below which AᵀA cannot give the triplets a
 _WHITENING_MIN_RATIO = 1e-12  # Gram eigenvalues below this · λ_max are zero or unresolved (κ > 1e6)
 _LOW_PRECISION_MAX_COND = 32.0  # stacked bases this well conditioned are whitened in float32
 _REFINE_BELOW = 1e-4  # stacked bases with σ_min below this get float64 triplets (see _tsv_merge_batch)
+_ALIKE_TASKS = 0.3  # layers whose tasks' mean pairwise cosine exceeds this get float64 triplets at once
 
 
 def _rank_tol(dtype: torch.dtype, shape: Sequence[int]) -> float:
@@ -264,19 +267,41 @@ def _tsv_merge_batch(mats: Tensor, *, method: str = "fast") -> Tensor:
 
     float64 for ``method="exact"`` and float64 input, float32 otherwise. In the fast path, layers
     whose stacked bases turn out nearly singular (σ_min < ``_REFINE_BELOW``: tasks sharing most of
-    their top directions) have float32 triplets recomputed in float64 from AᵀA and are merged again.
+    their top directions) have float32 triplets recomputed in float64 from AᵀA and are merged again;
+    layers whose tasks are alike (mean cosine > ``_ALIKE_TASKS``) take that path from the start.
     """
     num_layers, t, m, n = mats.shape
     k = max(1, min(m, n) // t)
     if method == "exact":
         u, s, vh = top_singular_triplets(mats, k, method="exact")
         return _merge_triplets(mats.dtype, u, s, vh, exact=True)[0]
-    merged, sigma_min = _merge_triplets(mats.dtype, *top_singular_triplets(mats, k))
-    refine = (sigma_min < _REFINE_BELOW).nonzero().squeeze(-1)
-    if mats.dtype != torch.float64 and len(refine):  # float64 input had float64 triplets already
-        triplets = top_singular_triplets(mats[refine], k, method="gram")
-        merged[refine] = _merge_triplets(mats.dtype, *triplets)[0]
+    if mats.dtype == torch.float64:  # float64 Krylov triplets need no refinement
+        return _merge_triplets(mats.dtype, *top_singular_triplets(mats, k))[0]
+    # Layers whose tasks are alike (IID clients) would be refined anyway: straight to AᵀA for them.
+    alike = _mean_task_cosine(mats) > _ALIKE_TASKS
+    merged = mats.new_empty(num_layers, m, n, dtype=torch.float32)
+    for subset, method_ in ((~alike, "auto"), (alike, "gram")):
+        if not bool(subset.any()):
+            continue
+        part = mats if bool(subset.all()) else mats[subset]
+        out, sigma_min = _merge_triplets(mats.dtype, *top_singular_triplets(part, k, method=method_))
+        refine = (sigma_min < _REFINE_BELOW).nonzero().squeeze(-1)
+        if method_ == "auto" and len(refine):
+            out[refine] = _merge_triplets(mats.dtype, *top_singular_triplets(part[refine], k, method="gram"))[0]
+        merged[subset] = out
     return merged
+
+
+def _mean_task_cosine(mats: Tensor) -> Tensor:
+    """Mean cosine similarity ⟨Δ_s, Δ_t⟩ / (‖Δ_s‖ ‖Δ_t‖) over task pairs s ≠ t of every layer (L, T, m, n)."""
+    num_layers, t = mats.shape[:2]
+    if t < 2:
+        return mats.new_zeros(num_layers)
+    flat = mats.reshape(num_layers, t, -1)
+    gram = (flat @ flat.mT).double()
+    norms = gram.diagonal(dim1=-2, dim2=-1).clamp_min(torch.finfo(torch.float64).tiny).sqrt()
+    cosine = gram / (norms.unsqueeze(-1) * norms.unsqueeze(-2))
+    return (cosine.sum(dim=(-2, -1)) - cosine.diagonal(dim1=-2, dim2=-1).sum(-1)) / (t * (t - 1))
 
 
 def _merge_triplets(dtype: torch.dtype, u: Tensor, s: Tensor, vh: Tensor, *, exact: bool = False) -> tuple[Tensor, Tensor]:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fedmerge import merge
-from fedmerge.spectral import (_gram_top_k, _polar_by_whitening, polar_factor, top_singular_triplets, tsv_merge_matrix,
+from fedmerge.spectral import (_gram_top_k, _mean_task_cosine, _polar_by_whitening, polar_factor, top_singular_triplets, tsv_merge_matrix,
                                tsv_merge_matrix_reference)
 
 
@@ -176,6 +176,14 @@ def test_fast_tsv_of_tasks_sharing_a_component_matches_the_reference(spread):
     assert rel_err(tsv_merge_matrix(mats), tsv_merge_matrix_reference(mats)) < 1e-4
 
 
+def test_fast_tsv_refines_layers_whose_tasks_share_directions_without_being_alike():
+    # ± one common update: mean cosine −1/7 (not "alike"), the same top subspaces all the same, so
+    # the stacked bases are nearly singular; float32 Krylov triplets alone give ~1e-3
+    common = decaying(512, 256, seed=100)
+    mats = [(-1) ** i * common + 0.03 * decaying(512, 256, seed=i) for i in range(8)]
+    assert rel_err(tsv_merge_matrix(mats), tsv_merge_matrix_reference(mats)) < 1e-4
+
+
 @pytest.mark.parametrize("scale", [1e30, 1e-20])
 def test_krylov_triplets_of_extreme_scales_neither_overflow_nor_underflow(scale):
     a = torch.stack([decaying(256, 256, seed=i) for i in range(2)]) * scale  # AᵀA would leave float32's range
@@ -210,3 +218,22 @@ def test_polar_factor_by_whitening_of_bases_with_zero_columns():
     x[0, :, 30:] = 0
     p, _ = _polar_by_whitening(x, torch.tensor([30, 40]), torch.float64)
     torch.testing.assert_close(p, polar_factor(x), atol=1e-12, rtol=0)
+
+
+def test_mean_task_cosine_by_hand():
+    a, b = torch.tensor([[1.0, 0.0], [0.0, 0.0]]), torch.tensor([[0.0, 2.0], [0.0, 0.0]])
+    mats = torch.stack([torch.stack([a, a, -a]), torch.stack([a, b, a + b])])  # (L=2, T=3, 2, 2)
+    # layer 0: cos(a, a) = 1, cos(a, −a) = −1 twice → −1/3
+    # layer 1: cos(a, b) = 0, cos(a, a+b) = 1/√5, cos(b, a+b) = 4/(2√5) → 1/√5
+    expected = [-1 / 3, (0 + 1 / 5**0.5 + 2 / 5**0.5) / 3]
+    torch.testing.assert_close(_mean_task_cosine(mats), torch.tensor(expected, dtype=torch.float64))
+
+
+def test_a_batch_mixing_alike_and_independent_layers_matches_the_reference():
+    # two layers of one shape go through _tsv_merge_batch together: one IID-like, one independent
+    common = decaying(512, 256, seed=100)
+    tvs = [{"alike": common + 0.1 * decaying(512, 256, seed=i), "independent": decaying(512, 256, seed=50 + i)}
+           for i in range(8)]
+    out = merge("tsv", tvs)
+    for key in ("alike", "independent"):
+        assert rel_err(out[key], tsv_merge_matrix_reference([tv[key] for tv in tvs])) < 1e-4
