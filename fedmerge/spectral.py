@@ -171,10 +171,11 @@ def _block_krylov_top_k(a: Tensor, k: int, block_size: int, steps: int) -> tuple
         if not j:  # Aᵀ(A z) scales like ‖A‖²: divide A z by about ‖A‖ so float32 neither over- nor underflows
             scale = y[..., :b].abs().amax(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(work).tiny)
         w[..., block] = aw.mT @ (y[..., block] / scale)
-    # Rayleigh-Ritz on Z: the Gram matrix of Y = A Z has eigenvalues σ², so it must not be rounded to
-    # float32; it and everything after it are float64.
+    # Rayleigh-Ritz on Z: ZᵀAᵀAZ = Zᵀ W · scale (n-long products instead of YᵀY's m-long ones) has
+    # eigenvalues σ², so it must not be rounded to float32; it and everything after it are float64.
     y64 = y.double()
-    theta, ritz = torch.linalg.eigh(y64.mT @ y64)
+    projected = (z.double().mT @ w.double()) * scale.double()
+    theta, ritz = torch.linalg.eigh((projected + projected.mT) / 2)
     theta, ritz = theta.flip(-1)[..., :k], ritz.flip(-1)[..., :k]
     s = theta.clamp_min(0).sqrt()
     pos = (s > 0).unsqueeze(-2)
