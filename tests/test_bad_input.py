@@ -229,6 +229,16 @@ def test_merge_api_rejects_non_finite_task_vectors_naming_the_client(bad):
         merge("fedavg", taus)
 
 
+def test_finite_check_is_exact_where_a_sum_would_mislead():
+    # +Inf and −Inf cancel to NaN in a sum; finite values may overflow one: neither may fool the check
+    with pytest.raises(MergeError, match="contains NaN or Inf"):
+        merge("fedavg", [{"w": torch.ones(2)}, {"w": torch.tensor([float("inf"), -float("inf")])}])
+    huge = {"w": torch.tensor([3e38, 3e38])}  # finite, but their float32 sum is Inf
+    assert torch.equal(merge("median", [huge, huge, huge])["w"], huge["w"])
+    big_half = {"w": torch.full((4,), 60000.0, dtype=torch.float16)}  # the float16 sum would overflow
+    assert torch.equal(merge("median", [big_half] * 3)["w"], big_half["w"])
+
+
 @pytest.mark.parametrize("taus,needle", [
     ([], "no task vectors"),
     ([{"w": torch.ones(3)}, {"w": torch.ones(4)}], "shape"),
