@@ -137,11 +137,17 @@ def _gram_top_k(a: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     triplets with σ ≥ 1e-4 · σ_1 (errors ~eps·σ_1²/σ² ≤ 2e-8); a matrix whose σ_k is below that gets
     the SVD, since the Gram matrix rounds σ ≲ 1e-8 · σ_1 away.
     """
-    a64 = a.double()
-    lam, q = torch.linalg.eigh(a64.mT @ a64)
+    batch, m, n = a.shape
+    gram = a.new_empty(batch, n, n, dtype=torch.float64)
+    for i, ai in enumerate(a):  # one float64 copy of a matrix at a time, not of the batch
+        ai = ai.double()
+        torch.matmul(ai.mT, ai, out=gram[i])
+    lam, q = torch.linalg.eigh(gram)
+    del gram
     lam, v = lam.flip(-1)[..., :k], q.flip(-1)[..., :k]
     s = lam.clamp_min(0).sqrt()
-    u = (a64 @ v) / s.clamp_min(torch.finfo(torch.float64).tiny).unsqueeze(-2)
+    u = torch.stack([ai.double() @ vi for ai, vi in zip(a, v)])
+    u /= s.clamp_min(torch.finfo(torch.float64).tiny).unsqueeze(-2)
     unresolved = (s[..., -1] < _GRAM_MIN_RATIO * s[..., 0]).nonzero().squeeze(-1)
     if len(unresolved):
         u[unresolved], s[unresolved], vh = _exact_top_k(a[unresolved], k)
