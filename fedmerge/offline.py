@@ -11,7 +11,9 @@ works key by key, so what is held is the merged result plus one tensor per clien
 the magnitudes of one task vector at a time to find its threshold), and safetensors' writer builds
 the output's bytes in memory: measured on 8 checkpoints of 100M parameters, fedavg peaks 1.74 model
 sizes above the imports, median 3.1 (``python -m benchmarks --only offline``). A checkpoint replaced
-on disk mid-merge is noticed (device, inode, size, mtime) and stops the merge before anything is written.
+or rewritten on disk mid-merge is noticed (device, inode, size, mtime, checked after each safetensors
+read and before each access to a memory-mapped ``.pt`` state dict) and stops the merge before anything
+is written; a ``.pt`` file truncated in place between that check and the access is not caught.
 Each τ_i is formed in float32 for half-precision tensors and kept in the checkpoint's dtype (as
 :meth:`TaskVector.between` does); the output keeps every tensor's dtype. Integer buffers are copied
 from the base. The models must match the base tensor for tensor (names, shapes, dtypes); anything else
@@ -67,20 +69,27 @@ class Checkpoint:
 
     def __getitem__(self, key: str) -> Tensor:
         self.on_read()
-        if self._state is not None:
+        if self._state is not None:  # memory-mapped once: a truncation in place would fault, so check
+            self._check_unchanged()
             return self._state[key]
         from safetensors import SafetensorError, safe_open
 
         # A handle per read: safe_open memory-maps the file, and a long-lived mapping keeps every page
         # read so far in the resident set (8 checkpoints of 100M parameters: 12 model sizes). Reopening
-        # by name must find the file that was checked, not one written over it since.
+        # by name must have found the file that was checked, not one written over it since: checked
+        # after the read, so a replacement between the check and the open cannot slip through.
         try:
-            if _file_identity(self.path) != self._identity:
-                raise CheckpointError(f"{self.path}: changed on disk during the merge; nothing was written")
             with safe_open(str(self.path), framework="pt") as handle:
-                return handle.get_tensor(key)
+                tensor = handle.get_tensor(key)
         except (SafetensorError, OSError) as exc:
+            self._check_unchanged()
             raise CheckpointError(f"{self.path}: reading tensor {key!r} failed ({exc})") from None
+        self._check_unchanged()
+        return tensor
+
+    def _check_unchanged(self) -> None:
+        if _file_identity(self.path) != self._identity:
+            raise CheckpointError(f"{self.path}: changed on disk during the merge; nothing was written")
 
 
 def _file_identity(path: Path) -> tuple[int, ...]:

@@ -42,7 +42,9 @@ def polar_factor(x: Tensor, rcond: float | None = None) -> Tensor:
 # shape, with a float64 Rayleigh-Ritz step whose every triplet is checked by its residual (matrices
 # whose Krylov space did not converge, such as noise-like spectra flat around σ_k, get them from a
 # float64 eigendecomposition of AᵀA);
-# then both polar factors by whitening X (XᵀX)^(-1/2) (Prop. 4.1 of the TSV paper), in float64.
+# then both polar factors by whitening X (XᵀX)^(-1/2) (Prop. 4.1 of the TSV paper), in float64
+# (the final products in float32 where the stacked bases are well conditioned); nearly singular
+# stacked bases send their layer back for float64 triplets.
 # Both paths drop triplets whose σ is numerically zero (≤ max(m, n) · eps · σ_1 of that task), so
 # zero matrices, tasks of rank < k and duplicated tasks give well-defined results rather than
 # arbitrary singular vectors.
@@ -73,7 +75,8 @@ def polar_factor(x: Tensor, rcond: float | None = None) -> Tensor:
 #   make the stacked bases nearly singular (σ_min 1e-5 to 1e-7), and the merge amplifies the float32
 #   triplets' errors to 1e-3 (the published float32 code: 4e-4 to 2e-3). Such layers are found
 #   after the first merge from the whitening's smallest σ (< 1e-4) and merged again with float64
-#   triplets from AᵀA: errors 1e-6 to 1e-7. Layers whose tasks are alike (mean cosine > 0.3) go
+#   triplets from AᵀA: errors ~1e-6 (4e-5 when the own parts are 3e-4 of the common one). Layers
+#   whose tasks are alike (mean cosine > 0.3) go
 #   there directly, skipping the Krylov pass they would waste: on a ViT-B/32 block of IID-like
 #   tasks 8 s instead of 10-13 s (the published code: 10-11 s, error 1e-3).
 
@@ -138,16 +141,14 @@ def _gram_top_k(a: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     the SVD, since the Gram matrix rounds σ ≲ 1e-8 · σ_1 away.
     """
     batch, m, n = a.shape
-    gram = a.new_empty(batch, n, n, dtype=torch.float64)
+    u = a.new_empty(batch, m, k, dtype=torch.float64)
+    s = a.new_empty(batch, k, dtype=torch.float64)
+    v = a.new_empty(batch, n, k, dtype=torch.float64)
     for i, ai in enumerate(a):  # one float64 copy of a matrix at a time, not of the batch
         ai = ai.double()
-        torch.matmul(ai.mT, ai, out=gram[i])
-    lam, q = torch.linalg.eigh(gram)
-    del gram
-    lam, v = lam.flip(-1)[..., :k], q.flip(-1)[..., :k]
-    s = lam.clamp_min(0).sqrt()
-    u = torch.stack([ai.double() @ vi for ai, vi in zip(a, v)])
-    u /= s.clamp_min(torch.finfo(torch.float64).tiny).unsqueeze(-2)
+        lam, q = torch.linalg.eigh(ai.mT @ ai)
+        s[i], v[i] = lam.flip(-1)[:k].clamp_min(0).sqrt(), q.flip(-1)[:, :k]
+        u[i] = (ai @ v[i]) / s[i].clamp_min(torch.finfo(torch.float64).tiny)
     unresolved = (s[..., -1] < _GRAM_MIN_RATIO * s[..., 0]).nonzero().squeeze(-1)
     if len(unresolved):
         u[unresolved], s[unresolved], vh = _exact_top_k(a[unresolved], k)
@@ -236,7 +237,7 @@ def top_singular_triplets(
     return u.reshape(*batch, m, k), s.reshape(*batch, k), vh.reshape(*batch, k, n)
 
 
-def _polar_by_whitening(x: Tensor, live_columns: Tensor, dtype: torch.dtype) -> Tensor:
+def _polar_by_whitening(x: Tensor, live_columns: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """The polar factor x (XᵀX)^(-1/2) (tall x) or (XXᵀ)^(-1/2) x (wide) of every matrix in a batch.
 
     :func:`polar_factor` (Prop. 4.1 of the TSV paper) at the cost of one float64 eigendecomposition
@@ -245,7 +246,8 @@ def _polar_by_whitening(x: Tensor, live_columns: Tensor, dtype: torch.dtype) -> 
     eigenvalues under ``_WHITENING_MIN_RATIO`` · λ_max than its zero columns explain (duplicated
     tasks, κ > 1e6) gets the SVD. The product with the whitening matrix is float32 when ``dtype`` is
     and x is well conditioned (error ~eps·κ), float64 otherwise; the result has ``dtype``. Also
-    returns each matrix's smallest resolved σ (0 where the Gram matrix could not resolve it).
+    returns each matrix's smallest resolved σ (0 where the Gram matrix could not resolve it, ∞ for
+    a zero matrix).
     """
     wide = x.shape[-1] > x.shape[-2]
     if wide:
@@ -260,7 +262,7 @@ def _polar_by_whitening(x: Tensor, live_columns: Tensor, dtype: torch.dtype) -> 
     cond_sq = lam[..., -1] / lam_min
     out = x.new_empty(x.shape, dtype=dtype)
     ill = small.sum(dim=-1) > structural_zeros
-    sigma_min = torch.where(ill | lam_min.isinf(), 0.0, lam_min.sqrt())
+    sigma_min = torch.where(ill, 0.0, lam_min.sqrt())  # lam_min = ∞: nothing live, nothing to refine
     cheap = ~ill & (cond_sq <= _LOW_PRECISION_MAX_COND**2) if dtype != torch.float64 else torch.zeros_like(ill)
     for subset, work in ((cheap, dtype), (~ill & ~cheap, torch.float64)):
         if bool(subset.any()):
@@ -273,21 +275,21 @@ def _polar_by_whitening(x: Tensor, live_columns: Tensor, dtype: torch.dtype) -> 
 def _tsv_merge_batch(mats: Tensor, *, method: str = "fast") -> Tensor:
     """TSV-M for a batch of layers of one shape: ``mats`` (L, T, m, n) → merged (L, m, n).
 
-    float64 for ``method="exact"`` and float64 input, float32 otherwise. In the fast path, layers
-    whose stacked bases turn out nearly singular (σ_min < ``_REFINE_BELOW``: tasks sharing most of
-    their top directions) have float32 triplets recomputed in float64 from AᵀA and are merged again;
-    layers whose tasks are alike (mean cosine > ``_ALIKE_TASKS``) take that path from the start.
+    float64 for ``method="exact"`` and float64 input, float32 otherwise (``mats`` is float32 or
+    float64). In the fast path, layers whose stacked bases turn out nearly singular (σ_min <
+    ``_REFINE_BELOW``: tasks sharing most of their top directions) have their Krylov triplets
+    recomputed from AᵀA in float64 and are merged again; layers whose tasks are alike (mean cosine >
+    ``_ALIKE_TASKS``) take that path from the start. Krylov triplets are only accurate to their
+    residual tolerance, in float64 as in float32, so both need this.
     """
     num_layers, t, m, n = mats.shape
     k = max(1, min(m, n) // t)
     if method == "exact":
         u, s, vh = top_singular_triplets(mats, k, method="exact")
         return _merge_triplets(mats.dtype, u, s, vh, exact=True)[0]
-    if mats.dtype == torch.float64:  # float64 Krylov triplets need no refinement
-        return _merge_triplets(mats.dtype, *top_singular_triplets(mats, k))[0]
     # Layers whose tasks are alike (IID clients) would be refined anyway: straight to AᵀA for them.
     alike = _mean_task_cosine(mats) > _ALIKE_TASKS
-    merged = mats.new_empty(num_layers, m, n, dtype=torch.float32)
+    merged = mats.new_empty(num_layers, m, n)
     for subset, method_ in ((~alike, "auto"), (alike, "gram")):
         if not bool(subset.any()):
             continue
@@ -307,6 +309,9 @@ def _mean_task_cosine(mats: Tensor) -> Tensor:
         return mats.new_zeros(num_layers)
     flat = mats.reshape(num_layers, t, -1)
     gram = (flat @ flat.mT).double()
+    if not bool(torch.isfinite(gram).all()) or bool((gram.diagonal(dim1=-2, dim2=-1) < 1e-30).any()):
+        flat = flat.double()  # squares left float32's range (|entries| beyond ~1e18 or below ~1e-15)
+        gram = flat @ flat.mT
     norms = gram.diagonal(dim1=-2, dim2=-1).clamp_min(torch.finfo(torch.float64).tiny).sqrt()
     cosine = gram / (norms.unsqueeze(-1) * norms.unsqueeze(-2))
     return (cosine.sum(dim=(-2, -1)) - cosine.diagonal(dim1=-2, dim2=-1).sum(-1)) / (t * (t - 1))
@@ -342,7 +347,9 @@ def tsv_merge_matrix(matrices: Sequence[Tensor], *, method: str = "fast") -> Ten
     """
     if method not in ("fast", "exact"):
         raise ValueError(f"method must be 'fast' or 'exact', got {method!r}")
-    return _tsv_merge_batch(torch.stack(list(matrices))[None], method=method)[0]
+    mats = torch.stack(list(matrices))
+    return _tsv_merge_batch(mats.to(torch.float64 if mats.dtype == torch.float64 else torch.float32)[None],
+                            method=method)[0]
 
 
 def tsv_merge_matrix_reference(matrices: Sequence[Tensor]) -> Tensor:

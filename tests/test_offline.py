@@ -154,17 +154,19 @@ def test_library_errors_are_checkpoint_errors(checkpoints):
         merge_checkpoints(tmp / "base.safetensors", [], "fedavg", tmp / "o.safetensors")
 
 
-def test_a_checkpoint_replaced_during_the_merge_stops_it_before_writing(checkpoints):
+@pytest.mark.parametrize("victim", [1, 2])  # ft1.pt (memory-mapped once), ft2.safetensors (reopened per read)
+def test_a_checkpoint_replaced_during_the_merge_stops_it_before_writing(checkpoints, victim):
     tmp, base, _, paths = checkpoints
     reads = []
 
     def replace_after_a_few_reads():
         reads.append(1)
-        if len(reads) == 5:  # another process writes a new ft2 in its place (a new file, same shapes)
-            save_state(perturbed(base, 99), tmp / "new.safetensors")
-            (tmp / "new.safetensors").replace(paths[2])
+        if len(reads) == 5:  # another process writes a new file in its place (same shapes)
+            new = tmp / f"new{paths[victim].suffix}"
+            (torch.save if new.suffix == ".pt" else save_state)(perturbed(base, 99), new)
+            new.replace(paths[victim])
 
     out = tmp / "merged.safetensors"
-    with pytest.raises(CheckpointError, match="ft2.safetensors: changed on disk during the merge"):
+    with pytest.raises(CheckpointError, match=f"{paths[victim].name}: changed on disk during the merge"):
         merge_checkpoints(tmp / "base.safetensors", paths, "fedavg", out, on_read=replace_after_a_few_reads)
     assert not out.exists()

@@ -138,7 +138,7 @@ def low_rank_plus_noise(n: int, noise: float, seed: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("noise", [0.01, 1.0])
-def test_unconverged_krylov_triplets_are_replaced_by_the_svd(noise):
+def test_unconverged_krylov_triplets_are_recomputed_from_the_gram_matrix(noise):
     # k = 32 falls in the noise: the Krylov space cannot resolve it, the residual check must notice
     a = torch.stack([low_rank_plus_noise(256, noise, seed=i) for i in range(3)])
     u0, s0, vh0 = torch.linalg.svd(a.double(), full_matrices=False)
@@ -167,20 +167,23 @@ def test_fast_tsv_of_noisy_task_matrices_matches_the_reference(noise):
     assert rel_err(tsv_merge_matrix(mats), tsv_merge_matrix_reference(mats)) < 1e-3
 
 
-@pytest.mark.parametrize("spread", [1.0, 0.3, 0.03])
-def test_fast_tsv_of_tasks_sharing_a_component_matches_the_reference(spread):
+@pytest.mark.parametrize("spread,dtype", [(1.0, torch.float32), (0.3, torch.float32), (0.03, torch.float32),
+                                          (0.01, torch.float64)])
+def test_fast_tsv_of_tasks_sharing_a_component_matches_the_reference(spread, dtype):
     # IID clients: every task is a common update plus its own, so the stacked bases are nearly
-    # singular and float32 triplets are not enough (1.8e-3 at spread 0.03): such layers are refined
-    common = decaying(512, 256, seed=100)
-    mats = [common + spread * decaying(512, 256, seed=i) for i in range(8)]
+    # singular and Krylov triplets are not enough (float32: 1.8e-3 at spread 0.03): such layers are
+    # refined, in float64 too
+    common = decaying(512, 256, seed=100).to(dtype)
+    mats = [common + spread * decaying(512, 256, seed=i).to(dtype) for i in range(8)]
     assert rel_err(tsv_merge_matrix(mats), tsv_merge_matrix_reference(mats)) < 1e-4
 
 
-def test_fast_tsv_refines_layers_whose_tasks_share_directions_without_being_alike():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fast_tsv_refines_layers_whose_tasks_share_directions_without_being_alike(dtype):
     # ± one common update: mean cosine −1/7 (not "alike"), the same top subspaces all the same, so
-    # the stacked bases are nearly singular; float32 Krylov triplets alone give ~1e-3
-    common = decaying(512, 256, seed=100)
-    mats = [(-1) ** i * common + 0.03 * decaying(512, 256, seed=i) for i in range(8)]
+    # the stacked bases are nearly singular; Krylov triplets alone give ~1e-3 (float32), 1.5e-4 (float64)
+    common = decaying(512, 256, seed=100).to(dtype)
+    mats = [(-1) ** i * common + 0.03 * decaying(512, 256, seed=i).to(dtype) for i in range(8)]
     assert rel_err(tsv_merge_matrix(mats), tsv_merge_matrix_reference(mats)) < 1e-4
 
 
@@ -227,6 +230,8 @@ def test_mean_task_cosine_by_hand():
     # layer 1: cos(a, b) = 0, cos(a, a+b) = 1/√5, cos(b, a+b) = 4/(2√5) → 1/√5
     expected = [-1 / 3, (0 + 1 / 5**0.5 + 2 / 5**0.5) / 3]
     torch.testing.assert_close(_mean_task_cosine(mats), torch.tensor(expected, dtype=torch.float64))
+    for scale in (1e25, 1e-25):  # squares beyond float32's range
+        torch.testing.assert_close(_mean_task_cosine(mats * scale), torch.tensor(expected, dtype=torch.float64))
 
 
 def test_a_batch_mixing_alike_and_independent_layers_matches_the_reference():
