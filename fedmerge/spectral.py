@@ -37,14 +37,15 @@ def polar_factor(x: Tensor, rcond: float | None = None) -> Tensor:
 
 # TSV-M is computed two ways. ``method="exact"`` (the reference, used by the tests) takes a full
 # SVD of every task matrix and SVDs of the concatenated bases, as the published implementations do.
-# ``method="fast"`` (the default) needs only the top k = ⌊r/T⌋ triplets of each task: a randomized
-# block Krylov method in float32 (float64 for float64 input), batched over tasks and layers of one
-# shape, with a float64 Rayleigh-Ritz step whose every triplet is checked by its residual (matrices
-# whose Krylov space did not converge, such as noise-like spectra flat around σ_k, get them from a
-# float64 eigendecomposition of AᵀA);
-# then both polar factors by whitening X (XᵀX)^(-1/2) (Prop. 4.1 of the TSV paper), in float64
-# (the final products in float32 where the stacked bases are well conditioned); nearly singular
-# stacked bases send their layer back for float64 triplets.
+# ``method="fast"`` (the default) needs only the top k = ⌊r/T⌋ triplets of each task:
+# 1. a randomized block Krylov method in float32 (float64 for float64 input), batched over tasks and
+#    layers of one shape, with a float64 Rayleigh-Ritz step whose every triplet is checked by its
+#    residual: matrices whose Krylov space did not converge (spectra flat around σ_k, like noise) get
+#    their triplets from a float64 eigendecomposition of AᵀA instead;
+# 2. both polar factors by whitening X (XᵀX)^(-1/2) (Prop. 4.1 of the TSV paper) from float64 Gram
+#    eigendecompositions (products in float32 where the stacked bases are well conditioned);
+# 3. layers whose stacked bases come out nearly singular (tasks sharing their top directions) are
+#    merged again from float64 triplets of AᵀA; layers of alike tasks take that path at once.
 # Both paths drop triplets whose σ is numerically zero (≤ max(m, n) · eps · σ_1 of that task), so
 # zero matrices, tasks of rank < k and duplicated tasks give well-defined results rather than
 # arbitrary singular vectors.
@@ -55,30 +56,29 @@ def polar_factor(x: Tensor, rcond: float | None = None) -> Tensor:
 #   merge by ~1e-1. The triplets must be nearly as accurate as a full SVD's, also for slowly (1/j)
 #   decaying spectra where σ_k/σ_{k+1} ≈ 1.01. Subspace (power) iteration on 2k columns needed 13
 #   products with A or Aᵀ (26 k-column passes) for 5e-5; block Krylov on blocks of ⌈k/3⌉ columns
-#   with depth 10 needs 21 narrow products (7 k-column passes) for 4e-5 (Musco & Musco, NeurIPS
+#   with depth 10 needs 22 narrow products (7⅓ k-column passes) for 4e-5 (Musco & Musco, NeurIPS
 #   2015). Depth 8 or blocks of k/2 with depth 6 leave 5e-4 on 1/j spectra.
-# - What remains is mostly float64 eigendecompositions: two 768×768 ones per layer for the polar
-#   factors (~65 ms each on two cores) and the Rayleigh-Ritz ones (~9 ms per task and layer).
 # - Gram matrices square condition numbers: formed or diagonalised in float32 they lose σ_k²'s
 #   digits (a float32 eigh of the polar Gram matrices gives a 1e-1 error), so they are float64.
 #   The products with the whitening matrices are float64 too unless the stacked basis is well
 #   conditioned (κ ≤ 32, as on the tall sides of fc1/fc2/in_proj): in float32 they lose
 #   orthogonality like eps·κ, and tasks sharing a component (IID clients) make κ reach 1e5.
 #   Beyond κ ≈ 1e6 the Gram matrix cannot resolve σ_min at all, and the SVD takes over.
+# - The polar step's two eigendecompositions per layer (~64 ms each) and the Krylov products are a
+#   floor the benchmark times alone: 1.23 s of a 2.9 s block, against 7.2 s for the published code.
 # - The residual check costs one narrow product: Aᵀu comes from AᵀAZ, which the Krylov recursion
 #   computes anyway as each next block's seed. Converged float32 triplets reach 2e-7 to 8e-7 · σ_1
 #   on ViT shapes; the tolerance 1e-5 · σ_1 leaves a margin. Spectra flat near σ_k (noise) stay at
-#   1e-3 to 6e-2 and, unchecked, moved the merge by 0.25-0.45. Those matrices then cost the
-#   Krylov work plus a float64 Gram eigendecomposition (2-3× cheaper than the SVD): on a ViT-B/32
-#   block of noise-like tasks the fast path is about as fast as the published float32 code.
+#   1e-3 to 6e-2 and, unchecked, moved the merge by 0.25-0.45. Those matrices cost the Krylov work
+#   plus a float64 eigendecomposition of AᵀA (2-3× cheaper than the SVD): on noise-like tasks the
+#   fast path is 1.2× faster than the published code.
 # - Tasks sharing most of their top directions (IID clients: a common update plus a small own part)
 #   make the stacked bases nearly singular (σ_min 1e-5 to 1e-7), and the merge amplifies the float32
 #   triplets' errors to 1e-3 (the published float32 code: 4e-4 to 2e-3). Such layers are found
 #   after the first merge from the whitening's smallest σ (< 1e-4) and merged again with float64
 #   triplets from AᵀA: errors ~1e-6 (4e-5 when the own parts are 3e-4 of the common one). Layers
-#   whose tasks are alike (mean cosine > 0.3) go
-#   there directly, skipping the Krylov pass they would waste: on a ViT-B/32 block of IID-like
-#   tasks 8 s instead of 10-13 s (the published code: 10-11 s, error 1e-3).
+#   whose tasks are alike (mean cosine > 0.3) go there directly, skipping the Krylov pass they
+#   would waste: IID-like tasks 1.5× faster than the published code, which is off by 8.6e-4.
 
 _SKETCH_SEED = 0x75F  # fixed: the fast path is deterministic
 _KRYLOV_DEPTH = 10  # block Krylov steps after the first block
