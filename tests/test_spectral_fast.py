@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fedmerge import merge
-from fedmerge.spectral import (_gram_top_k, _mean_task_cosine, _polar_by_whitening, polar_factor, top_singular_triplets, tsv_merge_matrix,
+from fedmerge.spectral import (_block_krylov_top_k, _gram_top_k, _mean_task_cosine, _polar_by_whitening, polar_factor, top_singular_triplets, tsv_merge_matrix,
                                tsv_merge_matrix_reference)
 
 
@@ -242,3 +242,16 @@ def test_a_batch_mixing_alike_and_independent_layers_matches_the_reference():
     out = merge("tsv", tvs)
     for key in ("alike", "independent"):
         assert rel_err(out[key], tsv_merge_matrix_reference([tv[key] for tv in tvs])) < 1e-4
+
+
+def test_krylov_gives_up_early_on_flat_spectra_and_finishes_the_others():
+    # a batch mixing decaying spectra with noise-like ones: the noise leaves after 5 blocks (residual ∞,
+    # for the Gram path to take over), the rest go on to converged triplets
+    a = torch.stack([decaying(256, 256, seed=0), low_rank_plus_noise(256, 1.0, seed=1),
+                     decaying(256, 256, decay="exp", seed=2), low_rank_plus_noise(256, 0.01, seed=3)])
+    u, s, vh, residual = _block_krylov_top_k(a, 32, 11, 11)
+    assert torch.isinf(residual[[1, 3]]).all() and bool((residual[[0, 2]] < 1e-5).all())
+    s0 = torch.linalg.svdvals(a[[0, 2]].double())[:, :32]
+    torch.testing.assert_close(s[[0, 2]], s0, rtol=1e-5, atol=0)
+    _, _, _, unchecked = _block_krylov_top_k(a, 32, 11, 11, give_up_on_flat=False)
+    assert bool(torch.isfinite(unchecked).all()) and bool((unchecked[[1, 3]] > 1e-4).all())
