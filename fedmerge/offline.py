@@ -13,7 +13,8 @@ the output's bytes in memory: measured on 8 checkpoints of 100M parameters, feda
 sizes above the imports, median 3.1 (``python -m benchmarks --only offline``). A checkpoint replaced
 or rewritten on disk mid-merge is noticed (device, inode, size, mtime, checked after each safetensors
 read and before each access to a memory-mapped ``.pt`` state dict) and stops the merge before anything
-is written; a ``.pt`` file truncated in place between that check and the access is not caught.
+is written; a ``.pt`` file truncated in place between that check and the access is not caught (and a
+``.pt`` replaced by rename stops the merge too, although its mapping still holds the original).
 Each τ_i is formed in float32 for half-precision tensors and kept in the checkpoint's dtype (as
 :meth:`TaskVector.between` does); the output keeps every tensor's dtype. Integer buffers are copied
 from the base. The models must match the base tensor for tensor (names, shapes, dtypes); anything else

@@ -92,7 +92,8 @@ _LOW_PRECISION_MAX_COND = 32.0  # stacked bases this well conditioned are whiten
 _REFINE_BELOW = 1e-4  # stacked bases with σ_min below this get float64 triplets (see _tsv_merge_batch)
 _ALIKE_TASKS = 0.3  # layers whose tasks' mean pairwise cosine exceeds this get float64 triplets at once
 _FLATNESS_CHECK_BLOCKS = 5  # Krylov blocks after which spectra flat around σ_k are given up on
-_FLAT_RATIO = 0.65  # θ_k/θ_⌈k/2⌉ above this after those blocks: flat (see _looks_flat)
+_FLAT_RATIO = 0.65  # θ_k/θ_⌈k/2⌉ above this after those blocks: flat (see _looks_flat)...
+_FLAT_TAIL = 0.1  # ... unless the spectrum beyond σ_k falls away (a rank a little above k)
 
 
 def _rank_tol(dtype: torch.dtype, shape: Sequence[int]) -> float:
@@ -189,7 +190,7 @@ def _block_krylov_top_k(
         if not j:  # Aᵀ(A z) scales like ‖A‖²: divide A z by about ‖A‖ so float32 neither over- nor underflows
             scale = y[..., :b].abs().amax(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(work).tiny)
         w[..., block] = aw.mT @ (y[..., block] / scale)
-        if give_up_on_flat and j + 1 == _FLATNESS_CHECK_BLOCKS < steps:
+        if give_up_on_flat and j + 1 == _FLATNESS_CHECK_BLOCKS < steps and block.stop > k:
             keep = ~_looks_flat(z[..., :block.stop], w[..., :block.stop], scale, k)
             if not bool(keep.all()):  # drop them from the batch: the rest goes on without them
                 aw, z, y, w, scale, live = aw[keep], z[keep], y[keep], w[keep], scale[keep], live[keep]
@@ -201,11 +202,9 @@ def _block_krylov_top_k(
     residual_all = a.new_full((batch,), torch.inf, dtype=torch.float64)
     if not len(live):
         return u_all, s_all, vh_all, residual_all
-    # Rayleigh-Ritz on Z: ZᵀAᵀAZ = Zᵀ W · scale (n-long products instead of YᵀY's m-long ones) has
-    # eigenvalues σ², so it must not be rounded to float32; it and everything after it are float64.
+    # Rayleigh-Ritz on Z, in float64 from here on.
     y64 = y.double()
-    projected = (z.double().mT @ w.double()) * scale.double()
-    theta, ritz = torch.linalg.eigh((projected + projected.mT) / 2)
+    theta, ritz = torch.linalg.eigh(_projected_gram(z, w, scale))
     theta, ritz = theta.flip(-1)[..., :k], ritz.flip(-1)[..., :k]
     s = theta.clamp_min(0).sqrt()
     pos = (s > 0).unsqueeze(-2)
@@ -219,19 +218,30 @@ def _block_krylov_top_k(
     return u_all, s_all, vh_all, residual_all
 
 
+def _projected_gram(z: Tensor, w: Tensor, scale: Tensor) -> Tensor:
+    """ZᵀAᵀAZ in float64 from W = AᵀAZ / scale: n-long products instead of (AZ)ᵀ(AZ)'s m-long ones.
+
+    Its eigenvalues are σ², so it must not be rounded to float32; symmetrised against rounding.
+    """
+    projected = (z.double().mT @ w.double()) * scale.double()
+    return (projected + projected.mT) / 2
+
+
 def _looks_flat(z: Tensor, w: Tensor, scale: Tensor, k: int) -> Tensor:
     """Whether each matrix's spectrum looks flat around σ_k, from the first Krylov blocks' Ritz values θ.
 
-    θ_k/θ_⌈k/2⌉ measured after 5 blocks of ⌈k/3⌉ columns: 0.33-0.53 on spectra the Krylov space then
-    resolves (σ_j ∝ j^-0.7 … j^-1.5, exp(−16j/r)), 0.71-0.72 on low-rank signal plus noise and on
-    Gaussian matrices, whose Krylov triplets never converge (0.61 for j^-0.5, which does not either).
-    Only a guide for saving work: the residual check still decides what is accurate.
+    Flat: θ_k/θ_⌈k/2⌉ > 0.65 and the last Ritz value θ_w (w = the columns so far, > k) > 0.1 θ_k.
+    Measured after 5 blocks of ⌈k/3⌉ columns, θ_k/θ_⌈k/2⌉ is 0.33-0.53 on spectra the Krylov space
+    then resolves (σ_j ∝ j^-0.7 … j^-1.5, exp(−16j/r)) and 0.71-0.72 on signal plus noise and on
+    Gaussian matrices, whose triplets never converge; but also 0.66-0.77 on matrices of rank a little
+    above k (LoRA-like), which converge at once: their θ_w/θ_k is below 0.01, against 0.17 for
+    Gaussian ones. Only a guide for saving work: the residual check still decides what is accurate.
     """
     if k < 8:
         return torch.zeros(z.shape[0], dtype=torch.bool)
-    projected = (z.double().mT @ w.double()) * scale.double()
-    theta = torch.linalg.eigvalsh((projected + projected.mT) / 2).flip(-1).clamp_min(0).sqrt()
-    return theta[..., k - 1] > _FLAT_RATIO * theta[..., (k + 1) // 2 - 1]
+    theta = torch.linalg.eigvalsh(_projected_gram(z, w, scale)).flip(-1).clamp_min(0).sqrt()
+    sigma_k = theta[..., k - 1]
+    return (sigma_k > _FLAT_RATIO * theta[..., (k + 1) // 2 - 1]) & (theta[..., -1] > _FLAT_TAIL * sigma_k)
 
 
 def top_singular_triplets(
@@ -249,8 +259,9 @@ def top_singular_triplets(
     NeurIPS 2015). Every Ritz triplet is checked: a matrix whose residual ‖Aᵀu_i − σ_i v_i‖ exceeds
     ``tol`` · σ_1 for some i ≤ k (the space had not converged: spectra flat around σ_k, like noise)
     gets them from the float64 eigendecomposition of AᵀA instead (or the SVD when σ_k < 1e-4 · σ_1),
-    which ``method="gram"`` uses for every matrix. ``"auto"`` takes the full SVD when the Krylov space would exceed half
-    the matrix's smaller side, or that side is at most 64.
+    which ``method="gram"`` uses for every matrix; ``tol=inf`` returns the unchecked Ritz triplets.
+    ``"auto"`` takes the full SVD when the Krylov space would exceed half the matrix's smaller side,
+    or that side is at most 64.
     """
     if method not in ("auto", "exact", "randomized", "gram"):
         raise ValueError(f"method must be 'auto', 'exact', 'randomized' or 'gram', got {method!r}")

@@ -235,7 +235,7 @@ def test_finite_check_is_exact_where_a_sum_would_mislead():
         merge("fedavg", [{"w": torch.ones(2)}, {"w": torch.tensor([float("inf"), -float("inf")])}])
     huge = {"w": torch.tensor([3e38, 3e38])}  # finite, but their float32 sum is Inf
     assert torch.equal(merge("median", [huge, huge, huge])["w"], huge["w"])
-    big_half = {"w": torch.full((4,), 60000.0, dtype=torch.float16)}  # summed in float32: no overflow
+    big_half = {"w": torch.full((4,), 60000.0, dtype=torch.float16)}  # a float16 sum would overflow; ours is float32
     assert torch.equal(merge("median", [big_half] * 3)["w"], big_half["w"])
 
 
