@@ -142,8 +142,10 @@ def _gram_top_k(a: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     """Top-k triplets of a batch (B, m, n), m ≥ n, from the float64 eigendecomposition of AᵀA.
 
     Two to three times cheaper than the full SVD (measured on 768-wide matrices) and as good for
-    triplets with σ ≥ 1e-4 · σ_1 (errors ~eps·σ_1²/σ² ≤ 2e-8); a matrix whose σ_k is below that gets
-    the SVD, since the Gram matrix rounds σ ≲ 1e-8 · σ_1 away.
+    triplets with σ ≥ 1e-4 · σ_1 (errors ~eps·σ_1²/σ² ≤ 2e-8). The Gram matrix rounds σ ≲ 1e-8 · σ_1
+    away, so a matrix with a triplet between its numerical rank cut-off (:func:`_rank_tol` of its
+    dtype: ~1e-4 for float32, which TSV-M drops anyway) and 1e-4 · σ_1 gets the SVD; triplets below
+    the cut-off (tasks of rank < k) are left as the Gram matrix gives them.
     """
     batch, m, n = a.shape
     u = a.new_empty(batch, m, k, dtype=torch.float64)
@@ -154,7 +156,9 @@ def _gram_top_k(a: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
         lam, q = torch.linalg.eigh(ai.mT @ ai)
         s[i], v[i] = lam.flip(-1)[:k].clamp_min(0).sqrt(), q.flip(-1)[:, :k]
         u[i] = (ai @ v[i]) / s[i].clamp_min(torch.finfo(torch.float64).tiny)
-    unresolved = (s[..., -1] < _GRAM_MIN_RATIO * s[..., 0]).nonzero().squeeze(-1)
+    relative = s / s[..., :1].clamp_min(torch.finfo(torch.float64).tiny)
+    unresolved = ((relative < _GRAM_MIN_RATIO) & (relative > _rank_tol(a.dtype, (m, n)))).any(dim=-1)
+    unresolved = unresolved.nonzero().squeeze(-1)
     if len(unresolved):
         u[unresolved], s[unresolved], vh = _exact_top_k(a[unresolved], k)
         v[unresolved] = vh.mT

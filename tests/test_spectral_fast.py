@@ -278,3 +278,19 @@ def test_custom_krylov_blocks_smaller_than_k_over_5():
     a = torch.stack([decaying(256, 256, decay="exp", seed=i) for i in range(2)])
     _, s, _ = top_singular_triplets(a, 32, method="randomized", block_size=4, depth=20)
     torch.testing.assert_close(s, torch.linalg.svdvals(a.double())[:, :32], rtol=1e-5, atol=0)
+
+
+def test_alike_low_rank_tasks_take_the_gram_path_without_falling_back_to_the_svd(monkeypatch):
+    # IID clients fine-tuned with LoRA: alike tasks of rank < k. Their σ beyond the rank are below
+    # float32's cut-off (dropped by TSV-M anyway), so AᵀA serves them and no SVD is needed
+    import fedmerge.spectral as spectral
+
+    common = decaying(256, 256, rank=16, seed=100)
+    mats = [common + 0.1 * decaying(256, 256, rank=8, seed=i) for i in range(8)]
+    reference = tsv_merge_matrix_reference(mats)
+
+    def no_svd(*args, **kwargs):
+        raise AssertionError("the full SVD was taken")
+
+    monkeypatch.setattr(spectral, "_exact_top_k", no_svd)
+    assert rel_err(tsv_merge_matrix(mats), reference) < 1e-4
