@@ -206,16 +206,17 @@ def _block_krylov_top_k(
     residual_all = a.new_full((batch,), torch.inf, dtype=torch.float64)
     if not len(live):
         return u_all, s_all, vh_all, residual_all
-    # Rayleigh-Ritz on Z, in float64 from here on.
-    y64 = y.double()
+    # Rayleigh-Ritz on Z: the projected Gram matrix and its eigenpairs in float64, the Ritz vectors
+    # from the stored blocks in their own precision (float64 products would round to the same).
     theta, ritz = torch.linalg.eigh(_projected_gram(z, w, scale))
     theta, ritz = theta.flip(-1)[..., :k], ritz.flip(-1)[..., :k]
     s = theta.clamp_min(0).sqrt()
     pos = (s > 0).unsqueeze(-2)
     s_safe = torch.where(pos, s.unsqueeze(-2), 1.0)
-    u = torch.where(pos, (y64 @ ritz) / s_safe, 0.0)
-    v = z.double() @ ritz
-    at_u = torch.where(pos, (w.double() @ ritz) * (scale.double() / s_safe), 0.0)  # Aᵀ u = Aᵀ A Z w / σ
+    ritz_w = ritz.to(work)
+    u = torch.where(pos, (y @ ritz_w).double() / s_safe, 0.0)
+    v = (z @ ritz_w).double()
+    at_u = torch.where(pos, (w @ ritz_w).double() * (scale.double() / s_safe), 0.0)  # Aᵀ u = Aᵀ A Z w / σ
     residual = (at_u - v * s.unsqueeze(-2)).norm(dim=-2).amax(dim=-1)
     residual = residual / s[..., 0].clamp_min(torch.finfo(torch.float64).tiny)
     u_all[live], s_all[live], vh_all[live], residual_all[live] = u, s, v.mT, residual
