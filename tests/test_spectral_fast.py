@@ -3,6 +3,8 @@ the full-SVD reference, on task matrices whose spectra decay like fine-tuning de
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -221,6 +223,28 @@ def test_polar_factor_by_whitening_of_bases_with_zero_columns():
     x[0, :, 30:] = 0
     p, _ = _polar_by_whitening(x, torch.tensor([30, 40]), torch.float64)
     torch.testing.assert_close(p, polar_factor(x), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("cond,eigh_dtypes", [(4.0, [torch.float32]), (16.0, [torch.float32, torch.float64])])
+def test_tall_well_conditioned_bases_are_whitened_in_float32(monkeypatch, cond, eigh_dtypes):
+    # κ ≤ 8 on a stack ≥ 2× as long as wide: a float32 Gram eigendecomposition and nothing else;
+    # κ = 16: that eigendecomposition shows it, and the float64 path takes over. Both as accurate.
+    g = torch.Generator().manual_seed(2)
+    u = torch.linalg.qr(torch.randn(400, 80, generator=g, dtype=torch.float64)).Q
+    v = torch.linalg.qr(torch.randn(80, 80, generator=g, dtype=torch.float64)).Q
+    x = ((u * torch.logspace(0, -math.log10(cond), 80, dtype=torch.float64)) @ v.mT)[None]
+    seen, eigh = [], torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda a: seen.append(a.dtype) or eigh(a))
+    p, sigma_min = _polar_by_whitening(x, torch.tensor([80]), torch.float32)
+    assert seen == eigh_dtypes
+    torch.testing.assert_close(p.double(), polar_factor(x), atol=2e-6, rtol=0)
+    assert float(sigma_min[0]) == pytest.approx(1 / cond, rel=1e-4)
+    # a zero column (a dropped triplet) makes κ infinite: float64, the partial isometry on the rest
+    x[..., 79] = 0
+    seen.clear()
+    p, _ = _polar_by_whitening(x, torch.tensor([79]), torch.float32)
+    assert seen == [torch.float32, torch.float64]
+    torch.testing.assert_close(p.double(), polar_factor(x), atol=2e-6, rtol=0)
 
 
 def test_mean_task_cosine_by_hand():
