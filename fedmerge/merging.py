@@ -94,6 +94,12 @@ def register(name: str, *, natural_scale: str, per_client: Sequence[str] = ()) -
 
 def validate_task_vector(tv: Mapping[str, Tensor], reference: Mapping[str, Tensor], who: str) -> None:
     """Check one task vector against a reference (same names, shapes, floating and finite values)."""
+    _check_names(tv, reference, who)
+    for key, ref in reference.items():
+        _check_tensor(tv[key], ref, who, key)
+
+
+def _check_names(tv: Mapping[str, Tensor], reference: Mapping[str, Tensor], who: str) -> None:
     if not isinstance(tv, Mapping):
         raise MergeError(f"{who}: task vector must be a mapping of name to tensor, got {type(tv).__name__}")
     missing, extra = sorted(set(reference) - set(tv)), sorted(set(tv) - set(reference))
@@ -101,16 +107,17 @@ def validate_task_vector(tv: Mapping[str, Tensor], reference: Mapping[str, Tenso
         raise MergeError(f"{who}: tensor {missing[0]!r} is missing")
     if extra:
         raise MergeError(f"{who}: unexpected tensor {extra[0]!r}")
-    for key, ref in reference.items():
-        t = tv[key]
-        if not torch.is_tensor(t):
-            raise MergeError(f"{who}, tensor {key!r}: not a tensor ({type(t).__name__})")
-        if not t.is_floating_point():
-            raise MergeError(f"{who}, tensor {key!r}: dtype {t.dtype} is not floating point")
-        if t.shape != ref.shape:
-            raise MergeError(f"{who}, tensor {key!r}: shape {tuple(t.shape)} != {tuple(ref.shape)}")
-        if not _all_finite(t):
-            raise MergeError(f"{who}, tensor {key!r}: contains NaN or Inf")
+
+
+def _check_tensor(t: Any, ref: Tensor, who: str, key: str) -> None:
+    if not torch.is_tensor(t):
+        raise MergeError(f"{who}, tensor {key!r}: not a tensor ({type(t).__name__})")
+    if not t.is_floating_point():
+        raise MergeError(f"{who}, tensor {key!r}: dtype {t.dtype} is not floating point")
+    if t.shape != ref.shape:
+        raise MergeError(f"{who}, tensor {key!r}: shape {tuple(t.shape)} != {tuple(ref.shape)}")
+    if not _all_finite(t):
+        raise MergeError(f"{who}, tensor {key!r}: contains NaN or Inf")
 
 
 def _all_finite(t: Tensor) -> bool:
@@ -130,7 +137,11 @@ def validate_task_vectors(task_vectors: TaskVectors) -> None:
     if not isinstance(first, Mapping) or len(first) == 0:
         raise MergeError("client 0: task vector is empty or not a mapping")
     for i, tv in enumerate(task_vectors):
-        validate_task_vector(tv, first, f"client {i}")
+        _check_names(tv, first, f"client {i}")
+    for key in first:  # key by key, as the rules read them: lazy task vectors share the base's read
+        ref = first[key]
+        for i, tv in enumerate(task_vectors):
+            _check_tensor(ref if i == 0 else tv[key], ref, f"client {i}", key)
 
 
 def _per_client_values(name: str, values: Any, n: int, *, positive: bool) -> list[float]:

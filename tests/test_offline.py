@@ -55,6 +55,23 @@ def test_offline_merge_equals_the_in_memory_merge(checkpoints, method, options):
     assert torch.equal(got["1.num_batches_tracked"], base["1.num_batches_tracked"])
 
 
+def test_the_base_is_read_once_per_key_and_pass_not_once_per_client(checkpoints, monkeypatch):
+    # every client's τ needs the base's tensor; the checkpoint keeps the one read last, so a key costs
+    # one base read per pass (validation, merge, θ0 + λτ) and one read per client per pass, not 2T + 1
+    from collections import Counter
+
+    from fedmerge.offline import Checkpoint
+
+    tmp, base, _, paths = checkpoints
+    reads, read = Counter(), Checkpoint._read
+    monkeypatch.setattr(Checkpoint, "_read", lambda self, key: reads.update([(self.path.name, key)]) or read(self, key))
+    merge_checkpoints(tmp / "base.safetensors", paths, "fedavg", tmp / "out.safetensors")
+    floats = [k for k, v in base.items() if v.is_floating_point()]
+    assert {key: reads["base.safetensors", key] for key in floats} == {key: 3 for key in floats}
+    for path in paths:
+        assert {key: reads[path.name, key] for key in floats} == {key: 2 for key in floats}
+
+
 def test_bf16_checkpoints_are_merged_in_float32_and_written_in_bf16(tmp_path):
     base = {k: v.to(torch.bfloat16) for k, v in build_model("mlp", (1, 8, 8), 10, seed=1).state_dict().items()}
     save_state(base, tmp_path / "base.safetensors")
