@@ -5,7 +5,8 @@ method of :mod:`fedmerge.merging`, then writes θ0 + λ·τ_merged as safetensor
 
 Memory: safetensors tensors are read one at a time, each through its own short-lived ``safe_open``
 handle (a long-lived memory map keeps every page read in the resident set), PyTorch state dicts are
-memory-mapped (their pages do stay resident: prefer safetensors for big models), and the task vectors
+memory-mapped once and each tensor is copied out and its pages dropped from the mapping (``madvise``,
+Linux; elsewhere they stay resident: 10 model sizes instead of 1.2 for fedavg below), and the task vectors
 are *lazy* mappings that read one tensor of θ_i and θ0 when a merging rule asks for it. Every rule
 works key by key, so what is held is the merged result plus one tensor per client (TIES also holds
 the magnitudes of one task vector at a time to find its threshold), and safetensors' writer builds
@@ -55,6 +56,7 @@ class Checkpoint:
             raise CheckpointError(f"{self.path}: no such file")
         self._state: dict[str, Tensor] | None = None
         self._last: tuple[str, Tensor] | None = None  # the tensor read last, for the next client's τ
+        self._mapped: list[tuple[int, int]] = []  # where a .pt file is memory-mapped, if known
         self._identity = _file_identity(self.path)
         if self.path.suffix == ".safetensors":
             from safetensors import SafetensorError, safe_open
@@ -67,6 +69,7 @@ class Checkpoint:
         else:
             self._state = load_state(self.path, mmap=True)
             self.meta = {k: (tuple(v.shape), v.dtype) for k, v in self._state.items()}
+            self._mapped = _mapped_ranges(self._identity[:2])
 
     def is_float(self, key: str) -> bool:
         dtype = self.meta[key][1]
@@ -86,7 +89,15 @@ class Checkpoint:
         self.on_read()
         if self._state is not None:  # memory-mapped once: a truncation in place would fault, so check
             self._check_unchanged()
-            return self._state[key]
+            mapped = self._state[key]
+            if not self._mapped:
+                return mapped
+            # The pages a mapped tensor touches stay resident until unmapped (8 checkpoints of 100M
+            # parameters: every checkpoint whole). Copied out, its pages are dropped from the mapping;
+            # the next read of them faults them back in from the page cache.
+            tensor = mapped.clone()
+            _drop_mapped_pages(mapped, self._mapped)
+            return tensor
         from safetensors import SafetensorError, safe_open
 
         # A handle per read: safe_open memory-maps the file, and a long-lived mapping keeps every page
@@ -128,6 +139,57 @@ def _find_malloc_trim() -> Callable[[int], int] | None:
 
 
 _MALLOC_TRIM = _find_malloc_trim()
+
+
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_MADV_DONTNEED = 4  # Linux
+
+
+def _mapped_ranges(device_inode: tuple[int, ...]) -> list[tuple[int, int]]:
+    """The address ranges where this process maps the file with this (device, inode), from
+    /proc/self/maps; empty where that is not readable (not Linux), so no pages are ever dropped there."""
+    device, inode = device_inode
+    ranges = []
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split()
+                if len(fields) < 6 or int(fields[4]) != inode:
+                    continue
+                major, minor = (int(x, 16) for x in fields[3].split(":"))
+                if os.makedev(major, minor) == device:
+                    start, end = (int(x, 16) for x in fields[0].split("-"))
+                    ranges.append((start, end))
+    except (OSError, ValueError):
+        return []
+    return ranges if _MADVISE is not None else []
+
+
+def _drop_mapped_pages(tensor: Tensor, mapped: list[tuple[int, int]]) -> None:
+    """Drop the whole pages under ``tensor`` from this process's resident set (``madvise
+    MADV_DONTNEED``), only within ``mapped``: the file's read-only private mapping, where that
+    discards nothing (the file still holds every byte); heap memory is never touched."""
+    if tensor.numel() == 0:
+        return
+    first = tensor.data_ptr()
+    last = first + tensor.element_size() * (1 + sum((n - 1) * abs(st) for n, st in zip(tensor.shape, tensor.stride())))
+    for start, end in mapped:
+        lo = max(start, first - first % _PAGE_SIZE)
+        hi = min(end, -(-last // _PAGE_SIZE) * _PAGE_SIZE)
+        if lo < hi:
+            _MADVISE(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)
+
+
+def _find_madvise() -> Callable[..., int] | None:
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    madvise.argtypes, madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    return madvise
+
+
+_MADVISE = _find_madvise()
 
 
 def _file_identity(path: Path) -> tuple[int, ...]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -70,6 +72,37 @@ def test_the_base_is_read_once_per_key_and_pass_not_once_per_client(checkpoints,
     assert {key: reads["base.safetensors", key] for key in floats} == {key: 3 for key in floats}
     for path in paths:
         assert {key: reads[path.name, key] for key in floats} == {key: 2 for key in floats}
+
+
+def _resident_bytes_of(path) -> int:
+    """Rss of this process's mappings of ``path`` (/proc/self/smaps), in bytes."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5:  # a mapping's header line
+                inside = len(fields) >= 6 and fields[-1] == str(path)
+            elif inside and fields[0] == "Rss:":
+                total += int(fields[1]) * 1024
+    return total
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux's /proc/self/smaps")
+def test_pt_reads_drop_their_pages_from_the_mapping_and_leave_heap_memory_alone(tmp_path):
+    from fedmerge.offline import Checkpoint, _drop_mapped_pages
+
+    state = {"w": torch.randn(1024, 1024), "v": torch.randn(4096)}
+    torch.save(state, tmp_path / "big.pt")
+    ck = Checkpoint(tmp_path / "big.pt")
+    assert ck._mapped  # found in /proc/self/maps
+    ck._state["w"].sum()  # touch every page, as a plain memory-mapped read would leave them
+    assert _resident_bytes_of(tmp_path / "big.pt") >= 4 << 20
+    w = ck["w"]
+    assert torch.equal(w, state["w"]) and _resident_bytes_of(tmp_path / "big.pt") < 1 << 20
+    assert torch.equal(ck._read("w"), state["w"])  # read again: faulted back in from the file, same values
+    heap = state["v"].clone()
+    _drop_mapped_pages(heap, ck._mapped)  # not inside the mapping: must change nothing
+    assert torch.equal(heap, state["v"])
 
 
 def test_bf16_checkpoints_are_merged_in_float32_and_written_in_bf16(tmp_path):
