@@ -14,8 +14,8 @@ Sections (each prints a table):
   offline  ``fedmerge merge`` on 8 safetensors checkpoints of a ~100M-parameter model: peak memory
            (/usr/bin/time -v) against the model size.
   default  the default run (``fedmerge run``'s preset) on both engines: results.json's timing split.
-  sim      the in-process engine from 8 to 128 clients: the timing split and the overhead per
-           client beyond the client's own training.
+  sim      both engines from 8 to 128 clients (Ray at 8, 32, 128): the timing split and the
+           engine's overhead per client beyond the clients' own reported seconds.
 Timings are wall-clock on whatever machine runs this; min of repeats where cheap.
 """
 
@@ -277,12 +277,12 @@ def bench_offline(quick: bool) -> list[list]:
         shape = (per // 1000, 1000)
         base = {f"layer{i}.weight": torch.randn(*shape, generator=gen) for i in range(tensors)}
         save_file(base, f"{tmp}/base.safetensors")
+        torch.save(base, f"{tmp}/base.pt")
         size = sum(t.numel() * 4 for t in base.values())
-        models = []
         for j in range(8):
             ft = {k: v + 0.01 * torch.randn(v.shape, generator=gen) for k, v in base.items()}
             save_file(ft, f"{tmp}/ft{j}.safetensors")
-            models.append(f"{tmp}/ft{j}.safetensors")
+            torch.save(ft, f"{tmp}/ft{j}.pt")
             del ft
         del base
         # What the command costs before it reads a checkpoint: the resident set of an interpreter that
@@ -291,21 +291,23 @@ def bench_offline(quick: bool) -> list[list]:
                                 "import os; print(int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE'))"],
                                capture_output=True, text=True)
         baseline = int(probe.stdout.split()[-1]) if probe.returncode == 0 else 0
-        for method in ("fedavg", "task_arithmetic", "median"):
-            out = f"{tmp}/merged-{method}.safetensors"
-            cmd = ["/usr/bin/time", "-v", exe, "merge", "--base", f"{tmp}/base.safetensors", "--models", *models,
-                   "--method", method, "--out", out, "--quiet"]
+        runs = [("safetensors", "fedavg"), ("safetensors", "task_arithmetic"), ("safetensors", "median"),
+                ("pt", "fedavg")]  # .pt: memory-mapped PyTorch files
+        for suffix, method in runs:
+            out = f"{tmp}/merged-{suffix}-{method}.safetensors"
+            cmd = ["/usr/bin/time", "-v", exe, "merge", "--base", f"{tmp}/base.{suffix}",
+                   "--models", *(f"{tmp}/ft{j}.{suffix}" for j in range(8)), "--method", method, "--out", out, "--quiet"]
             t0 = time.perf_counter()
             proc = subprocess.run(cmd, capture_output=True, text=True)
             wall = time.perf_counter() - t0
             peak = next((int(line.split(":")[1]) * 1024 for line in proc.stderr.splitlines()
                          if "Maximum resident set size" in line), 0)
             note = "" if proc.returncode == 0 else proc.stderr.strip().splitlines()[-1][:80]
-            rows.append([method, f"{params / 1e6:.0f}M", f"{size / 1e9:.2f}", f"{wall:.1f}", f"{peak / 1e9:.2f}",
+            rows.append([method, suffix, f"{params / 1e6:.0f}M", f"{size / 1e9:.2f}", f"{wall:.1f}", f"{peak / 1e9:.2f}",
                          f"{baseline / 1e9:.2f}", f"{(peak - baseline) / size:.2f}", note])
     table("Offline merge (`fedmerge merge`, 8 checkpoints, float32): peak RSS of the process (GB), the RSS of "
           "the same imports before any work, and the difference in model sizes",
-          ["method", "params", "model GB", "seconds", "peak GB", "imports GB", "merge / model", "note"], rows)
+          ["method", "format", "params", "model GB", "seconds", "peak GB", "imports GB", "merge / model", "note"], rows)
     return rows
 
 
@@ -315,41 +317,35 @@ def bench_offline(quick: bool) -> list[list]:
 
 
 def bench_sim(quick: bool) -> list[list]:
-    import fedmerge.local as local
+    """Both engines from 8 to 128 clients. The clients report their own seconds (``train-seconds``:
+    data and training), so the engine's overhead per client is the worker-seconds of the client phase
+    not spent in them: (workers × client phase − Σ clients' seconds) / clients, one worker in-process,
+    one Ray actor per CPU."""
     from simulations.config import ExperimentConfig
     from simulations.experiment import run_experiment
 
-    trained = {"seconds": 0.0, "calls": 0}
-    original = local.local_update
-
-    def timed(*args, **kwargs):
-        t0 = time.perf_counter()
-        try:
-            return original(*args, **kwargs)
-        finally:
-            trained["seconds"] += time.perf_counter() - t0
-            trained["calls"] += 1
-
-    local.local_update = timed
+    sizes = {"inprocess": (8, 32) if quick else (8, 16, 32, 64, 128), "ray": (8,) if quick else (8, 32, 128)}
     rows = []
     cache = tempfile.mkdtemp(prefix="fedmerge-bench-cache-")
     try:
-        for n in ((8, 32) if quick else (8, 16, 32, 64, 128)):
-            config = ExperimentConfig(name="bench", num_clients=n, partition="iid", local_steps=[5] * n, test_fraction=0.15,
-                                      strategies=("fedavg", "median"), engine="inprocess", pretrain_steps=30,
-                                      cache_dir=cache, seed=0)
-            trained.update(seconds=0.0, calls=0)
-            timing = run_experiment(config, progress=False).results["timing"]
-            overhead = (timing["clients"] - trained["seconds"]) / n
-            rows.append([n, *(f"{v:.2f}" for v in (timing.get("wait_for_nodes", 0.0) + timing.get("query", 0.0),
-                                                     timing["clients"], trained["seconds"])),
-                         f"{1e3 * overhead:.1f}", f"{timing['merging']:.3f}", f"{1e3 * timing['merging'] / n:.2f}",
-                         f"{timing['evaluation']:.2f}", f"{timing['total']:.2f}"])
+        for engine, counts in sizes.items():
+            for n in counts:
+                config = ExperimentConfig(name="bench", num_clients=n, partition="iid", local_steps=[5] * n,
+                                          test_fraction=0.15, strategies=("fedavg", "median"), engine=engine,
+                                          pretrain_steps=30, cache_dir=cache, seed=0)
+                results = run_experiment(config, progress=False).results
+                timing, own = results["timing"], sum(c["train_seconds"] for c in results["clients"])
+                workers = 1 if engine == "inprocess" else min(n, (os.cpu_count() or 1) // config.client_cpus)
+                overhead = (workers * timing["clients"] - own) / n
+                rows.append([engine, n, *(f"{v:.2f}" for v in (timing.get("wait_for_nodes", 0.0) + timing.get("query", 0.0),
+                                                                timing["clients"], own)),
+                             f"{1e3 * overhead:.1f}", f"{timing['merging']:.3f}", f"{1e3 * timing['merging'] / n:.2f}",
+                             f"{timing['evaluation']:.2f}", f"{timing['total']:.2f}"])
     finally:
-        local.local_update = original
         shutil.rmtree(cache, ignore_errors=True)
-    table("In-process engine, MLP, 5 local steps per client (seconds; ms per client)",
-          ["clients", "engine start", "client phase", "training", "overhead ms/client", "merging",
+    table("Both engines, MLP, 5 local steps per client (seconds; ms per client; overhead = (workers × client "
+          "phase − clients' own seconds) / clients)",
+          ["engine", "clients", "engine start", "client phase", "clients' own", "overhead ms/client", "merging",
            "merging ms/client", "evaluation", "total"], rows)
     return rows
 

@@ -9,13 +9,17 @@ Message contract (what :mod:`strategies` sends and expects back):
   ``model`` and this client's plan (``local-steps``, ``lr``, ``batch-size``, ``optimizer``,
   ``weight-decay``) and optionally ``task-vector-cache`` (a directory shared with the server) →
   reply ``{"arrays": τ_i, "metrics": MetricRecord}`` with ``num-examples``, ``local-steps``,
-  ``train-loss``, ``local-accuracy``, ``partition-id`` and ``cached`` (1 when read from the cache).
+  ``train-loss``, ``local-accuracy``, ``partition-id``, ``cached`` (1 when read from the cache) and
+  ``train-seconds`` (wall-clock seconds in this handler: loading the data and training, so the server
+  can tell an engine's overhead from the clients' own work).
   A plan with ``byzantine = true`` makes the client an attacker: it replies
   ``fedmerge.byzantine.attack(byzantine-mode, τ_i, scale=byzantine-scale, std=byzantine-std)``
   instead of τ_i (its metrics stay honest).
 """
 
 from __future__ import annotations
+
+import time
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -35,6 +39,7 @@ def identify(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    started = time.perf_counter()
     # Imported here, not at the top: on Flower's deployment engine every message starts a fresh
     # ClientApp process, and a `query` then needs neither torch nor the data stack (seconds each).
     from fedmerge.data import DataSpec, load_federated
@@ -69,4 +74,5 @@ def train(msg: Message, context: Context) -> Message:
 
         task_vector = attack(str(config["byzantine-mode"]), task_vector, scale=float(config["byzantine-scale"]),
                              std=float(config["byzantine-std"]), seed=client_seed(spec.seed, pid))
+    metrics["train-seconds"] = time.perf_counter() - started
     return Message(RecordDict({"arrays": ArrayRecord(task_vector), "metrics": metrics}), reply_to=msg)

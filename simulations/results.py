@@ -7,7 +7,8 @@ vector before λ, so θ = θ0 + λ·τ can be rebuilt or re-scaled offline).
 
 ``results.json`` holds: ``config`` (effective), ``base`` {accuracy, client_accuracy,
 normalized_accuracy}, ``clients`` (one entry per accepted client: plan, num_examples, train_loss,
-accuracy of its own model on its local test split, global_accuracy, task_vector_norm), ``failures``,
+accuracy of its own model on its local test split, global_accuracy, task_vector_norm,
+train_seconds as the client measured it), ``failures``,
 ``strategies.<name>`` {scale, accuracy, client_accuracy, normalized_accuracy, client_accuracies,
 merge_seconds} and ``timing`` (seconds per stage). Accuracies are fractions in [0, 1].
 """

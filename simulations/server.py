@@ -143,6 +143,7 @@ def evaluate(config: ExperimentConfig, data, base, strategy: OneShotMerge, progr
             "accuracy": own_acc, "reported_accuracy": float(r.metrics["local-accuracy"]),
             "global_accuracy": global_acc, "task_vector_norm": TaskVector(r.task_vector).norm(),
             "cached": bool(r.metrics.get("cached", 0)),
+            "train_seconds": r.metrics.get("train-seconds"),  # None from clients that do not report it
             "byzantine": r.partition_id in byzantine,  # its τ_i (and so `accuracy`) is the attacked one
         })
     strategies = {}

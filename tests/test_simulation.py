@@ -37,6 +37,9 @@ def test_inprocess_run_reports_every_measure(small_config):
         assert len(s["client_accuracies"]) == small_config.num_clients
     assert 0 <= r["base"]["accuracy"] <= 1 and r["failures"] == []
     assert {"pretrain", "clients", "merging", "evaluation", "total"} <= set(r["timing"])
+    # the in-process engine runs clients one after another, so their own seconds fit in its client phase
+    assert all(c["train_seconds"] > 0 for c in r["clients"])
+    assert sum(c["train_seconds"] for c in r["clients"]) <= r["timing"]["clients"]
 
 
 @pytest.mark.parametrize("seed,n,steps", [(0, 3, [4, 9, 2]), (5, 5, [7, 7, 7, 7, 7])])
