@@ -131,14 +131,18 @@ def _release_free_heap() -> None:
         _MALLOC_TRIM(0)
 
 
-def _find_malloc_trim() -> Callable[[int], int] | None:
+def _libc_function(name: str, argtypes: list, restype: Any) -> Callable[..., Any] | None:
+    """The C library's ``name`` with its signature, or None where there is none (not glibc/Linux)."""
     try:
-        return ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):  # not glibc (musl, macOS, Windows)
+        function = getattr(ctypes.CDLL(None, use_errno=True), name)
+    except (OSError, AttributeError):
         return None
+    function.argtypes, function.restype = argtypes, restype
+    return function
 
 
-_MALLOC_TRIM = _find_malloc_trim()
+_MALLOC_TRIM = _libc_function("malloc_trim", [ctypes.c_size_t], ctypes.c_int)
+_MADVISE = _libc_function("madvise", [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int)
 
 
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -179,17 +183,6 @@ def _drop_mapped_pages(tensor: Tensor, mapped: list[tuple[int, int]]) -> None:
         if lo < hi:
             _MADVISE(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)
 
-
-def _find_madvise() -> Callable[..., int] | None:
-    try:
-        madvise = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
-        return None
-    madvise.argtypes, madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
-    return madvise
-
-
-_MADVISE = _find_madvise()
 
 
 def _file_identity(path: Path) -> tuple[int, ...]:
