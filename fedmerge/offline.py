@@ -6,16 +6,20 @@ method of :mod:`fedmerge.merging`, then writes θ0 + λ·τ_merged as safetensor
 Memory: safetensors tensors are read one at a time, each through its own short-lived ``safe_open``
 handle (a long-lived memory map keeps every page read in the resident set), PyTorch state dicts are
 memory-mapped once and each tensor is copied out and its pages dropped from the mapping (``madvise``,
-Linux; elsewhere they stay resident: 10 model sizes instead of 1.2 for fedavg below), and the task vectors
-are *lazy* mappings that read one tensor of θ_i and θ0 when a merging rule asks for it. Every rule
-works key by key, so what is held is the merged result plus one tensor per client (TIES also holds
-the magnitudes of one task vector at a time to find its threshold), and safetensors' writer builds
-the output's bytes in memory. The base's tensor is read once per key and pass (each checkpoint keeps
-the tensor it read last), and the C heap is trimmed at that read, so glibc's free pages do not pile up:
-measured on 8 checkpoints of 100M parameters, fedavg peaks 1.25-1.36 model sizes above the imports,
-median 1.7 (``python -m benchmarks --only offline``). A checkpoint replaced
+Linux, unless torch wrote into the mapping at load; elsewhere they stay resident: 10 model sizes
+instead of 1.2 for fedavg below), and the task vectors are *lazy* mappings that read one tensor of
+θ_i and θ0 when a merging rule asks for it. Every rule works key by key, so what is held is the
+merged result plus one tensor per client (TIES also holds the magnitudes of one task vector at a
+time to find its threshold), and safetensors' writer builds the output's bytes in memory. Each
+checkpoint keeps the tensor it read last, so where a pass goes key by key through the clients (the
+validation, every rule's merge, θ0 + λτ) the base is read once per key, not once per client; cclip
+and TIES first walk each client's whole τ for its norm or threshold, and re-read the base there. The
+C heap is trimmed at each read of the base, so glibc's free pages do not pile up: measured on 8
+checkpoints of 100M parameters, fedavg peaks 1.25-1.37 model sizes above the imports, median 1.7-1.8
+(``python -m benchmarks --only offline``). A checkpoint replaced
 or rewritten on disk mid-merge is noticed (device, inode, size, mtime, checked after each safetensors
-read and before each access to a memory-mapped ``.pt`` state dict) and stops the merge before anything
+read and before each read of a memory-mapped ``.pt`` state dict; the tensor kept from the last read
+is not re-checked) and stops the merge before anything
 is written; a ``.pt`` file truncated in place between that check and the access is not caught (and a
 ``.pt`` replaced by rename stops the merge too, although its mapping still holds the original).
 Each τ_i is formed in float32 for half-precision tensors and kept in the checkpoint's dtype (as
@@ -28,7 +32,7 @@ from __future__ import annotations
 
 import ctypes
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +73,7 @@ class Checkpoint:
         else:
             self._state = load_state(self.path, mmap=True)
             self.meta = {k: (tuple(v.shape), v.dtype) for k, v in self._state.items()}
-            self._mapped = _mapped_ranges(self._identity[:2])
+            self._mapped = _clean_file_mapping(self._state.values(), self._identity[1])
 
     def is_float(self, key: str) -> bool:
         dtype = self.meta[key][1]
@@ -135,7 +139,7 @@ def _libc_function(name: str, argtypes: list, restype: Any) -> Callable[..., Any
     """The C library's ``name`` with its signature, or None where there is none (not glibc/Linux)."""
     try:
         function = getattr(ctypes.CDLL(None, use_errno=True), name)
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # TypeError: Windows has no CDLL(None)
         return None
     function.argtypes, function.restype = argtypes, restype
     return function
@@ -149,31 +153,47 @@ _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _MADV_DONTNEED = 4  # Linux
 
 
-def _mapped_ranges(device_inode: tuple[int, ...]) -> list[tuple[int, int]]:
-    """The address ranges where this process maps the file with this (device, inode), from
-    /proc/self/maps; empty where that is not readable (not Linux), so no pages are ever dropped there."""
-    device, inode = device_inode
-    ranges = []
-    try:
-        with open("/proc/self/maps") as maps:
-            for line in maps:
-                fields = line.split()
-                if len(fields) < 6 or int(fields[4]) != inode:
-                    continue
-                major, minor = (int(x, 16) for x in fields[3].split(":"))
-                if os.makedev(major, minor) == device:
-                    start, end = (int(x, 16) for x in fields[0].split("-"))
-                    ranges.append((start, end))
-    except (OSError, ValueError):
+def _clean_file_mapping(tensors: Iterable[Tensor], inode: int) -> list[tuple[int, int]]:
+    """Where the memory-mapped ``tensors`` live, as [(start, end)], if dropping pages there loses nothing.
+
+    The mapping is found by address in /proc/self/smaps (the one holding the first tensor's bytes, with
+    the file's inode; st_dev is not compared, as btrfs reports per-subvolume devices there). torch maps
+    the file private and writable; a page ever written (torch byte-swaps files saved on big-endian
+    machines in place) is the only copy of what it holds, so a mapping with any written page, or no
+    smaps to tell (not Linux), gives [] and nothing is ever dropped.
+    """
+    address = next((t.data_ptr() for t in tensors if t.layout == torch.strided and t.numel()), None)
+    if address is None or _MADVISE is None:
         return []
-    return ranges if _MADVISE is not None else []
+    try:
+        with open("/proc/self/smaps") as smaps:
+            lines = smaps.read().splitlines()
+    except OSError:
+        return []
+    found: tuple[int, int] | None = None
+    written = 0
+    for line in lines:
+        fields = line.split()
+        if not fields:
+            continue
+        if not fields[0].endswith(":"):  # a mapping's header: address range, perms, offset, dev, inode, path
+            if found is not None:
+                break
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            if start <= address < end and int(fields[4]) == inode:
+                found = (start, end)
+        elif found is not None and fields[0] in ("Private_Dirty:", "Anonymous:"):
+            written += int(fields[1])
+    return [found] if found is not None and written == 0 else []
 
 
 def _drop_mapped_pages(tensor: Tensor, mapped: list[tuple[int, int]]) -> None:
     """Drop the whole pages under ``tensor`` from this process's resident set (``madvise
-    MADV_DONTNEED``), only within ``mapped``: the file's read-only private mapping, where that
-    discards nothing (the file still holds every byte); heap memory is never touched."""
-    if tensor.numel() == 0:
+    MADV_DONTNEED``), only within ``mapped``: a private file mapping none of whose pages was ever
+    written (see :func:`_clean_file_mapping`), so the file still holds every byte and the next read
+    faults them back in; heap memory is never touched. Mapped tensors must never be written: reads
+    hand out copies."""
+    if tensor.numel() == 0 or tensor.layout != torch.strided:
         return
     first = tensor.data_ptr()
     last = first + tensor.element_size() * (1 + sum((n - 1) * abs(st) for n, st in zip(tensor.shape, tensor.stride())))

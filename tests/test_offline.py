@@ -105,6 +105,25 @@ def test_pt_reads_drop_their_pages_from_the_mapping_and_leave_heap_memory_alone(
     assert torch.equal(heap, state["v"])
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux's /proc/self/smaps")
+def test_pages_torch_wrote_at_load_are_never_dropped(tmp_path):
+    # torch byte-swaps a big-endian file's tensors in place in its private mapping: those pages are the
+    # only copy of the right values, so the checkpoint must keep them (dropping gave garbage on re-read)
+    import zipfile
+
+    from fedmerge.offline import Checkpoint
+
+    state = {"w": torch.arange(3000, dtype=torch.float32), "v": torch.arange(5, dtype=torch.float32) + 0.5}
+    torch.save({k: torch.from_numpy(v.numpy().byteswap()) for k, v in state.items()}, tmp_path / "little.pt")
+    with zipfile.ZipFile(tmp_path / "little.pt") as zin, zipfile.ZipFile(tmp_path / "big.pt", "w") as zout:
+        for info in zin.infolist():
+            zout.writestr(info.filename, b"big" if info.filename.endswith("/byteorder") else zin.read(info.filename))
+    ck = Checkpoint(tmp_path / "big.pt")
+    assert ck._mapped == []
+    assert torch.equal(ck["w"], state["w"]) and torch.equal(ck["v"], state["v"])
+    assert torch.equal(ck._read("w"), state["w"]) and torch.equal(ck._read("v"), state["v"])
+
+
 def test_bf16_checkpoints_are_merged_in_float32_and_written_in_bf16(tmp_path):
     base = {k: v.to(torch.bfloat16) for k, v in build_model("mlp", (1, 8, 8), 10, seed=1).state_dict().items()}
     save_state(base, tmp_path / "base.safetensors")
