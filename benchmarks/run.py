@@ -11,8 +11,9 @@ Sections (each prints a table):
            fast path runs on two blocks and is scaled to 24.
   linear   every non-spectral merging method on 8 task vectors: seconds, GB/s of task vectors read,
            extra peak memory (resident set size above the inputs).
-  offline  ``fedmerge merge`` on 8 safetensors checkpoints of a ~100M-parameter model: peak memory
-           (/usr/bin/time -v) against the model size.
+  offline  ``fedmerge merge`` on 8 checkpoints of a ~100M-parameter model, as safetensors (fedavg,
+           task_arithmetic, median) and as memory-mapped .pt (fedavg): peak memory (/usr/bin/time -v)
+           against the model size. Writes both formats: about 8 GB of temporary disk.
   default  the default run (``fedmerge run``'s preset) on both engines: results.json's timing split.
   sim      both engines from 8 to 128 clients (Ray at 8, 32, 128): the timing split and the
            engine's overhead per client beyond the clients' own reported seconds.
@@ -316,9 +317,14 @@ def bench_offline(quick: bool) -> list[list]:
 # ------------------------------------------------------------------------------------------------
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, as Ray counts them; os.cpu_count() elsewhere)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def bench_sim(quick: bool) -> list[list]:
     """Both engines from 8 to 128 clients. The clients report their own seconds (``train-seconds``:
-    data and training), so the engine's overhead per client is the worker-seconds of the client phase
+    data and training; a worker's first import of torch is the engine's), so the engine's overhead per client is the worker-seconds of the client phase
     not spent in them: (workers × client phase − Σ clients' seconds) / clients, one worker in-process,
     one Ray actor per CPU."""
     from simulations.config import ExperimentConfig
@@ -335,7 +341,7 @@ def bench_sim(quick: bool) -> list[list]:
                                           pretrain_steps=30, cache_dir=cache, seed=0)
                 results = run_experiment(config, progress=False).results
                 timing, own = results["timing"], sum(c["train_seconds"] for c in results["clients"])
-                workers = 1 if engine == "inprocess" else min(n, (os.cpu_count() or 1) // config.client_cpus)
+                workers = 1 if engine == "inprocess" else min(n, usable_cpus() // config.client_cpus)
                 overhead = (workers * timing["clients"] - own) / n
                 rows.append([engine, n, *(f"{v:.2f}" for v in (timing.get("wait_for_nodes", 0.0) + timing.get("query", 0.0),
                                                                 timing["clients"], own)),

@@ -10,8 +10,9 @@ Message contract (what :mod:`strategies` sends and expects back):
   ``weight-decay``) and optionally ``task-vector-cache`` (a directory shared with the server) →
   reply ``{"arrays": τ_i, "metrics": MetricRecord}`` with ``num-examples``, ``local-steps``,
   ``train-loss``, ``local-accuracy``, ``partition-id``, ``cached`` (1 when read from the cache) and
-  ``train-seconds`` (wall-clock seconds in this handler: loading the data and training, so the server
-  can tell an engine's overhead from the clients' own work).
+  ``train-seconds`` (wall-clock seconds this client worked: loading its data and training, not the
+  handler's first import of torch and the data stack, so the server can tell an engine's overhead
+  from the clients' own work).
   A plan with ``byzantine = true`` makes the client an attacker: it replies
   ``fedmerge.byzantine.attack(byzantine-mode, τ_i, scale=byzantine-scale, std=byzantine-std)``
   instead of τ_i (its metrics stay honest).
@@ -39,7 +40,6 @@ def identify(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    started = time.perf_counter()
     # Imported here, not at the top: on Flower's deployment engine every message starts a fresh
     # ClientApp process, and a `query` then needs neither torch nor the data stack (seconds each).
     from fedmerge.data import DataSpec, load_federated
@@ -47,6 +47,7 @@ def train(msg: Message, context: Context) -> Message:
     from fedmerge.records import from_config
     from fedmerge.training import TrainPlan
 
+    started = time.perf_counter()  # after the imports: a worker's first import is the engine's cost
     pid, num_partitions = _partition(context)
     config: ConfigRecord = msg.content["config"]
     spec = from_config(DataSpec, config)

@@ -39,12 +39,15 @@ def polar_factor(x: Tensor, rcond: float | None = None) -> Tensor:
 # SVD of every task matrix and SVDs of the concatenated bases, as the published implementations do.
 # ``method="fast"`` (the default) needs only the top k = ⌊r/T⌋ triplets of each task:
 # 1. a randomized block Krylov method in float32 (float64 for float64 input), batched over tasks and
-#    layers of one shape, with a float64 Rayleigh-Ritz step whose every triplet is checked by its
+#    layers of one shape, with a Rayleigh-Ritz step (the projected Gram matrix's eigenpairs in
+#    float64, the Ritz vectors from the blocks in their own precision) whose every triplet is checked by its
 #    residual: matrices whose Krylov space did not converge (spectra flat around σ_k, like noise) get
 #    their triplets from a float64 eigendecomposition of AᵀA instead, and those that look flat after
 #    5 of the 11 blocks leave the Krylov recursion there;
-# 2. both polar factors by whitening X (XᵀX)^(-1/2) (Prop. 4.1 of the TSV paper) from float64 Gram
-#    eigendecompositions (products in float32 where the stacked bases are well conditioned);
+# 2. both polar factors by whitening X (XᵀX)^(-1/2) (Prop. 4.1 of the TSV paper) from Gram
+#    eigendecompositions: float64, except tall stacks (≥ 2× as long as wide) whose float32
+#    eigenvalues show κ ≤ 8, which stay float32 throughout (products in float32 where the stacked
+#    bases are well conditioned);
 # 3. layers whose stacked bases come out nearly singular (tasks sharing their top directions) are
 #    merged again from float64 triplets of AᵀA; layers of alike tasks take that path at once.
 # Both paths drop triplets whose σ is numerically zero (≤ max(m, n) · eps · σ_1 of that task), so
@@ -264,7 +267,8 @@ def top_singular_triplets(
     ``torch.linalg.svd(a)[:k]``. ``method="exact"`` takes the full SVD; ``"randomized"`` a randomized
     block Krylov method: the space spanned by Ω, AᵀAΩ, …, (AᵀA)^depth Ω for a Gaussian Ω of
     ``block_size`` columns (default :func:`krylov_block_size`), built in float32 (float64 for
-    float64 input) with 2·depth + 2 products with A or Aᵀ, then a float64 Rayleigh-Ritz step
+    float64 input) with 2·depth + 2 products with A or Aᵀ, then a Rayleigh-Ritz step (eigenpairs of
+    the projected Gram matrix in float64, Ritz vectors from the blocks in their precision)
     (Musco & Musco, "Randomized Block Krylov Methods for Stronger and Faster Approximate SVD",
     NeurIPS 2015). Every Ritz triplet is checked: a matrix whose residual ‖Aᵀu_i − σ_i v_i‖ exceeds
     ``tol`` · σ_1 for some i ≤ k (the space had not converged: spectra flat around σ_k, like noise)
