@@ -28,6 +28,7 @@ the client and tensor at fault. Inputs are never mutated; each output tensor kee
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -239,6 +240,52 @@ def _stack(task_vectors: TaskVectors, key: str) -> Tensor:
     return torch.stack([tv[key].to(dt) for tv in task_vectors])
 
 
+# Order statistics over the clients come from a sorting network of elementwise min/max: with 8
+# clients a (8, 230k) tensor's median took 32 ms by kthvalue and 15 ms by torch.sort over dim 0,
+# 4.8 ms by the network (2.5-4× faster than sort up to 128 clients; beyond, sort's n log n wins).
+_NETWORK_MAX_CLIENTS = 128
+
+
+@functools.lru_cache(maxsize=64)
+def _sorting_network(n: int, wanted: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    """Comparators (i, j), i < j, of Batcher's odd-even merge sort on n wires, in order, keeping only
+    those that decide the outputs at positions ``wanted`` of the ascending order.
+
+    Built for the next power of two: wires ≥ n hold +∞ and never move, so their comparators drop out.
+    """
+    size = 1 << max(0, (n - 1).bit_length())
+    pairs = []
+    p = 1
+    while p < size:
+        k = p
+        while k >= 1:
+            for j in range(k % p, size - k, 2 * k):
+                for i in range(min(k - 1, size - j - k - 1) + 1):
+                    if (i + j) // (2 * p) == (i + j + k) // (2 * p):
+                        pairs.append((i + j, i + j + k))
+            k //= 2
+        p *= 2
+    needed, kept = set(wanted), []
+    for a, b in reversed([(a, b) for a, b in pairs if b < n]):  # backwards: what feeds a wanted output
+        if a in needed or b in needed:
+            kept.append((a, b))
+            needed |= {a, b}
+    return tuple(reversed(kept))
+
+
+def _order_statistics(task_vectors: TaskVectors, key: str, positions: Sequence[int]) -> list[Tensor]:
+    """For each coordinate of tensor ``key``, its values at ``positions`` of the ascending order over
+    the clients, in the compute dtype. The clients' tensors are read, never written."""
+    dt = compute_dtype(task_vectors[0][key].dtype)
+    rows = [tv[key].to(dt) for tv in task_vectors]
+    if len(rows) > _NETWORK_MAX_CLIENTS:
+        ordered = torch.stack(rows).sort(dim=0).values
+        return [ordered[i] for i in positions]
+    for a, b in _sorting_network(len(rows), tuple(positions)):
+        rows[a], rows[b] = torch.minimum(rows[a], rows[b]), torch.maximum(rows[a], rows[b])
+    return [rows[i] for i in positions]
+
+
 # ------------------------------------------------------------------------------------------------
 # Methods
 # ------------------------------------------------------------------------------------------------
@@ -272,14 +319,12 @@ def fednova(task_vectors: TaskVectors, p: Sequence[float], *, local_steps: Seque
 def median(task_vectors: TaskVectors, p: Sequence[float]) -> dict[str, Tensor]:
     """Coordinate-wise median over clients (mean of the two middle values when n is even)."""
     n = len(task_vectors)
+    middle = (n // 2,) if n % 2 else (n // 2 - 1, n // 2)
     out: dict[str, Tensor] = {}
     for key, ref in task_vectors[0].items():
-        stack = _stack(task_vectors, key)
-        if n % 2:
-            mid = stack.kthvalue(n // 2 + 1, dim=0).values
-        else:
-            mid = (stack.kthvalue(n // 2, dim=0).values + stack.kthvalue(n // 2 + 1, dim=0).values) / 2
-        out[key] = mid.to(ref.dtype)
+        values = _order_statistics(task_vectors, key, middle)
+        mid = values[0] if n % 2 else (values[0] + values[1]) / 2
+        out[key] = mid.to(ref.dtype, copy=n == 1)  # one client: its own tensor, not to be shared
     return out
 
 
@@ -320,10 +365,12 @@ def trimmed_mean(task_vectors: TaskVectors, p: Sequence[float], *, beta: float =
     beta = _check_range("trimmed_mean", "beta", beta, 0.0, 0.5, hi_open=True)
     n = len(task_vectors)
     cut = math.floor(beta * n)
+    if cut == 0:  # nothing trimmed: the uniform mean, streamed, with no order to find
+        return linear_combination(task_vectors, [1.0 / n] * n)
     out: dict[str, Tensor] = {}
     for key, ref in task_vectors[0].items():
-        ordered = _stack(task_vectors, key).sort(dim=0).values
-        out[key] = ordered[cut:n - cut].mean(dim=0).to(ref.dtype)
+        kept = _order_statistics(task_vectors, key, range(cut, n - cut))
+        out[key] = (sum(kept[1:], kept[0]) / len(kept)).to(ref.dtype)
     return out
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -71,6 +74,31 @@ def test_median_even_is_the_mean_of_the_two_middle_values():
     D = tv(w=[[0, 0], [0, 0]], b=[10, 10])
     # per coordinate sorted values of A, B, C, D; mean of 2nd and 3rd
     assert_close(merge("median", [A, B, C, D]), {"w": [[0.5, 2.0], [1.5, 1.0]], "b": [2.5, 0.5]})
+
+
+@pytest.mark.parametrize("n", range(1, 11))
+def test_the_sorting_network_sorts_every_zero_one_input(n):
+    # the 0-1 principle: a comparator network that sorts every 0/1 input sorts every input
+    from fedmerge.merging import _sorting_network
+
+    for bits in itertools.product((0, 1), repeat=n):
+        wires = list(bits)
+        for a, b in _sorting_network(n, tuple(range(n))):
+            assert a < b
+            wires[a], wires[b] = min(wires[a], wires[b]), max(wires[a], wires[b])
+        assert wires == sorted(bits)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8, 13, 20, 129])  # 129: past the network, torch.sort
+def test_order_statistics_agree_with_sorting(n):
+    g = torch.Generator().manual_seed(n)
+    vectors = [{"w": torch.randint(-3, 4, (6, 7), generator=g).float()} for _ in range(n)]  # many ties
+    ordered = torch.stack([v["w"] for v in vectors]).sort(dim=0).values
+    middle = (ordered[(n - 1) // 2] + ordered[n // 2]) / 2
+    assert torch.equal(merge("median", vectors)["w"], middle)
+    cut = math.floor(0.2 * n)
+    torch.testing.assert_close(merge("trimmed_mean", vectors, beta=0.2)["w"], ordered[cut:n - cut].mean(dim=0))
+    assert merge("median", vectors[:1])["w"] is not vectors[0]["w"]
 
 
 def test_median_of_two_is_their_mean():
