@@ -9,8 +9,7 @@ memory-mapped once and each tensor is copied out and its pages dropped from the 
 Linux, unless torch wrote into the mapping at load; elsewhere they stay resident: 10 model sizes
 instead of 1.2 for fedavg below), and the task vectors are *lazy* mappings that read one tensor of
 θ_i and θ0 when a merging rule asks for it. Every rule works key by key, so what is held is the
-merged result plus one tensor per client (TIES also holds the magnitudes of one task vector at a
-time to find its threshold), and safetensors' writer builds the output's bytes in memory. Each
+merged result plus one tensor per client, and safetensors' writer builds the output's bytes in memory. Each
 checkpoint keeps the tensor it read last, so where a pass goes key by key through the clients (the
 validation, every rule's merge, θ0 + λτ) the base is read once per key, not once per client; cclip
 and TIES first walk each client's whole τ for its norm or threshold, and re-read the base there. The

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -81,6 +83,22 @@ def test_ties_threshold_is_over_the_whole_task_vector():
     a = {"big": torch.tensor([10.0, 9.0]), "small": torch.tensor([0.1, 0.2])}
     out = merge("ties", [a], k=0.5)  # top 2 of 4 entries, both in "big": "small" is trimmed entirely
     assert_close(out, {"big": [10.0, 9.0], "small": [0.0, 0.0]})
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float32,), (torch.float64, torch.float32), (torch.bfloat16, torch.float16)])
+@pytest.mark.parametrize("k", [1e-6, 0.2, 0.5, 1.0])
+def test_ties_thresholds_are_the_exact_order_statistic_of_all_magnitudes(dtypes, k):
+    from fedmerge.merging import ties_thresholds
+
+    g = torch.Generator().manual_seed(len(dtypes))
+    tv = {f"t{i}": (torch.randn(37, 11, generator=g) * 10 ** i).round(decimals=2).to(dt) for i, dt in enumerate(dtypes)}
+    tv["zeros"] = torch.zeros(50)  # many equal entries, -0.0 among them
+    tv["zeros"][::2] = -0.0
+    work = torch.float64 if torch.float64 in dtypes else torch.float32
+    flat = torch.cat([t.reshape(-1).to(work).abs() for t in tv.values()])
+    keep = max(1, math.ceil(k * flat.numel()))
+    expected = flat.sort(descending=True).values[keep - 1].item()
+    assert ties_thresholds([tv], k) == [expected]
 
 
 def test_ties_with_k_one_and_agreeing_signs_is_the_weighted_mean():
