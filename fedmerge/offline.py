@@ -14,7 +14,7 @@ checkpoint keeps the tensor it read last, so where a pass goes key by key throug
 validation, every rule's merge, θ0 + λτ) the base is read once per key, not once per client; cclip
 and TIES first walk each client's whole τ for its norm or threshold, and re-read the base there. The
 C heap is trimmed at each read of the base, so glibc's free pages do not pile up: measured on 8
-checkpoints of 100M parameters, fedavg peaks 1.25-1.37 model sizes above the imports, median 1.7-1.8
+checkpoints of 100M parameters, fedavg peaks 1.25-1.37 model sizes above the imports, median 1.4
 (``python -m benchmarks --only offline``). A checkpoint replaced
 or rewritten on disk mid-merge is noticed (device, inode, size, mtime, checked after each safetensors
 read and before each read of a memory-mapped ``.pt`` state dict; the tensor kept from the last read
