@@ -242,8 +242,9 @@ def _stack(task_vectors: TaskVectors, key: str) -> Tensor:
 
 # Order statistics over the clients come from a sorting network of elementwise min/max: with 8
 # clients a (8, 230k) tensor's median took 32 ms by kthvalue and 15 ms by torch.sort over dim 0,
-# 4.8 ms by the network (2.5-4× faster than sort up to 128 clients; beyond, sort's n log n wins).
-_NETWORK_MAX_CLIENTS = 128
+# 4.8 ms by the network; at 128 and 256 clients the network is still 3-6× faster than sort on
+# tensors of 4k entries or more. Its cost is ~1 µs per comparator on top of the arithmetic, so
+# tensors with fewer entries than it has comparators (a bias over 128 clients) are sorted instead.
 
 
 @functools.lru_cache(maxsize=64)
@@ -278,10 +279,11 @@ def _order_statistics(task_vectors: TaskVectors, key: str, positions: Sequence[i
     the clients, in the compute dtype. The clients' tensors are read, never written."""
     dt = compute_dtype(task_vectors[0][key].dtype)
     rows = [tv[key].to(dt) for tv in task_vectors]
-    if len(rows) > _NETWORK_MAX_CLIENTS:
+    network = _sorting_network(len(rows), tuple(positions))
+    if rows[0].numel() < len(network):
         ordered = torch.stack(rows).sort(dim=0).values
-        return [ordered[i] for i in positions]
-    for a, b in _sorting_network(len(rows), tuple(positions)):
+        return [ordered[i].clone() for i in positions]  # copies: views would keep the whole stack alive
+    for a, b in network:
         rows[a], rows[b] = torch.minimum(rows[a], rows[b]), torch.maximum(rows[a], rows[b])
     return [rows[i] for i in positions]
 
@@ -376,36 +378,38 @@ def trimmed_mean(task_vectors: TaskVectors, p: Sequence[float], *, beta: float =
 
 def ties_thresholds(task_vectors: TaskVectors, k: float) -> list[float]:
     """Per task vector, the magnitude of its ⌈k·d⌉-th largest entry over all d entries (TIES trim step)."""
-    out = []
-    for tv in task_vectors:
-        d = sum(t.numel() for t in tv.values())
-        keep = max(1, math.ceil(k * d))
-        out.append(_kth_smallest_magnitude(list(tv.values()), d - keep))
-    return out
+    return [_magnitude_threshold(tv, k) for tv in task_vectors]
 
 
-def _kth_smallest_magnitude(tensors: Sequence[Tensor], rank: int) -> float:
-    """The entry at 0-based ``rank`` of all |entries| of ``tensors`` in ascending order, exactly.
+def _magnitude_threshold(tv: Mapping[str, Tensor], k: float) -> float:
+    """The ⌈k·d⌉-th largest |entry| of ``tv`` (d entries in all), exactly, one tensor at a time.
 
-    Radix selection: non-negative floats order like their bit patterns, so a histogram of the top 16
-    bits finds the bucket holding the rank, and ``kthvalue`` runs on that bucket's entries only. On a
-    ViT-sized task vector (23M entries) that took 56 ms against 290 ms for ``kthvalue`` on them all,
-    and it never concatenates the task vector.
+    Radix selection: non-negative floats order like their bit patterns, so a first pass histograms
+    the top 16 bits of every |entry| to find the bucket holding the wanted rank, and a second pass
+    keeps that bucket's entries for ``kthvalue``. On a ViT-sized task vector (23M entries) that took
+    56 ms against 290 ms for ``kthvalue`` on all of them concatenated. (When nearly all entries
+    share one bucket, as for magnitudes within ~1% of each other, it costs ~5× a plain kthvalue.)
     """
-    work = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-    as_int, shift = (torch.int64, 47) if work == torch.float64 else (torch.int32, 15)
-
     def magnitudes(t: Tensor) -> tuple[Tensor, Tensor]:
-        mag = t.detach().reshape(-1).to(work).abs()
-        return mag, mag.view(as_int) >> shift
+        """|entries| in the compute dtype, and their buckets: the top 16 bits of their float32 value
+        (rounding to float32 never reverses an order, so float64 entries bucket consistently)."""
+        mag = t.detach().reshape(-1).to(compute_dtype(t.dtype)).abs()
+        return mag, mag.float().view(torch.int32) >> 15
 
-    hist = torch.zeros(1 << 16, dtype=torch.int64)
-    for t in tensors:
-        hist += torch.bincount(magnitudes(t)[1], minlength=1 << 16)
+    hist: Tensor | None = None
+    for t in tv.values():
+        counts = torch.bincount(magnitudes(t)[1], minlength=1 << 16)
+        hist = counts if hist is None else hist + counts
+    if hist is None:
+        raise MergeError("ties: a task vector has no tensors")
     cum = hist.cumsum(0)
-    bucket = int(torch.searchsorted(cum, torch.tensor(rank), right=True))
+    d = int(cum[-1])
+    if d == 0:
+        return 0.0
+    rank = d - max(1, math.ceil(k * d))  # 0-based, ascending
+    bucket = int(torch.searchsorted(cum, torch.tensor(rank, device=cum.device), right=True))
     below = int(cum[bucket - 1]) if bucket else 0
-    members = torch.cat([mag[top == bucket] for mag, top in map(magnitudes, tensors)])
+    members = torch.cat([mag[top == bucket] for mag, top in map(magnitudes, tv.values())])
     return float(members.kthvalue(rank - below + 1).values)
 
 

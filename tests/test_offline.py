@@ -57,9 +57,14 @@ def test_offline_merge_equals_the_in_memory_merge(checkpoints, method, options):
     assert torch.equal(got["1.num_batches_tracked"], base["1.num_batches_tracked"])
 
 
-def test_the_base_is_read_once_per_key_and_pass_not_once_per_client(checkpoints, monkeypatch):
-    # every client's τ needs the base's tensor; the checkpoint keeps the one read last, so a key costs
-    # one base read per pass (validation, merge, θ0 + λτ) and one read per client per pass, not 2T + 1
+@pytest.mark.parametrize("method,base_reads,model_reads", [
+    ("fedavg", 3, 2),  # passes: validation, merge, θ0 + λτ (the base's only)
+    ("ties", 3 + 2 * 3, 4),  # + two threshold passes over each client's whole τ (histogram, bucket)
+])
+def test_each_pass_reads_a_tensor_once_and_the_base_once_per_key(checkpoints, monkeypatch, method, base_reads,
+                                                                   model_reads):
+    # every client's τ needs the base's tensor; the checkpoint keeps the one read last, so a pass that
+    # goes key by key reads the base once per key, not once per client
     from collections import Counter
 
     from fedmerge.offline import Checkpoint
@@ -67,11 +72,11 @@ def test_the_base_is_read_once_per_key_and_pass_not_once_per_client(checkpoints,
     tmp, base, _, paths = checkpoints
     reads, read = Counter(), Checkpoint._read
     monkeypatch.setattr(Checkpoint, "_read", lambda self, key: reads.update([(self.path.name, key)]) or read(self, key))
-    merge_checkpoints(tmp / "base.safetensors", paths, "fedavg", tmp / "out.safetensors")
+    merge_checkpoints(tmp / "base.safetensors", paths, method, tmp / "out.safetensors")
     floats = [k for k, v in base.items() if v.is_floating_point()]
-    assert {key: reads["base.safetensors", key] for key in floats} == {key: 3 for key in floats}
+    assert {key: reads["base.safetensors", key] for key in floats} == {key: base_reads for key in floats}
     for path in paths:
-        assert {key: reads[path.name, key] for key in floats} == {key: 2 for key in floats}
+        assert {key: reads[path.name, key] for key in floats} == {key: model_reads for key in floats}
 
 
 def _resident_bytes_of(path) -> int:

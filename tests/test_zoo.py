@@ -94,6 +94,8 @@ def test_ties_thresholds_are_the_exact_order_statistic_of_all_magnitudes(dtypes,
     tv = {f"t{i}": (torch.randn(37, 11, generator=g) * 10 ** i).round(decimals=2).to(dt) for i, dt in enumerate(dtypes)}
     tv["zeros"] = torch.zeros(50)  # many equal entries, -0.0 among them
     tv["zeros"][::2] = -0.0
+    if torch.float64 in dtypes:  # beyond float32's range both ways, where its buckets saturate
+        tv["extreme"] = torch.tensor([1e300, -1e-300, 3e38, 3.5e38, 1e-46, 2e-46] * 20, dtype=torch.float64)
     work = torch.float64 if torch.float64 in dtypes else torch.float32
     flat = torch.cat([t.reshape(-1).to(work).abs() for t in tv.values()])
     keep = max(1, math.ceil(k * flat.numel()))
