@@ -12,7 +12,7 @@ instead of 1.2 for fedavg below), and the task vectors are *lazy* mappings that 
 merged result plus one tensor per client, and safetensors' writer builds the output's bytes in memory. Each
 checkpoint keeps the tensor it read last, so where a pass goes key by key through the clients (the
 validation, every rule's merge, θ0 + λτ) the base is read once per key, not once per client; cclip
-and TIES first walk each client's whole τ for its norm or threshold, and re-read the base there. The
+and TIES also walk each client's whole τ for its norm or threshold (TIES twice), re-reading the base. The
 C heap is trimmed at each read of the base, so glibc's free pages do not pile up: measured on 8
 checkpoints of 100M parameters, fedavg peaks 1.25-1.37 model sizes above the imports, median 1.4
 (``python -m benchmarks --only offline``). A checkpoint replaced
