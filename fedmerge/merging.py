@@ -428,17 +428,23 @@ def ties(task_vectors: TaskVectors, p: Sequence[float], *, k: float = 0.2) -> di
     """
     k = _check_range("ties", "k", k, 0.0, 1.0, lo_open=True)
     thresholds = ties_thresholds(task_vectors, k)
-    weights = torch.tensor(p, dtype=torch.float64)
     out: dict[str, Tensor] = {}
-    for key, ref in task_vectors[0].items():
-        stack = _stack(task_vectors, key)
-        trim = torch.stack([torch.where(x.abs() >= th, x, torch.zeros_like(x)) for x, th in zip(stack, thresholds)])
-        w = weights.to(stack.dtype).reshape(-1, *([1] * ref.dim()))
-        elected = torch.sign((w * trim).sum(dim=0))
-        agree = (torch.sign(trim) == elected) & (elected != 0)
-        mass = (w * agree).sum(dim=0)
-        total = (w * trim * agree).sum(dim=0)
-        out[key] = torch.where(mass > 0, total / mass.clamp_min(torch.finfo(stack.dtype).tiny), 0.0).to(ref.dtype)
+    for key, ref in task_vectors[0].items():  # client by client: no n-deep stacks of temporaries
+        dt = compute_dtype(ref.dtype)
+        trimmed = []
+        for tv, th in zip(task_vectors, thresholds):
+            x = tv[key].to(dt)
+            trimmed.append(torch.where(x.abs() >= th, x, 0.0))
+        elected = torch.zeros(ref.shape, dtype=dt)
+        for c, t in zip(p, trimmed):
+            elected.add_(t, alpha=c)
+        elected.sign_()
+        mass, total = torch.zeros_like(elected), torch.zeros_like(elected)
+        for c, t in zip(p, trimmed):
+            agree = (t * elected) > 0  # a kept entry of the elected sign (none where no sign was elected)
+            mass.add_(agree, alpha=c)
+            total.add_(torch.where(agree, t, 0.0), alpha=c)
+        out[key] = torch.where(mass > 0, total / mass.clamp_min(torch.finfo(dt).tiny), 0.0).to(ref.dtype)
     return out
 
 
