@@ -325,9 +325,9 @@ def usable_cpus() -> int:
 
 def bench_sim(quick: bool) -> list[list]:
     """Both engines from 8 to 128 clients. The clients report their own seconds (``train-seconds``:
-    data and training; a worker's first import of torch is the engine's), so the engine's overhead per client is the worker-seconds of the client phase
-    not spent in them: (workers × client phase − Σ clients' seconds) / clients, one worker in-process,
-    one Ray actor per CPU."""
+    data and training; a worker's first import of torch is the engine's), so the engine's overhead
+    per client is the worker-seconds of the client phase not spent in them: (workers × client phase
+    − Σ clients' seconds) / clients, one worker in-process, one Ray actor per usable CPU."""
     from simulations.config import ExperimentConfig
     from simulations.experiment import run_experiment
 

@@ -234,12 +234,6 @@ def _check_range(
     return value
 
 
-def _stack(task_vectors: TaskVectors, key: str) -> Tensor:
-    """The n task vectors' entries of one tensor as an n × shape stack, in the compute dtype."""
-    dt = compute_dtype(task_vectors[0][key].dtype)
-    return torch.stack([tv[key].to(dt) for tv in task_vectors])
-
-
 # Order statistics over the clients come from a sorting network of elementwise min/max: with 8
 # clients a (8, 230k) tensor's median took 32 ms by kthvalue and 15 ms by torch.sort over dim 0,
 # 4.8 ms by the network; at 128 and 256 clients the network is still 3-6× faster than sort on

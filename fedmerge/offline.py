@@ -59,7 +59,7 @@ class Checkpoint:
             raise CheckpointError(f"{self.path}: no such file")
         self._state: dict[str, Tensor] | None = None
         self._last: tuple[str, Tensor] | None = None  # the tensor read last, for the next client's τ
-        self._mapped: list[tuple[int, int]] = []  # where a .pt file is memory-mapped, if known
+        self._mapped: tuple[int, int] | None = None  # where a .pt file is mapped, if its pages may be dropped
         self._identity = _file_identity(self.path)
         if self.path.suffix == ".safetensors":
             from safetensors import SafetensorError, safe_open
@@ -93,7 +93,7 @@ class Checkpoint:
         if self._state is not None:  # memory-mapped once: a truncation in place would fault, so check
             self._check_unchanged()
             mapped = self._state[key]
-            if not self._mapped:
+            if self._mapped is None:
                 return mapped
             # The pages a mapped tensor touches stay resident until unmapped (8 checkpoints of 100M
             # parameters: every checkpoint whole). Copied out, its pages are dropped from the mapping;
@@ -146,14 +146,12 @@ def _libc_function(name: str, argtypes: list, restype: Any) -> Callable[..., Any
 
 _MALLOC_TRIM = _libc_function("malloc_trim", [ctypes.c_size_t], ctypes.c_int)
 _MADVISE = _libc_function("madvise", [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int)
-
-
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _MADV_DONTNEED = 4  # Linux
 
 
-def _clean_file_mapping(tensors: Iterable[Tensor], inode: int) -> list[tuple[int, int]]:
-    """Where the memory-mapped ``tensors`` live, as [(start, end)], if dropping pages there loses nothing.
+def _clean_file_mapping(tensors: Iterable[Tensor], inode: int) -> tuple[int, int] | None:
+    """Where the memory-mapped ``tensors`` live, as (start, end), if dropping pages there loses nothing.
 
     The mapping is found by address in /proc/self/smaps (the one holding the first tensor's bytes, with
     the file's inode; st_dev is not compared, as btrfs reports per-subvolume devices there). torch maps
@@ -183,10 +181,10 @@ def _clean_file_mapping(tensors: Iterable[Tensor], inode: int) -> list[tuple[int
                 found = (start, end)
         elif found is not None and fields[0] in ("Private_Dirty:", "Anonymous:"):
             written += int(fields[1])
-    return [found] if found is not None and written == 0 else []
+    return found if written == 0 else None
 
 
-def _drop_mapped_pages(tensor: Tensor, mapped: list[tuple[int, int]]) -> None:
+def _drop_mapped_pages(tensor: Tensor, mapped: tuple[int, int]) -> None:
     """Drop the whole pages under ``tensor`` from this process's resident set (``madvise
     MADV_DONTNEED``), only within ``mapped``: a private file mapping none of whose pages was ever
     written (see :func:`_clean_file_mapping`), so the file still holds every byte and the next read
@@ -196,12 +194,11 @@ def _drop_mapped_pages(tensor: Tensor, mapped: list[tuple[int, int]]) -> None:
         return
     first = tensor.data_ptr()
     last = first + tensor.element_size() * (1 + sum((n - 1) * abs(st) for n, st in zip(tensor.shape, tensor.stride())))
-    for start, end in mapped:
-        lo = max(start, first - first % _PAGE_SIZE)
-        hi = min(end, -(-last // _PAGE_SIZE) * _PAGE_SIZE)
-        if lo < hi:
-            _MADVISE(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)
-
+    start, end = mapped
+    lo = max(start, first - first % _PAGE_SIZE)
+    hi = min(end, -(-last // _PAGE_SIZE) * _PAGE_SIZE)
+    if lo < hi:
+        _MADVISE(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)
 
 
 def _file_identity(path: Path) -> tuple[int, ...]:

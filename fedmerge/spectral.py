@@ -73,7 +73,7 @@ def polar_factor(x: Tensor, rcond: float | None = None) -> Tensor:
 #   at all, and the SVD takes over.
 # - The polar step's two eigendecompositions per layer and the Krylov products are a floor the
 #   benchmark times alone: 0.78 s of a 2.15 s ViT-B/32 block at T = 8, against 6.6 s for the
-#   published code; the float64 Rayleigh-Ritz eigendecompositions (352 × 352 per task) add ~0.46 s.
+#   published code; the float64 Rayleigh-Ritz eigendecompositions (352 × 352 per task) add 0.2-0.46 s.
 # - The residual check costs one narrow product: Aᵀu comes from AᵀAZ, which the Krylov recursion
 #   computes anyway as each next block's seed. Converged float32 triplets reach 2e-7 to 8e-7 · σ_1
 #   on ViT shapes; the tolerance 1e-5 · σ_1 leaves a margin. Spectra flat near σ_k (noise) stay at
