@@ -119,7 +119,8 @@ def tsv_floor_seconds(tvs: list[dict[str, torch.Tensor]]) -> tuple[float, float]
     least twice T·k long, float64 otherwise, as the fast path takes them for independent tasks), and
     the float32 products of the block Krylov recursion (2·depth + 2 products of every task matrix with
     ⌈k/3⌉ columns)."""
-    from fedmerge.spectral import _KRYLOV_DEPTH, krylov_block_size, task_rank
+    from fedmerge.merging.spectral.linalg import _KRYLOV_DEPTH, krylov_block_size
+    from fedmerge.merging.spectral.tsv import task_rank
 
     eigh_s = products_s = 0.0
     gen = torch.Generator().manual_seed(0)
@@ -145,7 +146,7 @@ def tsv_floor_seconds(tvs: list[dict[str, torch.Tensor]]) -> tuple[float, float]
 
 def bench_tsv(quick: bool) -> list[list]:
     """fedmerge's TSV-M against the published float32 algorithm; errors against the float64 reference."""
-    from fedmerge.spectral import tsv_merge_matrix_reference
+    from fedmerge.merging.spectral import tsv_merge_matrix_reference
 
     def per_key(fn, tvs):
         return {k: fn([tv[k] for tv in tvs]) for k in tvs[0]}

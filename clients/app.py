@@ -43,9 +43,9 @@ def train(msg: Message, context: Context) -> Message:
     # Imported here, not at the top: on Flower's deployment engine every message starts a fresh
     # ClientApp process, and a `query` then needs neither torch nor the data stack (seconds each).
     from fedmerge.data import DataSpec, load_federated
-    from fedmerge.local import local_update
+    from fedmerge.train.local import local_update
     from fedmerge.records import from_config
-    from fedmerge.training import TrainPlan
+    from fedmerge.train import TrainPlan
 
     started = time.perf_counter()  # after the imports: a worker's first import is the engine's cost
     pid, num_partitions = _partition(context)
@@ -70,8 +70,8 @@ def train(msg: Message, context: Context) -> Message:
     })
     task_vector = dict(update.task_vector)
     if config.get("byzantine", False):  # an attacker, by the experiment's design: it lies about τ_i only
-        from fedmerge.byzantine import attack
-        from fedmerge.local import client_seed
+        from fedmerge.attacks import attack
+        from fedmerge.train.local import client_seed
 
         task_vector = attack(str(config["byzantine-mode"]), task_vector, scale=float(config["byzantine-scale"]),
                              std=float(config["byzantine-std"]), seed=client_seed(spec.seed, pid))

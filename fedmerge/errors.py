@@ -21,3 +21,7 @@ class CheckpointError(FedmergeError, ValueError):
 
 class FederationError(FedmergeError, RuntimeError):
     """A federated round that cannot finish: nodes missing, too few valid replies."""
+
+
+class PluginError(ConfigError):
+    """A plugin (entry point or file) that cannot be loaded or registers something unusable."""

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Iterator, Mapping
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from fedmerge.errors import CheckpointError, MergeError
+from fedmerge.errors import MergeError
+from fedmerge.io.state import load_state, save_state
 
 StateDict = Mapping[str, Tensor]
 
@@ -158,58 +157,3 @@ def apply(base: StateDict, merged: Mapping[str, Tensor], scale: float) -> dict[s
         else:
             out[k] = b.clone()
     return out
-
-
-def save_state(tensors: Mapping[str, Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
-    """Write tensors (and string metadata) as safetensors atomically: never a half-written file."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write a text file through a temporary file and one rename: never half-written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def load_state(path: str | os.PathLike, *, mmap: bool = False) -> dict[str, Tensor]:
-    """Read a safetensors file, or a PyTorch state dict with ``weights_only=True`` (never pickle code).
-
-    ``mmap=True`` memory-maps a PyTorch (zip-format) file, so tensors are read only when touched."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(path)
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as exc:  # torch raises many types for bad pickles
-        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]  # torch's own message spans many lines
-        raise CheckpointError(f"{path}: not a safetensors file or a weights-only PyTorch state dict ({why})") from None
-    if not isinstance(state, Mapping) or not all(torch.is_tensor(v) for v in state.values()):
-        raise CheckpointError(f"{path}: does not hold a state dict of tensors")
-    return dict(state)

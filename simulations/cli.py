@@ -82,14 +82,13 @@ def sweep(
 
 @app.command()
 def methods() -> None:
-    """List the merging methods, their natural scale and their options."""
+    """List the merging methods, their natural scale, options and source."""
     from fedmerge.merging import METHODS
 
-    table = Table("method", "scale", "options", "what it computes")
-    for name, spec in METHODS.items():
-        opts = ", ".join(f"{k}={v}" for k, v in spec.options.items() if k not in spec.per_client)
-        per = ", ".join(f"{k} (per client)" for k in spec.per_client)
-        table.add_row(name, spec.natural_scale, ", ".join(x for x in (opts, per) if x) or "—", spec.summary)
+    table = Table("method", "scale", "options", "what it computes", "reference")
+    for name, entry in METHODS.items():
+        table.add_row(name, entry.natural_scale, ", ".join(o.describe() for o in entry.options) or "—",
+                      entry.formula or entry.summary, entry.citation or "—")
     console.print(table)
 
 
@@ -171,19 +170,18 @@ def evaluate(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the table as JSON here.")] = None,
 ) -> None:
     """Score existing CLIP checkpoints without fine-tuning: zero-shot, fine-tuned, every merge (papers' table)."""
-    from fedmerge.clip import evaluate_checkpoints
-    from fedmerge.task_vector import write_text_atomic
-    from simulations.config import default_cache_dir
-    from simulations.results import to_json
+    from fedmerge.evaluation.checkpoints import evaluate_checkpoints
+    from fedmerge.io import write_text_atomic
     from fedmerge.merging import METHODS
     from simulations.clip_report import print_task_table
+    from simulations.config import default_cache_dir
+    from simulations.results import to_json
 
     with user_errors("interrupted; nothing was written"):
         task_list = [t.strip() for t in tasks.split(",") if t.strip()]
         method_list = [m.strip() for m in methods.split(",") if m.strip()]
         for m in method_list:
-            if m not in METHODS:
-                raise FedmergeError(f"unknown merging method {m!r}; known: {', '.join(sorted(METHODS))}")
+            METHODS.check(m)
         scales: dict[str, float] = {}
         for text in scale:
             name, sep, value = text.rpartition("=")

@@ -16,13 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedmerge.data import PARTITIONS, TASK_KINDS, DataSpec
-from fedmerge.byzantine import byzantine_clients, check_attack, check_fraction
-from fedmerge.errors import ConfigError
+from fedmerge.attacks import byzantine_clients, check_attack, check_fraction
+from fedmerge.data import PARTITIONERS, TRANSFORM_KINDS, DataSpec
+from fedmerge.data.image_tasks import check_task
+from fedmerge.errors import ConfigError, MergeError
 from fedmerge.merging import METHODS
 from fedmerge.models import check_model_name, split_name
 from fedmerge.records import to_config
-from fedmerge.training import PretrainSpec, TrainPlan
+from fedmerge.train import PretrainSpec, TrainPlan
 
 ENGINES = ("ray", "inprocess")
 WEIGHTINGS = ("num-examples", "uniform")
@@ -50,7 +51,7 @@ class ExperimentConfig:
     classes_per_client: int = 2
     shards_per_client: int = 2
     sizes: float | list[int] = 1.0
-    task_kinds: tuple[str, ...] = TASK_KINDS
+    transforms: tuple[str, ...] = TRANSFORM_KINDS
     tasks: tuple[str, ...] = ()  # one image task per client (CLIP benchmark, fedmerge.image_tasks)
     local_steps: PerClient = 50
     local_steps_spread: float = 1.0
@@ -108,7 +109,7 @@ class ExperimentConfig:
         out["strategies"] = list(self.strategies)
         out["scale"] = dict(self.scale) if isinstance(self.scale, Mapping) else self.scale
         out["method-options"] = {k: dict(v) for k, v in self.method_options.items()}
-        out["task-kinds"] = list(self.task_kinds)
+        out["transforms"] = list(self.transforms)
         return out
 
     # -- validation ------------------------------------------------------------------------------
@@ -124,7 +125,7 @@ class ExperimentConfig:
             _set(name, _as(str, getattr(self, name), name))
         _set("cache_task_vectors", _as(bool, self.cache_task_vectors, "cache_task_vectors"))
         check_model_name(self.model)
-        _choice("partition", self.partition, PARTITIONS)
+        _choice("partition", self.partition, PARTITIONERS.names())
         _choice("weighting", self.weighting, WEIGHTINGS)
         _choice("engine", self.engine, ENGINES)
         _positive("num-clients", self.num_clients)
@@ -138,12 +139,12 @@ class ExperimentConfig:
         if not self.local_steps_spread >= 1 or not math.isfinite(self.local_steps_spread):
             raise ConfigError(f"local-steps-spread must be a finite number >= 1, got {self.local_steps_spread}")
         _set("sizes", self._sizes())
-        kinds = self.task_kinds.split(",") if isinstance(self.task_kinds, str) else self.task_kinds
+        kinds = self.transforms.split(",") if isinstance(self.transforms, str) else self.transforms
         if not isinstance(kinds, Sequence) or not kinds:
-            raise ConfigError(f"task-kinds must be a non-empty list, got {self.task_kinds!r}")
+            raise ConfigError(f"transforms must be a non-empty list, got {self.transforms!r}")
         for kind in kinds:
-            _choice("task-kinds", kind, TASK_KINDS)
-        _set("task_kinds", tuple(kinds))
+            _choice("transforms", kind, TRANSFORM_KINDS)
+        _set("transforms", tuple(kinds))
         _set("tasks", self._tasks())
         if self.client_gpus < 0:
             raise ConfigError(f"client-gpus must be >= 0, got {self.client_gpus}")
@@ -168,8 +169,6 @@ class ExperimentConfig:
         if not isinstance(tasks, Sequence) or not all(isinstance(t, str) for t in tasks):
             raise ConfigError(f"tasks must be a list of task names, got {self.tasks!r}")
         if tasks:
-            from fedmerge.image_tasks import check_task
-
             for t in tasks:
                 check_task(t)
             if len(tasks) != self.num_clients:
@@ -217,7 +216,7 @@ class ExperimentConfig:
         if not isinstance(value, Sequence) or not value or not all(isinstance(s, str) for s in value):
             raise ConfigError(f"strategies must be a non-empty list of method names, got {value!r}")
         for s in value:
-            _choice("strategies", s, sorted(METHODS))
+            _choice("strategies", s, METHODS.names())
         if len(set(value)) != len(value):
             raise ConfigError(f"strategies lists a method twice: {list(value)}")
         return tuple(value)
@@ -231,7 +230,7 @@ class ExperimentConfig:
             # Entries for known methods that this run does not use are allowed (and dropped), so a
             # preset's table survives `--set strategies=[...]`; an unknown name is a typo.
             for m in self.scale:
-                _choice("scale", m, sorted(METHODS))
+                _choice("scale", m, METHODS.names())
             out = {m: _scale_value("scale." + m, v) for m, v in self.scale.items()}
             return {m: out.get(m, 1.0) for m in self.strategies}
         return _scale_value("scale", self.scale)
@@ -241,16 +240,15 @@ class ExperimentConfig:
             raise ConfigError(f"method-options must be a table of tables, got {self.method_options!r}")
         out = {}
         for method, options in self.method_options.items():
-            _choice("method-options", method, sorted(METHODS))
+            _choice("method-options", method, METHODS.names())
             if not isinstance(options, Mapping):
                 raise ConfigError(f"method-options.{method} must be a table, got {options!r}")
-            spec = METHODS[method]
+            settable = METHODS[method].settable
             for opt in options:
-                if opt not in spec.options or opt in spec.per_client:
-                    settable = sorted(set(spec.options) - spec.per_client)
+                if opt not in settable:
                     raise ConfigError(
                         f"method-options.{method}.{opt} is not an option of {method} "
-                        f"(options: {', '.join(settable) or 'none'})"
+                        f"(options: {', '.join(sorted(settable)) or 'none'})"
                     )
             _check_option_values(method, options)
             out[method] = dict(options)
@@ -268,7 +266,7 @@ class ExperimentConfig:
             pretrain_fraction=self.pretrain_fraction, test_fraction=self.test_fraction,
             local_test_fraction=self.local_test_fraction, local_val_fraction=self.local_val_fraction,
             shards_per_client=self.shards_per_client,
-            sizes=tuple(self.sizes) if isinstance(self.sizes, list) else self.sizes, task_kinds=self.task_kinds,
+            sizes=tuple(self.sizes) if isinstance(self.sizes, list) else self.sizes, transforms=self.transforms,
             **({"tasks": self.tasks, "encoder": split_name(self.model)[1], "cache_dir": str(self.cache_path())}
                if self.tasks else {}),
         )
@@ -312,16 +310,9 @@ class ExperimentConfig:
 
 
 def _check_option_values(method: str, options: Mapping[str, Any]) -> None:
-    """Option values are checked by the method itself, on a tiny dummy merge, before any training."""
-    import torch
-
-    from fedmerge.errors import MergeError
-    from fedmerge.merging import merge
-
-    dummy = [{"w": torch.eye(2)}, {"w": -torch.eye(2)}]
-    per_client = {name: [1, 1] for name in METHODS[method].per_client}
+    """Option values are checked against the rule's registry entry (type and range), before any training."""
     try:
-        merge(method, dummy, **options, **per_client)
+        METHODS[method].check_options(options, num_clients=1)
     except MergeError as exc:
         raise ConfigError(f"method-options.{method}: {exc}") from None
 

@@ -38,11 +38,11 @@ from fedmerge import TaskVector, apply, merge
 from fedmerge.data import FederatedData, Split, load_federated
 from fedmerge.errors import ConfigError, FederationError
 from fedmerge.evaluation import Evaluator, score
-from fedmerge.local import LocalUpdate, local_update
+from fedmerge.train.local import LocalUpdate, local_update
 from fedmerge.merging import normalised_weights
 from fedmerge.models import build_model
 from fedmerge.records import to_config
-from fedmerge.training import TrainPlan, pretrained_base, single_thread, train
+from fedmerge.train import TrainPlan, pretrained_base, single_thread, train
 from simulations.config import ExperimentConfig
 from simulations.experiment import run_engine, run_experiment
 from simulations.plots import pyplot

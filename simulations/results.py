@@ -31,7 +31,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedmerge.errors import ConfigError
-from fedmerge.task_vector import save_state
+from fedmerge.io import save_state, staged_directory
 from simulations.config import ExperimentConfig, write_toml
 
 if TYPE_CHECKING:
@@ -65,23 +65,6 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-@contextlib.contextmanager
-def staged_directory(out: Path) -> Iterator[Path]:
-    """Yield a staging directory beside ``out``; on success it becomes ``out`` in one rename, on any
-    failure (or interrupt) it is removed, so ``out`` is either complete or absent."""
-    check_out_dir(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        yield staging
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
 def to_json(value: Any) -> str:
     """JSON text in which non-finite floats (e.g. an undefined normalized accuracy) become null."""
     def default(v: Any) -> Any:
@@ -102,6 +85,7 @@ def to_json(value: Any) -> str:
 def write_results(output: ServerOutput, config: ExperimentConfig, out: Path) -> Path:
     """results.json, results.csv, config.toml and the tensors, written through a staging directory."""
     results = output.results
+    check_out_dir(out)
     with staged_directory(out) as staging:
         (staging / "results.json").write_text(to_json(results))
         with (staging / "results.csv").open("w", newline="") as fh:

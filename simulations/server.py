@@ -19,12 +19,12 @@ from torch import Tensor
 
 from fedmerge.data import load_federated
 from fedmerge.evaluation import Evaluator, normalized_accuracy
-from fedmerge.measures import data_measures, task_vector_measures
+from fedmerge.evaluation.measures import data_measures, task_vector_measures
 from fedmerge.models import build_model, device_for
 from fedmerge.records import to_config
 from fedmerge.task_vector import TaskVector, apply
-from fedmerge.training import pretrained_base, single_thread
-from fedmerge.tuning import TuningResult, tune_method
+from fedmerge.train import pretrained_base, single_thread
+from fedmerge.evaluation.tuning import TuningResult, tune_method
 from simulations.config import TUNE, ExperimentConfig
 from simulations.engine import ProgressGrid
 from simulations.progress import RunProgress

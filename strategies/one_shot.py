@@ -47,10 +47,6 @@ class ClientFailure:
     reason: str
 
 
-def _metric_key(option: str) -> str:
-    return option.replace("_", "-")
-
-
 class OneShotMerge(Strategy):
     """Collect task vectors in one round and merge them with one or more fedmerge methods.
 
@@ -99,13 +95,12 @@ class OneShotMerge(Strategy):
         self.methods = tuple(methods)
         if not self.methods:
             raise MergeError("no merging methods given")
-        unknown = [m for m in self.methods if m not in METHODS]
-        if unknown:
-            raise MergeError(f"unknown merging method {unknown[0]!r}; known: {', '.join(sorted(METHODS))}")
+        for m in self.methods:
+            METHODS.check(m)
         self.scale = {m: float(scale[m] if isinstance(scale, Mapping) else scale) for m in self.methods}
         self.method_options = {m: dict((method_options or {}).get(m, {})) for m in self.methods}
         for m, opts in self.method_options.items():
-            bad = sorted(set(opts) - set(METHODS[m].options) | set(opts) & METHODS[m].per_client)
+            bad = sorted(set(opts) - set(METHODS[m].settable))
             if bad:
                 raise MergeError(f"{m}: option {bad[0]!r} cannot be set here")
         if min_train_nodes < 1 or min_available_nodes < 1:
@@ -121,10 +116,19 @@ class OneShotMerge(Strategy):
         self.arrayrecord_key = arrayrecord_key
         self.configrecord_key = configrecord_key
         self.required_metrics = sorted(
-            {_metric_key(o) for m in self.methods for o in METHODS[m].per_client}
+            {o.metric_key for m in self.methods for o in METHODS[m].options if o.per_client}
             | ({weighted_by_key} if weighted_by_key else set())
         )
         self._reset()
+
+    @classmethod
+    def single(cls, method: str, *, scale: float = 1.0, **kwargs: Any) -> OneShotMerge:
+        """A strategy for one rule: keyword arguments that are options of ``method`` (``rho`` for
+        FedGMA) go to the rule, the rest to :class:`OneShotMerge`, e.g.
+        ``OneShotMerge.single("fednova", min_train_nodes=4)``."""
+        entry = METHODS[method]
+        options = {k: kwargs.pop(k) for k in list(kwargs) if k in entry.settable}
+        return cls((method,), scale=scale, method_options={method: options}, **kwargs)
 
     def _reset(self) -> None:
         self.base: dict[str, Tensor] = {}
@@ -259,8 +263,9 @@ class OneShotMerge(Strategy):
         task_vectors = [r.task_vector for r in self.reports]
         weights = [float(r.metrics[self.weighted_by_key]) for r in self.reports] if self.weighted_by_key else None
         options = dict(self.method_options[method])
-        for opt in METHODS[method].per_client:
-            options[opt] = [r.metrics[_metric_key(opt)] for r in self.reports]
+        for opt in METHODS[method].options:
+            if opt.per_client:
+                options[opt.name] = [r.metrics[opt.metric_key] for r in self.reports]
         return task_vectors, weights, options
 
     def configure_evaluate(

@@ -24,7 +24,7 @@ transformers = pytest.importorskip("transformers")
 from typer.testing import CliRunner  # noqa: E402
 
 from fedmerge.errors import CheckpointError, ConfigError  # noqa: E402
-from fedmerge.training import TrainPlan  # noqa: E402
+from fedmerge.train import TrainPlan  # noqa: E402
 
 runner = CliRunner()
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
@@ -106,7 +106,7 @@ def test_lr_schedule_and_defaults_are_backward_compatible():
 
 
 def test_zero_shot_head_is_normalised_scaled_and_cached(tiny_clip, tmp_path):
-    from fedmerge.clip import head_from_text_embeddings, zero_shot_head
+    from fedmerge.models.clip import head_from_text_embeddings, zero_shot_head
 
     emb = torch.randn(4, 3, 8)
     head = head_from_text_embeddings(emb, 100.0)
@@ -119,7 +119,7 @@ def test_zero_shot_head_is_normalised_scaled_and_cached(tiny_clip, tmp_path):
 
 
 def test_federated_fine_tuning_of_tasks_through_flower_merges_and_saves(tiny_clip, tasks, tmp_path):
-    from fedmerge.clip import build_classifier, encoder_state, save_pretrained
+    from fedmerge.models.clip import build_classifier, encoder_state, save_pretrained
     from fedmerge.merging import METHODS
     from fedmerge.task_vector import apply
     from simulations.clip_report import rows_from_run
@@ -161,7 +161,7 @@ def test_federated_fine_tuning_of_tasks_through_flower_merges_and_saves(tiny_cli
 def test_offline_merge_and_evaluate_from_save_pretrained_directories(tiny_clip, tasks, tmp_path):
     from simulations.cli import app
 
-    from fedmerge.clip import encoder_state, save_pretrained
+    from fedmerge.models.clip import encoder_state, save_pretrained
 
     base = encoder_state(tiny_clip)
     gen = torch.Generator().manual_seed(1)
@@ -192,8 +192,8 @@ def test_offline_merge_and_evaluate_from_save_pretrained_directories(tiny_clip, 
 def test_without_network_a_hub_id_fails_at_once_with_what_to_fetch(tmp_path, monkeypatch, tasks):
     from simulations.cli import app
 
-    from fedmerge.clip import encoder_state
-    from fedmerge.image_tasks import load_task
+    from fedmerge.models.clip import encoder_state
+    from fedmerge.data.image_tasks import load_task
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedmerge.task_vector import load_state
+from fedmerge.io import load_state
 from simulations.config import ExperimentConfig
 from simulations.experiment import run_experiment
 

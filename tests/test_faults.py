@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 import clients
 from fedmerge import FederationError
-from fedmerge.byzantine import attack, byzantine_clients
+from fedmerge.attacks import attack, byzantine_clients
 from fedmerge.errors import ConfigError
 from fedmerge.task_vector import TaskVector
 from simulations.cli import app as cli_app

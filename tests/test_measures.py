@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fedmerge.data import DataSpec, load_federated
-from fedmerge.measures import cosine_matrix, data_measures, label_skew, task_vector_measures, total_variation
+from fedmerge.evaluation.measures import cosine_matrix, data_measures, label_skew, task_vector_measures, total_variation
 
 
 def test_total_variation_and_label_skew_by_hand():

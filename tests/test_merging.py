@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedmerge import METHODS, MergeError, merge
-from fedmerge.spectral import polar_factor
+from fedmerge.merging.spectral import polar_factor
 
 
 def tv(**tensors):

@@ -9,8 +9,8 @@ import torch
 
 from fedmerge import apply, merge
 from fedmerge.data import load_federated
-from fedmerge.local import local_update
-from fedmerge.training import pretrained_base
+from fedmerge.train.local import local_update
+from fedmerge.train import pretrained_base
 from simulations.config import load_config
 from simulations.experiment import run_experiment
 

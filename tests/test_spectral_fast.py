@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from fedmerge import merge
-from fedmerge.spectral import (_block_krylov_top_k, _gram_top_k, _mean_task_cosine, _polar_by_whitening, polar_factor, top_singular_triplets, tsv_merge_matrix,
-                               tsv_merge_matrix_reference)
+from fedmerge.merging.spectral.linalg import (
+    _block_krylov_top_k, _gram_top_k, polar_by_whitening, polar_factor, top_singular_triplets,
+)
+from fedmerge.merging.spectral.tsv import _mean_task_cosine, tsv_merge_matrix, tsv_merge_matrix_reference
 
 
 def decaying(m: int, n: int, *, decay: str = "power", rank: int | None = None, seed: int = 0) -> torch.Tensor:
@@ -209,7 +211,7 @@ def test_polar_factor_by_whitening_equals_the_svd_one(cond, dtype):
     # squaring κ in the Gram matrix costs eps·κ² (float64); float32 products eps·κ (when κ is small)
     tol = 1e-6 if cond < 10 else min(1e-6, 10 * torch.finfo(torch.float64).eps * cond**2)
     for mat in (x, x.mT):  # tall and wide
-        p, sigma_min = _polar_by_whitening(mat, live, dtype)
+        p, sigma_min = polar_by_whitening(mat, live, dtype)
         assert p.dtype == dtype
         expected_min = 0.0 if cond > 1e6 else float(torch.linalg.svdvals(mat)[0, -1])  # κ = 1e9: unresolved
         assert float(sigma_min[0]) == pytest.approx(expected_min, rel=1e-3)
@@ -221,7 +223,7 @@ def test_polar_factor_by_whitening_of_bases_with_zero_columns():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 200, 40, generator=g, dtype=torch.float64)
     x[0, :, 30:] = 0
-    p, _ = _polar_by_whitening(x, torch.tensor([30, 40]), torch.float64)
+    p, _ = polar_by_whitening(x, torch.tensor([30, 40]), torch.float64)
     torch.testing.assert_close(p, polar_factor(x), atol=1e-12, rtol=0)
 
 
@@ -235,14 +237,14 @@ def test_tall_well_conditioned_bases_are_whitened_in_float32(monkeypatch, cond, 
     x = ((u * torch.logspace(0, -math.log10(cond), 80, dtype=torch.float64)) @ v.mT)[None]
     seen, eigh = [], torch.linalg.eigh
     monkeypatch.setattr(torch.linalg, "eigh", lambda a: seen.append(a.dtype) or eigh(a))
-    p, sigma_min = _polar_by_whitening(x, torch.tensor([80]), torch.float32)
+    p, sigma_min = polar_by_whitening(x, torch.tensor([80]), torch.float32)
     assert seen == eigh_dtypes
     torch.testing.assert_close(p.double(), polar_factor(x), atol=2e-6, rtol=0)
     assert float(sigma_min[0]) == pytest.approx(1 / cond, rel=1e-4)
     # a zero column (a dropped triplet) makes κ infinite: float64, the partial isometry on the rest
     x[..., 79] = 0
     seen.clear()
-    p, _ = _polar_by_whitening(x, torch.tensor([79]), torch.float32)
+    p, _ = polar_by_whitening(x, torch.tensor([79]), torch.float32)
     assert seen == [torch.float32, torch.float64]
     torch.testing.assert_close(p.double(), polar_factor(x), atol=2e-6, rtol=0)
 

@@ -11,7 +11,7 @@ from flwr.serverapp.strategy import FedAvg
 import clients
 from fedmerge import FederationError, MergeError, merge
 from simulations.engine import InProcessGrid
-from strategies import FedAvgMerge, FedNovaMerge, OneShotMerge, TSVMerge
+from strategies import OneShotMerge
 
 BASE = {"w": torch.zeros(2, 3), "b": torch.zeros(3)}
 
@@ -52,7 +52,7 @@ def run(strategy: OneShotMerge, app: ClientApp, nodes: int = 4, **kw):
 
 def test_each_client_gets_its_own_plan_and_fednova_uses_it():
     plans = {i: {"local-steps": 5 * (i + 1)} for i in range(4)}
-    strategy = FedNovaMerge(train_plans=plans, min_available_nodes=4)
+    strategy = OneShotMerge.single("fednova", train_plans=plans, min_available_nodes=4)
     result = run(strategy, make_app())
     assert [r.metrics["local-steps"] for r in strategy.reports] == [5, 10, 15, 20]
     vectors = [{k: torch.full_like(v, float(i + 1)) for k, v in BASE.items()} for i in range(4)]
@@ -77,7 +77,7 @@ def test_failed_and_invalid_replies_are_dropped_and_named():
 
 
 def test_missing_weight_metric_is_invalid():
-    strategy = FedAvgMerge(min_train_nodes=1, min_available_nodes=2)
+    strategy = OneShotMerge.single("fedavg", min_train_nodes=1, min_available_nodes=2)
     run(strategy, make_app({0: "no-weight"}), nodes=2)
     assert [f.reason for f in strategy.failures] == ["reply metrics lack 'num-examples'"]
 
@@ -99,7 +99,7 @@ def test_constructor_validation():
         OneShotMerge(("avg",))
     with pytest.raises(MergeError, match="option 'local_steps' cannot be set here"):
         OneShotMerge(("fednova",), method_options={"fednova": {"local_steps": [1]}})
-    assert TSVMerge().methods == ("tsv",)
+    assert OneShotMerge.single("tsv").methods == ("tsv",)
     assert OneShotMerge(("fedgma",), method_options={"fedgma": {"rho": 0.2}}).method_options == {"fedgma": {"rho": 0.2}}
 
 
@@ -113,7 +113,7 @@ def test_fedavg_merge_equals_flowers_own_fedavg_on_the_real_client(small_config)
     """Flower's FedAvg averaging the same task vectors, plus θ0, is our one-shot FedAvg model."""
     from fedmerge.data import load_federated
     from fedmerge.records import to_config
-    from fedmerge.training import pretrained_base
+    from fedmerge.train import pretrained_base
 
     config = small_config
     data = load_federated(config.data_spec())

@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from fedmerge import MergeError
-from fedmerge.tuning import FEDGMA_RHO_GRID, LAMBDA_GRID, option_grid, scale_grid, tune, tune_method
+from fedmerge.evaluation.tuning import LAMBDA_GRID, scale_grid, tune, tune_method
+from fedmerge.merging import METHODS
+from fedmerge.merging.linear import FEDGMA_RHO_GRID
+
+
+def option_grid(method, task_vectors, fixed=None):
+    return METHODS[method].tuning_grid(task_vectors, fixed)
 from simulations.config import ExperimentConfig
 from simulations.experiment import run_experiment
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fedmerge import METHODS, MergeError, merge
-from fedmerge.spectral import interference, tsv_compress_storage
+from fedmerge.merging.spectral import interference, tsv_compress_storage
 
 import strategies
 

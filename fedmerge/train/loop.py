@@ -1,22 +1,18 @@
-"""Local training that runs exactly K optimizer steps, and a cached pre-trained base model."""
+"""Local training that runs exactly K optimizer steps (not epochs)."""
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import math
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from fedmerge.data import FederatedData, Split, call_model, iterate_batches
+from fedmerge.data.splits import Split, iterate_batches
 from fedmerge.errors import ConfigError
-from fedmerge.models import build_model
-from fedmerge.task_vector import load_state, save_state
+from fedmerge.models.registry import forward
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("constant", "cosine")
@@ -120,43 +116,7 @@ def train(model: nn.Module, data: Split, plan: TrainPlan, seed: int) -> None:
             for group in optimizer.param_groups:
                 group["lr"] = plan.lr_at(step)
         optimizer.zero_grad(set_to_none=True)
-        loss_fn(call_model(model, data, x.to(device)), y.to(device)).backward()
+        loss_fn(forward(model, x.to(device), data), y.to(device)).backward()
         if plan.grad_clip > 0:
             nn.utils.clip_grad_norm_(model.parameters(), plan.grad_clip)
         optimizer.step()
-
-
-@dataclass(frozen=True)
-class PretrainSpec:
-    """Settings of the shared pre-trained base; its cache file is keyed by all of them."""
-
-    model: str
-    steps: int = 100
-    lr: float = 0.1
-    batch_size: int = 32
-    seed: int = 0
-
-    def cache_key(self, data: FederatedData) -> str:
-        key = {"format": 1, **asdict(self), "dataset": data.spec.dataset,
-               "pretrain_fraction": data.spec.pretrain_fraction, "data_seed": data.spec.seed}
-        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def pretrained_base(spec: PretrainSpec, data: FederatedData, cache_dir: Path | None) -> tuple[dict, bool]:
-    """θ0: the model trained on the pre-training split. Returns (state dict, came from cache)."""
-    from fedmerge.models import pretrained_state
-
-    if (state := pretrained_state(spec.model)) is not None:  # e.g. clip:...: published weights, not trained here
-        return state, True
-    path = None if cache_dir is None else Path(cache_dir) / f"base-{spec.model}-{spec.cache_key(data)}.safetensors"
-    model = build_model(spec.model, data.input_shape, data.num_classes, seed=spec.seed)
-    if path is not None and path.is_file():
-        model.load_state_dict(load_state(path))
-        return model.state_dict(), True
-    plan = TrainPlan(local_steps=spec.steps, lr=spec.lr, batch_size=spec.batch_size)
-    with single_thread():
-        train(model, data.pretrain, plan, seed=spec.seed)
-    state = model.state_dict()
-    if path is not None:
-        save_state(state, path)
-    return state, False

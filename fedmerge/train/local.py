@@ -14,13 +14,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from fedmerge.data import ClientData
-from fedmerge.evaluation import score
-from fedmerge.models import build_model, device_for
-from fedmerge.task_vector import TaskVector, save_state
-from fedmerge.training import TrainPlan, single_thread, train
+from fedmerge.data.splits import ClientData
+from fedmerge.evaluation.scores import score
+from fedmerge.io.state import save_state
+from fedmerge.models.registry import build_model, device_for
+from fedmerge.task_vector import TaskVector
+from fedmerge.train.loop import TrainPlan, single_thread, train
 
 
 @dataclass(frozen=True)
@@ -63,8 +65,6 @@ def update_key(model_name: str, base: Mapping[str, Tensor], client: ClientData, 
 
 
 def _read_cached(path: Path) -> LocalUpdate | None:
-    from safetensors import SafetensorError, safe_open
-
     try:
         with safe_open(path, framework="pt") as fh:
             meta = fh.metadata()

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fedmerge.data import FederatedData
-from fedmerge.spectral import interference
+from fedmerge.data.splits import FederatedData
+from fedmerge.merging.spectral.tsv import interference
 from fedmerge.task_vector import l2_norm
 
 

@@ -7,9 +7,9 @@ copies FusionBench uses); ``folder:PATH`` is any local image folder (``PATH/trai
 Datasets are read from the local cache only (``HF_DATASETS_OFFLINE``): a missing one is one
 :class:`ConfigError` line naming the dataset to fetch.
 
-``load_task_suite(spec)`` turns ``spec.tasks`` into :class:`fedmerge.data.FederatedData`: client i
+``load_task_suite(spec)`` turns ``spec.tasks`` into :class:`fedmerge.data.splits.FederatedData`: client i
 trains on task i (minus a seeded validation split) and is tested on the task's test split; every
-split carries its task's frozen zero-shot head (:func:`fedmerge.clip.zero_shot_head`).
+split carries its task's frozen zero-shot head (:func:`fedmerge.models.clip.zero_shot_head`).
 """
 
 from __future__ import annotations
@@ -21,11 +21,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import datasets
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 
+from fedmerge.data.spec import DataSpec
+from fedmerge.data.splits import ClientData, FederatedData
 from fedmerge.errors import ConfigError
+from fedmerge.models.clip import preprocessing, zero_shot_head
 
 FOLDER = "folder:"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -122,8 +127,6 @@ def _hf_task(name: str) -> ImageTask:
     repo, subset, train_split, test_split, classes = HF_DATASETS[name]
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     try:
-        import datasets
-
         datasets.disable_progress_bars()
         splits = {s: datasets.load_dataset(repo, subset, split=s) for s in (train_split, test_split)}
     except Exception as exc:
@@ -161,8 +164,6 @@ def folder_task(path: str | os.PathLike, name: str | None = None) -> ImageTask:
                     labels.append(k)
         if not files:
             raise ConfigError(f"task folder {root}/{split} holds no images")
-        from PIL import Image
-
         return ImageSource(f"folder:{root.resolve()}:{split}:{len(files)}", np.asarray(labels, dtype=np.int64),
                            lambda i: Image.open(files[int(i)]))
 
@@ -238,11 +239,8 @@ def clip_transform(size: int, mean: Sequence[float], std: Sequence[float]) -> Ca
     ])
 
 
-def load_task_suite(spec) -> "FederatedData":  # noqa: F821 (fedmerge.data imports this module lazily)
+def load_task_suite(spec: DataSpec) -> FederatedData:
     """One client per task of ``spec.tasks`` with the CLIP model ``spec.encoder``'s heads and preprocessing."""
-    from fedmerge.clip import preprocessing, zero_shot_head
-    from fedmerge.data import ClientData, FederatedData
-
     if len(spec.tasks) != spec.num_clients:
         raise ConfigError(f"tasks lists {len(spec.tasks)} tasks but num-clients is {spec.num_clients}; "
                           "each client fine-tunes one task")

@@ -8,9 +8,10 @@ CCLIP search (rho, λ) jointly. Here:
   vector grows like a sum of N task vectors ("sum") search ``LAMBDA_GRID`` together with the same grid
   divided by N, so that both the paper's absolute range and the mean-equivalent range (λ·N ∈ [0.05, 2])
   are covered (N = 8: 0.00625 … 2.0, 80 values).
-- ``option_grid``: FedGMA's rho over 0.1 … 0.9 (the authors' code); CCLIP's rho over 5 evenly spaced
-  values from the smallest client norm up to (excluding) the largest (the authors' code). An option the
-  user fixed is not tuned.
+- option sets: every combination of the values of each option that its registry entry gives a tuning
+  grid (:meth:`fedmerge.merging.MergeMethod.tuning_grid`: FedGMA's rho over 0.1 … 0.9, CCLIP's rho
+  between the smallest and largest client norm, as the authors' code). An option the user fixed is
+  not tuned.
 - ``tune``: merges once per option set (never retrains, never re-merges per λ: λ only rescales) and
   calls the evaluation callback once per (option set, λ); option sets that give the same merged vector
   reuse its scores. The best score wins; among equal scores the first option set, and within it the
@@ -31,11 +32,8 @@ from torch import Tensor
 
 from fedmerge.errors import MergeError
 from fedmerge.merging import METHODS, TaskVectors, merge
-from fedmerge.task_vector import l2_norm
 
 LAMBDA_GRID: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 41))
-FEDGMA_RHO_GRID: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(1, 10))
-CCLIP_RHO_POINTS = 5
 
 Score = Callable[[Mapping[str, Tensor], float], float]
 
@@ -47,19 +45,6 @@ def scale_grid(natural_scale: str, num_clients: int) -> list[float]:
     if natural_scale == "sum":
         return sorted(set(LAMBDA_GRID) | {g / num_clients for g in LAMBDA_GRID})
     raise MergeError(f"unknown natural scale {natural_scale!r}")
-
-
-def option_grid(method: str, task_vectors: TaskVectors, fixed: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
-    """Option sets to try jointly with λ: rho for fedgma and cclip unless fixed, else just ``[{}]``."""
-    fixed = fixed or {}
-    if method == "fedgma" and "rho" not in fixed:
-        return [{"rho": r} for r in FEDGMA_RHO_GRID]
-    if method == "cclip" and "rho" not in fixed:
-        norms = [l2_norm(tv) for tv in task_vectors]
-        lo, hi = min(norms), max(norms)
-        values = sorted({lo + (hi - lo) * i / CCLIP_RHO_POINTS for i in range(CCLIP_RHO_POINTS)})
-        return [{"rho": v} for v in values]
-    return [{}]
 
 
 @dataclass
@@ -134,11 +119,10 @@ def tune_method(
 
     ``merged``, when given, is the method's merged vector with ``options`` alone (already computed by
     the round), reused instead of merging again."""
-    if method not in METHODS:
-        raise MergeError(f"unknown merging method {method!r}; known: {', '.join(sorted(METHODS))}")
+    entry = METHODS[method]
     fixed = dict(options or {})
-    grid = scales if scales is not None else scale_grid(METHODS[method].natural_scale, len(task_vectors))
+    grid = scales if scales is not None else scale_grid(entry.natural_scale, len(task_vectors))
     with torch.no_grad():
         return tune(lambda extra: merged if merged is not None and not extra
                     else merge(method, task_vectors, weights, **fixed, **extra),
-                    score, grid, option_grid(method, task_vectors, fixed))
+                    score, grid, entry.tuning_grid(task_vectors, fixed))

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from fedmerge.data import Split, call_model, iterate_batches
+from fedmerge.data.splits import Split, iterate_batches
+from fedmerge.models.registry import forward
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,7 @@ def score(model: nn.Module, data: Split, batch_size: int = 1024) -> Scores:
         chunks = iterate_batches(data, list(torch.arange(len(data)).split(batch_size)))
     for x, y in chunks:
         x, y = x.to(device), y.to(device)
-        logits = call_model(model, data, x)
+        logits = forward(model, x, data)
         total_loss += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
         correct += int((logits.argmax(dim=1) == y).sum())
     n = max(1, len(data))

@@ -1,0 +1,7 @@
+"""Reading and writing tensors: state dicts, lazily read checkpoints, Hugging Face directories, and
+the one atomic writer everything else uses."""
+
+from fedmerge.io.atomic import atomic_path, staged_directory, write_text_atomic
+from fedmerge.io.state import load_state, save_state
+
+__all__ = ["atomic_path", "load_state", "save_state", "staged_directory", "write_text_atomic"]

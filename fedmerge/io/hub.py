@@ -1,0 +1,88 @@
+"""Hugging Face checkpoints on disk: Hub ids resolved from the local cache, ``save_pretrained``
+directories read tensor by tensor. Nothing downloads unless the Hub is online (``HF_HUB_OFFLINE``
+unset or 0); a model missing from the cache is one :class:`CheckpointError` line naming what to fetch.
+
+``transformers`` is an optional dependency (``pip install 'fedmerge[clip]'``), imported in one place,
+:func:`transformers_module`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import snapshot_download
+from safetensors import safe_open
+from torch import Tensor
+
+from fedmerge.errors import CheckpointError, ConfigError
+from fedmerge.io.state import load_state
+
+_HUB_FILES = ["*.json", "*.txt", "*.safetensors"]
+
+
+def transformers_module() -> Any:
+    """``transformers``, or one clear line saying how to install it."""
+    try:
+        import transformers
+    except ImportError:
+        raise ConfigError("CLIP models need Hugging Face transformers: pip install 'fedmerge[clip]'") from None
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    return transformers
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def looks_like_path(source: str) -> bool:
+    return source.startswith((".", "/", "~")) or source.count("/") != 1 or os.sep != "/" and os.sep in source
+
+
+def resolve(source: str | os.PathLike) -> Path:
+    """The local directory of a Hub id or ``save_pretrained`` directory (from the cache when offline)."""
+    text = str(source)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise CheckpointError(f"{path}: not a Hugging Face model directory (no config.json)")
+        return path
+    if path.exists():
+        raise CheckpointError(f"{path}: a file; expected a Hub id or a save_pretrained directory")
+    if looks_like_path(text):
+        raise CheckpointError(f"{text}: no such model directory (and not a Hub id like openai/clip-vit-base-patch32)")
+    offline = hub_offline()
+    try:
+        return Path(snapshot_download(text, allow_patterns=_HUB_FILES, local_files_only=offline))
+    except Exception as exc:  # not cached, no network, unknown repo: one line saying what to fetch
+        why = "it is not in the local Hugging Face cache and the Hub is offline" if offline else f"{type(exc).__name__}"
+        raise CheckpointError(
+            f"model {text!r} cannot be loaded ({why}); fetch it where there is network with "
+            f"`hf download {text}` (into ~/.cache/huggingface, or set HF_HOME) or pass a local save_pretrained directory"
+        ) from None
+
+
+def read_state(directory: Path) -> dict[str, Tensor]:
+    """Every tensor of a Hugging Face checkpoint directory (safetensors, sharded or not; else a .bin)."""
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        bins = sorted(directory.glob("pytorch_model*.bin"))
+        if not bins:
+            raise CheckpointError(f"{directory}: holds no model weights (*.safetensors or pytorch_model.bin)")
+        state = {}
+        for f in bins:
+            state.update(load_state(f))
+        return state
+    state = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as fh:
+            state.update({k: fh.get_tensor(k) for k in fh.keys()})
+    return state
+
+
+def is_pretrained_source(source: str | os.PathLike) -> bool:
+    """A ``save_pretrained`` directory or something shaped like a Hub id (``org/name``), not a file."""
+    path = Path(str(source)).expanduser()
+    return path.is_dir() or (not path.exists() and not looks_like_path(str(source)))

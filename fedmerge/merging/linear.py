@@ -1,0 +1,107 @@
+"""Rules that are weighted sums of the task vectors: Task Arithmetic, FedAvg, FedNova, FedGMA, CCLIP."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from fedmerge.merging.registry import Option, rule, uniform_if_none
+from fedmerge.merging.validation import TaskVectors
+from fedmerge.task_vector import compute_dtype, l2_norm
+
+FEDGMA_RHO_GRID: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(1, 10))
+CCLIP_RHO_POINTS = 5
+
+
+def linear_combination(
+    task_vectors: TaskVectors, coefficients: Sequence[float], keys: Sequence[str] | None = None
+) -> dict[str, Tensor]:
+    """Σ_i c_i τ_i over ``keys`` (all by default), one task vector at a time (no n × model stack)."""
+    out: dict[str, Tensor] = {}
+    for key in task_vectors[0] if keys is None else keys:
+        ref = task_vectors[0][key]
+        dt = compute_dtype(ref.dtype)
+        acc = torch.zeros(ref.shape, dtype=dt, device=ref.device)
+        for c, tv in zip(coefficients, task_vectors):
+            acc.add_(tv[key].to(dt), alpha=c)
+        out[key] = acc.to(ref.dtype)
+    return out
+
+
+@rule("task_arithmetic", natural_scale="sum", uses_weights=False,
+      citation="Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023",
+      formula="Σ_i τ_i")
+def task_arithmetic(task_vectors: TaskVectors, p: Sequence[float] | None = None) -> dict[str, Tensor]:
+    """Task Arithmetic: the plain sum Σ_i τ_i (weights ignored; λ = η/N makes it one-shot FedAvg)."""
+    return linear_combination(task_vectors, [1.0] * len(task_vectors))
+
+
+@rule("fedavg", natural_scale="mean",
+      citation="McMahan et al., Communication-Efficient Learning of Deep Networks from Decentralized Data, "
+               "AISTATS 2017",
+      formula="Σ_i p_i τ_i")
+def fedavg(task_vectors: TaskVectors, p: Sequence[float] | None = None) -> dict[str, Tensor]:
+    """FedAvg: the weighted mean Σ_i p_i τ_i."""
+    return linear_combination(task_vectors, uniform_if_none(p, len(task_vectors)))
+
+
+@rule("fednova", natural_scale="mean",
+      options=[Option("local_steps", required=True, per_client=True,
+                      help="K_i, each client's number of local steps (from its reply)")],
+      citation="Wang et al., Tackling the Objective Inconsistency Problem in Heterogeneous Federated "
+               "Optimization, NeurIPS 2020",
+      formula="(Σ_j p_j K_j) · Σ_i p_i τ_i / K_i")
+def fednova(task_vectors: TaskVectors, p: Sequence[float] | None = None, *,
+            local_steps: Sequence[float]) -> dict[str, Tensor]:
+    """FedNova: (Σ_j p_j K_j) · Σ_i p_i τ_i / K_i, removing the bias towards long-trained clients.
+
+    K_i stands for FedNova's normaliser a_i, which equals the step count only for plain SGD with one
+    constant learning rate shared by all clients (Wang et al., 2020). With momentum, per-client
+    learning rates, schedules or Adam, a_i differs and this is the step-count approximation that the
+    one-shot FL paper uses."""
+    p = uniform_if_none(p, len(task_vectors))
+    tau_eff = sum(pj * kj for pj, kj in zip(p, local_steps))
+    return linear_combination(task_vectors, [tau_eff * pi / ki for pi, ki in zip(p, local_steps)])
+
+
+@rule("fedgma", natural_scale="mean",
+      options=[Option("rho", default=0.5, low=0.0, high=1.0, grid=FEDGMA_RHO_GRID,
+                      help="sign-agreement threshold above which the mask is 1")],
+      citation="Tenison et al., Gradient Masked Averaging for Federated Learning, TMLR 2023",
+      formula="m ⊙ Σ_i p_i τ_i, A = |Σ_i sign τ_i| / n, m = 1 where A ≥ rho else A")
+def fedgma(task_vectors: TaskVectors, p: Sequence[float] | None = None, *, rho: float = 0.5) -> dict[str, Tensor]:
+    """FedGMA: the weighted mean masked by sign agreement A = |Σ sign τ_i| / n (soft below rho)."""
+    n = len(task_vectors)
+    mean = linear_combination(task_vectors, uniform_if_none(p, n))
+    out: dict[str, Tensor] = {}
+    for key, m in mean.items():
+        dt = compute_dtype(m.dtype)
+        agreement = sum(torch.sign(tv[key].to(dt)) for tv in task_vectors).abs() / n
+        mask = torch.where(agreement >= rho, torch.ones_like(agreement), agreement)
+        out[key] = (mask * m.to(dt)).to(m.dtype)
+    return out
+
+
+def cclip_rho_grid(task_vectors: TaskVectors) -> list[float]:
+    """CCLIP's tuning values: evenly spaced from the smallest client norm up to (excluding) the largest,
+    as in the authors' code."""
+    norms = [l2_norm(tv) for tv in task_vectors]
+    lo, hi = min(norms), max(norms)
+    return sorted({lo + (hi - lo) * i / CCLIP_RHO_POINTS for i in range(CCLIP_RHO_POINTS)})
+
+
+@rule("cclip", natural_scale="mean",
+      options=[Option("rho", default=None, low=0.0, high=math.inf, grid=cclip_rho_grid,
+                      help="clipping radius (default: the median client norm)")],
+      citation="Karimireddy et al., Learning from History for Byzantine Robust Optimization, ICML 2021",
+      formula="Σ_i p_i τ_i · min(1, rho / ‖τ_i‖₂)")
+def cclip(task_vectors: TaskVectors, p: Sequence[float] | None = None, *, rho: float | None = None) -> dict[str, Tensor]:
+    """Centred clipping at θ0: Σ_i p_i τ_i · min(1, rho / ‖τ_i‖₂); rho defaults to the median norm."""
+    norms = [l2_norm(tv) for tv in task_vectors]
+    if rho is None:
+        rho = float(torch.tensor(norms, dtype=torch.float64).quantile(0.5))
+    factors = [1.0 if nrm == 0 else min(1.0, rho / nrm) for nrm in norms]
+    return linear_combination(task_vectors, [pi * f for pi, f in zip(uniform_if_none(p, len(task_vectors)), factors)])

@@ -1,0 +1,273 @@
+"""The merging-rule registry: one :class:`MergeMethod` entry says everything about a rule.
+
+An entry holds the rule's function, its options (type, range, default, tuning values), its natural
+scale, whether it uses the clients' weights, its citation and formula. The ``merge`` verb, the
+Flower strategy, λ/ρ tuning, config checks, ``fedmerge methods``, offline merging, the benchmarks
+and the documentation tables all read the entry; nothing else names a rule.
+
+A rule is a function ``rule(task_vectors, weights=None, **options) -> dict[str, Tensor]``: the
+clients' task vectors, their normalised weights p_i (None when uniform) and its options. Register
+one with the :func:`rule` decorator, or from another package through the ``fedmerge.methods``
+entry-point group (a plain function is enough; metadata is read from the decorator, or from the
+attributes ``natural_scale``, ``options``, ``citation``, ``formula``, ``uses_weights`` if present).
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from torch import Tensor
+
+from fedmerge.errors import MergeError, PluginError
+from fedmerge.merging.validation import (
+    TaskVectors, all_finite, normalised_weights, per_client_values, validate_task_vectors,
+)
+from fedmerge.registry import Registry
+
+RuleFunction = Callable[..., dict[str, Tensor]]
+Grid = Sequence[Any] | Callable[[TaskVectors], Sequence[Any]]
+NATURAL_SCALES = ("mean", "sum")
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option of a rule: its default, type, allowed range and the values tuning tries.
+
+    ``default=None`` means "derived from the inputs" (``help`` says how). A ``per_client`` option
+    holds one positive number per client and is supplied by the federation (the reply metric of the
+    same name, hyphenated: ``local_steps`` → ``local-steps``), never set in a config.
+    ``grid`` (a sequence, or a function of the task vectors) lists the values tuning searches
+    jointly with λ when the user has not fixed the option.
+    """
+
+    name: str
+    default: Any = None
+    kind: type = float
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+    required: bool = False
+    per_client: bool = False
+    grid: Grid | None = None
+    help: str = ""
+
+    @property
+    def metric_key(self) -> str:
+        """The reply-metric / config spelling of the option (hyphenated)."""
+        return self.name.replace("_", "-")
+
+    def interval(self) -> str:
+        return f"{'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
+
+    def check(self, method: str, value: Any, num_clients: int) -> Any:
+        """The value, converted and range-checked, or a ``MergeError`` naming method, option and value."""
+        if self.per_client:
+            return per_client_values(self.name, value, num_clients, positive=True)
+        if value is None and not self.required and self.default is None:
+            return None  # derived from the inputs
+        if self.kind in (int, float):
+            try:
+                if isinstance(value, bool):
+                    raise TypeError
+                number = self.kind(value)
+            except (TypeError, ValueError):
+                what = "an integer" if self.kind is int else "a number"
+                raise MergeError(f"{method}: {self.name} must be {what}, got {value!r}") from None
+            inside = ((self.low < number if self.low_open else self.low <= number)
+                      and (number < self.high if self.high_open else number <= self.high))
+            if not inside or not math.isfinite(number):
+                raise MergeError(f"{method}: {self.name} must lie in {self.interval()}, got {number}")
+            return number
+        if not isinstance(value, self.kind):
+            raise MergeError(f"{method}: {self.name} must be {self.kind.__name__}, got {value!r}")
+        return value
+
+    def tuning_values(self, task_vectors: TaskVectors) -> list[Any]:
+        """The values tuning tries, or [] when the option is not tuned."""
+        if self.grid is None:
+            return []
+        values = self.grid(task_vectors) if callable(self.grid) else self.grid
+        return list(values)
+
+    def describe(self) -> str:
+        """``name=default`` with its range, for tables."""
+        if self.per_client:
+            return f"{self.name} (per client)"
+        default = "required" if self.required else ("derived" if self.default is None else f"{self.default:g}"
+                                                    if isinstance(self.default, (int, float)) else repr(self.default))
+        bounds = "" if (math.isinf(self.low) and math.isinf(self.high)) else f" in {self.interval()}"
+        return f"{self.name}={default}{bounds}"
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A registered merging rule and every fact the rest of fedmerge needs about it."""
+
+    name: str
+    function: RuleFunction
+    natural_scale: str = "mean"
+    options: tuple[Option, ...] = ()
+    uses_weights: bool = True
+    citation: str = ""
+    formula: str = ""
+    summary: str = field(default="")
+
+    def __post_init__(self) -> None:
+        if self.natural_scale not in NATURAL_SCALES:
+            raise PluginError(f"merging rule {self.name!r}: natural_scale must be 'mean' or 'sum', "
+                              f"got {self.natural_scale!r}")
+        if not callable(self.function):
+            raise PluginError(f"merging rule {self.name!r} is not callable")
+        if not self.summary:
+            doc = inspect.getdoc(self.function) or ""
+            object.__setattr__(self, "summary", doc.strip().splitlines()[0] if doc.strip() else self.name)
+
+    # -- options -------------------------------------------------------------------------------
+    def option(self, name: str) -> Option:
+        for opt in self.options:
+            if opt.name == name:
+                return opt
+        raise MergeError(f"{self.name}: unknown option {name!r} (options: {', '.join(self.settable) or 'none'})")
+
+    @property
+    def option_names(self) -> list[str]:
+        return [o.name for o in self.options]
+
+    @property
+    def per_client(self) -> frozenset[str]:
+        """Options with one value per client, supplied by the federation (FedNova's ``local_steps``)."""
+        return frozenset(o.name for o in self.options if o.per_client)
+
+    @property
+    def required(self) -> frozenset[str]:
+        return frozenset(o.name for o in self.options if o.required)
+
+    @property
+    def settable(self) -> list[str]:
+        """Options a user sets in a config (every option but the per-client ones)."""
+        return [o.name for o in self.options if not o.per_client]
+
+    def check_options(self, options: Mapping[str, Any], num_clients: int) -> dict[str, Any]:
+        """Options converted and checked: unknown, missing and out-of-range ones are ``MergeError``."""
+        unknown = sorted(set(options) - set(self.option_names))
+        if unknown:
+            known = ", ".join(sorted(self.option_names)) or "none"
+            raise MergeError(f"{self.name}: unknown option {unknown[0]!r} (options: {known})")
+        missing = sorted(self.required - set(options))
+        if missing:
+            raise MergeError(f"{self.name}: required option {missing[0]!r} is missing")
+        return {k: self.option(k).check(self.name, v, num_clients) for k, v in options.items()}
+
+    def tuning_grid(self, task_vectors: TaskVectors, fixed: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+        """Option sets tuning tries with λ: every combination of the tuned options' values that the
+        user did not fix; ``[{}]`` when none is tuned."""
+        fixed = fixed or {}
+        axes = [(o.name, o.tuning_values(task_vectors)) for o in self.options if o.name not in fixed]
+        axes = [(name, values) for name, values in axes if values]
+        if not axes:
+            return [{}]
+        names = [name for name, _ in axes]
+        return [dict(zip(names, combo)) for combo in itertools.product(*(values for _, values in axes))]
+
+    # -- merging -------------------------------------------------------------------------------
+    def __call__(self, task_vectors: TaskVectors, weights: Sequence[float] | None = None,
+                 **options: Any) -> dict[str, Tensor]:
+        """Validate, then merge: see :func:`merge`."""
+        validate_task_vectors(task_vectors)
+        n = len(task_vectors)
+        p = None if weights is None else normalised_weights(weights, n)
+        checked = self.check_options(options, n)
+        merged = self.function(list(task_vectors), p, **checked)
+        _check_output(self.name, merged, list(task_vectors[0]))
+        return merged
+
+
+def _check_output(method: str, merged: Any, names: Sequence[str]) -> None:
+    """A rule's result holds the inputs' tensor names and only finite values (never a silent inf)."""
+    if not isinstance(merged, Mapping) or set(merged) != set(names):
+        raise MergeError(f"{method}: the rule returned {type(merged).__name__} without the task vectors' tensors")
+    for key, t in merged.items():
+        if not all_finite(t):
+            raise MergeError(f"{method}: merged tensor {key!r} is not finite (the merge overflowed)")
+
+
+def _adapt(name: str, obj: object) -> MergeMethod:
+    """An entry-point object as a rule: a :class:`MergeMethod`, or a plain function (metadata from the
+    :func:`rule` decorator or the function's attributes, options from its keyword parameters)."""
+    if isinstance(obj, MergeMethod):
+        return obj if obj.name == name else replace(obj, name=name)
+    if not callable(obj):
+        raise PluginError(f"merging rule {name!r} must be a function or a MergeMethod, got {type(obj).__name__}")
+    declared = getattr(obj, "__fedmerge_rule__", None)
+    if isinstance(declared, MergeMethod):
+        return replace(declared, name=name)
+    return method_from_function(
+        name, obj, natural_scale=getattr(obj, "natural_scale", "mean"), options=getattr(obj, "options", None),
+        uses_weights=getattr(obj, "uses_weights", True), citation=getattr(obj, "citation", ""),
+        formula=getattr(obj, "formula", ""))
+
+
+def method_from_function(name: str, function: RuleFunction, *, natural_scale: str = "mean",
+                         options: Sequence[Option] | None = None, uses_weights: bool = True,
+                         citation: str = "", formula: str = "") -> MergeMethod:
+    """A rule entry for ``function``; options not declared are read from its keyword parameters."""
+    try:
+        params = list(inspect.signature(function).parameters.values())
+    except (TypeError, ValueError):
+        raise PluginError(f"merging rule {name!r}: its signature cannot be read") from None
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(positional) < 2 and not any(p.kind is p.VAR_POSITIONAL for p in params):
+        raise PluginError(f"merging rule {name!r} must take (task_vectors, weights=None, **options)")
+    declared = {o.name: o for o in (options or ())}
+    for p in params[2:]:
+        if p.kind is p.KEYWORD_ONLY or p.kind is p.POSITIONAL_OR_KEYWORD:
+            if p.name in declared:
+                continue
+            if p.default is inspect.Parameter.empty:
+                declared[p.name] = Option(p.name, required=True)
+            else:
+                kind = type(p.default) if isinstance(p.default, (int, float)) and not isinstance(p.default, bool) else float
+                declared[p.name] = Option(p.name, default=p.default, kind=kind)
+    return MergeMethod(name, function, natural_scale=natural_scale, options=tuple(declared.values()),
+                       uses_weights=uses_weights, citation=citation, formula=formula)
+
+
+METHODS: Registry[MergeMethod] = Registry("merging method", "fedmerge.methods", adapt=_adapt, error=MergeError)
+
+
+def rule(name: str | None = None, *, natural_scale: str = "mean", options: Sequence[Option] = (),
+         uses_weights: bool = True, citation: str = "", formula: str = "",
+         register: bool = True) -> Callable[[RuleFunction], RuleFunction]:
+    """Declare ``function`` a merging rule (and add it to ``METHODS`` unless ``register=False``,
+    for a function exported through an entry point, which names it)."""
+
+    def deco(function: RuleFunction) -> RuleFunction:
+        method = method_from_function(name or function.__name__, function, natural_scale=natural_scale,
+                                      options=options, uses_weights=uses_weights, citation=citation,
+                                      formula=formula)
+        function.__fedmerge_rule__ = method  # type: ignore[attr-defined]
+        if register:
+            METHODS.add(method.name, method)
+        return function
+
+    return deco
+
+
+def merge(method: str, task_vectors: TaskVectors, weights: Sequence[float] | None = None,
+          **options: Any) -> dict[str, Tensor]:
+    """Merge task vectors with a registered rule: the merged task vector (not scaled by λ, not
+    added to θ0; see :func:`fedmerge.apply`). ``weights`` are the clients' weights (normalised to
+    p_i; uniform when omitted); ``options`` the rule's. Raises :class:`MergeError` naming the client
+    and tensor at fault, for unknown rules and options, and for non-finite results."""
+    return METHODS[method](task_vectors, weights, **options)
+
+
+def uniform_if_none(p: Sequence[float] | None, n: int) -> Sequence[float]:
+    """The weights a rule received, or the uniform p_i = 1/n when it received None."""
+    return [1.0 / n] * n if p is None else p
