@@ -1,4 +1,4 @@
-"""One command for every performance target of issue 5: ``python -m benchmarks [--quick] [--only ...]``.
+"""One command for every performance target of fedmerge: ``python -m benchmarks [--quick] [--only ...]``.
 
 Sections (each prints a table):
   tsv      TSV-M: fedmerge's fast path against the published algorithm (float32 full SVDs, as the TSV
@@ -9,15 +9,17 @@ Sections (each prints a table):
            update plus 0.3 × each task's own (nearly singular stacked bases). Errors against the
            float64 full-SVD reference. The baseline runs on one block and is scaled ("*"); L/14's
            fast path runs on two blocks and is scaled to 24.
-  linear   every non-spectral merging method on 8 task vectors: seconds, GB/s of task vectors read,
-           extra peak memory (resident set size above the inputs).
+  linear   every registered merging rule outside fedmerge.merging.spectral on 8 task vectors:
+           seconds, GB/s of task vectors read, extra peak memory (resident set size above the inputs).
+           Options come from the registry: defaults, one value per client for per-client options.
   offline  ``fedmerge merge`` on 8 checkpoints of a ~100M-parameter model, as safetensors (fedavg,
            task_arithmetic, median) and as memory-mapped .pt (fedavg): peak memory (/usr/bin/time -v)
            against the model size. Writes both formats: about 8 GB of temporary disk.
   default  the default run (``fedmerge run``'s preset) on both engines: results.json's timing split.
   sim      both engines from 8 to 128 clients (Ray at 8, 32, 128): the timing split and the
            engine's overhead per client beyond the clients' own reported seconds.
-Timings are wall-clock on whatever machine runs this; min of repeats where cheap.
+Timings are wall-clock on whatever machine runs this; min of repeats where cheap. How the numbers
+shaped the code is in docs/performance.md.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from pathlib import Path
 import torch
 
 from fedmerge import merge
-from fedmerge.merging import METHODS
+from fedmerge.merging import METHODS, MergeMethod
 
 # Transformer blocks' 2-D weights, as (name, rows, columns) in multiples of the width d. "open_clip"
 # is the layout the TSV authors merge (one d→3d attention in-projection: 4 matrices per block, 48 in
@@ -222,23 +224,52 @@ def _peak_extra_memory(method: str, n: int, numel: int, options: dict) -> int:
     return int(proc.stdout.split()[-1]) if proc.returncode == 0 else -1
 
 
+SPECTRAL_PACKAGE = "fedmerge.merging.spectral"  # rules defined there are timed in the tsv section
+
+# Benchmark choices, not facts about the rules: trimmed_mean's default beta = 0.1 trims nothing from
+# 8 clients (⌊0.8⌋ = 0) and streams as the mean, so time one that trims 2 values per end.
+TIMED_OPTIONS = {"trimmed_mean": {"beta": 0.25}}
+
+
+def is_spectral(entry: MergeMethod) -> bool:
+    """Whether a registered rule is one of the singular-vector rules (by the module defining it)."""
+    module = getattr(entry.function, "__module__", "") or ""
+    return module == SPECTRAL_PACKAGE or module.startswith(SPECTRAL_PACKAGE + ".")
+
+
+def bench_options(entry: MergeMethod, n: int) -> dict | str:
+    """Options to time ``entry`` with on ``n`` clients, read from its registry entry: defaults, one
+    value per client (10, 11, ... as local step counts) for each per-client option, ``TIMED_OPTIONS``
+    where set; or a note saying why it cannot be timed (a required option without a default)."""
+    options: dict = {name: [10 + i for i in range(n)] for name in sorted(entry.per_client)}
+    options.update(TIMED_OPTIONS.get(entry.name, {}))
+    missing = sorted(entry.required - set(options))
+    if missing:
+        return f"skipped: required option {missing[0]!r} has no default"
+    return options
+
+
 def bench_linear(quick: bool) -> list[list]:
     n, numel = 8, (4 if quick else 22) * 2**20
     gen = torch.Generator().manual_seed(0)
     shapes = [(numel // 8 // 1024, 1024)] * 8  # eight 2-D tensors (spectral methods are timed above)
     tvs = [{f"t{i}": torch.randn(*s, generator=gen) for i, s in enumerate(shapes)} for _ in range(n)]
     size = sum(t.numel() * t.element_size() for t in tvs[0].values())
-    # trimmed_mean's default beta = 0.1 trims nothing from 8 clients (⌊0.8⌋ = 0): time one that trims 2 per end
-    options = {"fednova": {"local_steps": [10 + i for i in range(n)]}, "trimmed_mean": {"beta": 0.25}}
     rows = []
-    for method in sorted(METHODS):
-        if method in ("tsv", "tsv_compress", "iso_c", "iso_cts"):
+    for method, entry in sorted(METHODS.items()):
+        if is_spectral(entry):
             continue
-        fn: Callable = lambda: merge(method, tvs, **options.get(method, {}))  # noqa: E731
+        options = bench_options(entry, n)
+        settable = {k: v for k, v in options.items() if k not in entry.per_client} if isinstance(options, dict) else {}
+        label = method + (f" ({', '.join(f'{k}={v}' for k, v in settable.items())})" if settable else "")
+        if isinstance(options, str):
+            rows.append([label, "", "", "", options])
+            continue
+        fn: Callable = lambda: merge(method, tvs, **options)  # noqa: E731
         try:
             fn()
-        except Exception as exc:  # a method with required options we do not know: say so, go on
-            rows.append([method, "", "", "", f"skipped: {exc}"])
+        except Exception as exc:  # a rule that fails on these inputs: say so, go on
+            rows.append([label, "", "", "", f"skipped: {exc}"])
             continue
         best = math.inf
         for _ in range(2 if quick else 3):
@@ -246,8 +277,8 @@ def bench_linear(quick: bool) -> list[list]:
             out = fn()
             best = min(best, time.perf_counter() - t0)
             del out
-        extra = _peak_extra_memory(method, n, numel, options.get(method, {}))
-        rows.append([method, f"{best:.3f}", f"{n * size / best / 1e9:.2f}", f"{extra / size:.2f}", ""])
+        extra = _peak_extra_memory(method, n, numel, options)
+        rows.append([label, f"{best:.3f}", f"{n * size / best / 1e9:.2f}", f"{extra / size:.2f}", ""])
     table(f"Linear and order-statistic methods: {n} task vectors × {size / 1e6:.0f} MB float32 "
           "(GB/s = task-vector bytes read / s; extra memory = peak RSS added by the merge, in task vectors)",
           ["method", "seconds", "GB/s", "extra mem (×τ)", "note"], rows)
