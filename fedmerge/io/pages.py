@@ -1,12 +1,11 @@
 """Returning memory to the system while merging large checkpoints (Linux/glibc; elsewhere nothing).
 
-Two measured needs (``python -m benchmarks --only offline``, numbers in ``docs/performance.md``):
+Two needs (measurements in ``docs/performance.md``, "Offline merge memory"):
 
-* A memory-mapped ``.pt`` state dict keeps every page it has touched resident until unmapped: eight
-  checkpoints of 100M parameters were 10 model sizes of peak memory for FedAvg. :class:`MappedFile`
-  drops a tensor's pages once it has been copied out (``madvise(MADV_DONTNEED)``), only from a
-  private file mapping none of whose pages was ever written (torch byte-swaps big-endian files in
-  place; such a page is the only copy of its data), found by address in ``/proc/self/smaps``.
+* A memory-mapped ``.pt`` state dict keeps every page it has touched resident until unmapped:
+  :func:`drop_pages` drops a tensor's pages once it has been copied out (``madvise(MADV_DONTNEED)``),
+  only from a private file mapping none of whose pages was ever written (torch byte-swaps big-endian
+  files in place; such a page is the only copy of its data), found by address in ``/proc/self/smaps``.
 * glibc keeps the pages of freed same-sized tensors: :func:`release_free_heap` trims the heap.
 
 Every step is best effort. Without ``/proc/self/smaps``, ``madvise`` or ``malloc_trim`` (macOS,

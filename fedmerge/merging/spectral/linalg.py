@@ -3,8 +3,8 @@
 ``top_singular_triplets`` takes a batch's top-k singular triplets exactly (full SVD), from a
 randomized block Krylov space whose every Ritz triplet is checked by its residual, or from the
 float64 eigendecomposition of AᵀA; ``polar_factor`` and ``polar_by_whitening`` give the orthogonal
-polar factor by SVD or by whitening X (XᵀX)^(-1/2). How the thresholds below were chosen, with the
-measurements behind them, is in ``docs/performance.md`` (TSV-M).
+polar factor by SVD or by whitening X (XᵀX)^(-1/2). What each constant below is for and how its
+value was measured: ``docs/performance.md`` (TSV-M, "The constants").
 """
 
 from __future__ import annotations
@@ -58,9 +58,8 @@ def _orthonormal(y: Tensor) -> Tensor:
 def _orthonormal_complement(w: Tensor, basis: Tensor, gen: torch.Generator) -> Tensor:
     """Orthonormal columns spanning w's part outside the span of ``basis`` (orthonormal columns).
 
-    Block classical Gram-Schmidt with reorthogonalisation (BCGS2: project, QR, project, QR): the
-    Krylov basis stays orthonormal to working precision (‖ZᵀZ − I‖ ≈ 1e-6 in float32, as with a
-    third projection), which Rayleigh-Ritz assumes. Columns of w that lay (numerically) inside the
+    Block classical Gram-Schmidt with reorthogonalisation (BCGS2: project, QR, project, QR) keeps the
+    Krylov basis orthonormal to working precision, which Rayleigh-Ritz assumes. Columns of w that lay (numerically) inside the
     span already, as for matrices of rank below the Krylov space's size, are replaced by random
     directions instead of normalised rounding noise.
     """
@@ -89,11 +88,9 @@ def _exact_top_k(a: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
 def _gram_top_k(a: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     """Top-k triplets of a batch (B, m, n), m ≥ n, from the float64 eigendecomposition of AᵀA.
 
-    Two to three times cheaper than the full SVD (measured on 768-wide matrices) and as good for
-    triplets with σ ≥ 1e-4 · σ_1 (errors ~eps·σ_1²/σ² ≤ 2e-8). The Gram matrix rounds σ ≲ 1e-8 · σ_1
-    away, so a matrix with a triplet between its numerical rank cut-off (:func:`rank_tolerance` of its
-    dtype: ~1e-4 for float32, which TSV-M drops anyway) and 1e-4 · σ_1 gets the SVD; triplets below
-    the cut-off (tasks of rank < k) are left as the Gram matrix gives them.
+    Cheaper than the full SVD and as accurate for σ ≥ ``_GRAM_MIN_RATIO`` · σ_1; a matrix with a
+    triplet between its rank cut-off (:func:`rank_tolerance`) and that ratio gets the SVD. Numbers:
+    ``docs/performance.md``.
     """
     batch, m, n = a.shape
     u = a.new_empty(batch, m, k, dtype=torch.float64)
@@ -183,12 +180,8 @@ def _projected_gram(z: Tensor, w: Tensor, scale: Tensor) -> Tensor:
 def _looks_flat(z: Tensor, w: Tensor, scale: Tensor, k: int) -> Tensor:
     """Whether each matrix's spectrum looks flat around σ_k, from the first Krylov blocks' Ritz values θ.
 
-    Flat: θ_k/θ_⌈k/2⌉ > 0.65 and the last Ritz value θ_w (w = the columns so far, > k) > 0.1 θ_k.
-    Measured after 5 blocks of ⌈k/3⌉ columns, θ_k/θ_⌈k/2⌉ is 0.33-0.53 on spectra the Krylov space
-    then resolves (σ_j ∝ j^-0.7 … j^-1.5, exp(−16j/r)) and 0.71-0.72 on signal plus noise and on
-    Gaussian matrices, whose triplets never converge; but also 0.66-0.77 on matrices of rank a little
-    above k (LoRA-like), which converge at once: their θ_w/θ_k is below 0.01, against 0.17 for
-    Gaussian ones. Only a guide for saving work: the residual check still decides what is accurate.
+    Flat: θ_k/θ_⌈k/2⌉ > ``_FLAT_RATIO`` and the last Ritz value > ``_FLAT_TAIL`` · θ_k (thresholds
+    measured in ``docs/performance.md``). Only saves work: the residual check decides what is accurate.
     """
     if k < 8:
         return torch.zeros(z.shape[0], dtype=torch.bool)
@@ -251,9 +244,8 @@ def polar_by_whitening(x: Tensor, live_columns: Tensor, dtype: torch.dtype, *,
 
     With ``float32_gram`` and float32 results, stacks at least twice as long as wide are whitened
     entirely in float32 (Gram matrix, eigendecomposition, product) where that shows them well
-    conditioned (κ ≤ ``_FLOAT32_GRAM_MAX_COND``; independent subspaces stacked give κ ≈ (1 + √c) /
-    (1 − √c) ≤ 5.8 for width/length c ≤ 1/2), at half the cost, with errors ~eps·κ². All others
-    (zero columns give κ = ∞) go to :func:`_whiten_in_float64`.
+    conditioned (κ ≤ ``_FLOAT32_GRAM_MAX_COND``), at half the cost, with errors ~eps·κ² (why this
+    bound: ``docs/performance.md``). All others (zero columns give κ = ∞) go to :func:`_whiten_in_float64`.
     """
     wide = x.shape[-1] > x.shape[-2]
     if wide:

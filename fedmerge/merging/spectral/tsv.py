@@ -12,7 +12,7 @@ Gram eigendecompositions (Prop. 4.1 of the TSV paper). Layers whose stacked base
 singular (tasks sharing their top directions) are merged again from float64 triplets of AᵀA; layers
 of alike tasks take that path at once. Both paths drop triplets whose σ is numerically zero, so zero
 matrices, tasks of rank < k and duplicated tasks give well-defined results. Measurements behind
-these choices: ``docs/performance.md``.
+these choices and the constants below: ``docs/performance.md``.
 """
 
 from __future__ import annotations
