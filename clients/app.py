@@ -14,7 +14,7 @@ Message contract (what :mod:`strategies` sends and expects back):
   handler's first import of torch and the data stack, so the server can tell an engine's overhead
   from the clients' own work).
   A plan with ``byzantine = true`` makes the client an attacker: it replies
-  ``fedmerge.byzantine.attack(byzantine-mode, τ_i, scale=byzantine-scale, std=byzantine-std)``
+  ``fedmerge.attacks.attack(byzantine-mode, τ_i, scale=byzantine-scale, std=byzantine-std)``
   instead of τ_i (its metrics stay honest).
 """
 
@@ -43,13 +43,16 @@ def train(msg: Message, context: Context) -> Message:
     # Imported here, not at the top: on Flower's deployment engine every message starts a fresh
     # ClientApp process, and a `query` then needs neither torch nor the data stack (seconds each).
     from fedmerge.data import DataSpec, load_federated
-    from fedmerge.train.local import local_update
     from fedmerge.records import from_config
+    from fedmerge.registry import load_plugin_file
     from fedmerge.train import TrainPlan
+    from fedmerge.train.local import client_seed, local_update
 
     started = time.perf_counter()  # after the imports: a worker's first import is the engine's cost
     pid, num_partitions = _partition(context)
     config: ConfigRecord = msg.content["config"]
+    for plugin in filter(None, str(config.get("plugins", "")).split(",")):
+        load_plugin_file(plugin)  # datasets, partitioners and models of the experiment's plugins
     spec = from_config(DataSpec, config)
     if spec.num_clients != num_partitions:
         raise ValueError(f"server expects {spec.num_clients} clients, this node is one of {num_partitions}")
@@ -71,7 +74,6 @@ def train(msg: Message, context: Context) -> Message:
     task_vector = dict(update.task_vector)
     if config.get("byzantine", False):  # an attacker, by the experiment's design: it lies about τ_i only
         from fedmerge.attacks import attack
-        from fedmerge.train.local import client_seed
 
         task_vector = attack(str(config["byzantine-mode"]), task_vector, scale=float(config["byzantine-scale"]),
                              std=float(config["byzantine-std"]), seed=client_seed(spec.seed, pid))

@@ -46,6 +46,7 @@ def run(
     set_: Annotated[list[str], typer.Option("--set", "-s", help="Override a config key: key=value (repeatable).")] = [],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="New results directory (default: runs/NAME-TIME).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    plugin: Annotated[list[Path], typer.Option("--plugin", help="A Python file that registers merging rules, datasets, partitioners or models (repeatable).")] = [],
 ) -> None:
     """Run one experiment: pre-train, fine-tune every client, merge with every strategy, evaluate."""
     from simulations.config import load_config
@@ -53,7 +54,7 @@ def run(
     from simulations.results import default_out_dir, print_table
 
     with user_errors():
-        config = load_config(preset, set_)
+        config = load_config(preset, set_, plugins=plugin)
         out_dir = out if out is not None else default_out_dir(config)
         results = run_experiment(config, out_dir, progress=not quiet, console=err_console).results
     print_table(results, console)
@@ -69,21 +70,29 @@ def sweep(
     spec: Annotated[Path, typer.Argument(help="Sweep spec TOML (a path, or a shipped one: data-heterogeneity.toml).")],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Sweep directory; re-running resumes (default: runs/sweep-NAME).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    plugin: Annotated[list[Path], typer.Option("--plugin", help="A Python file that registers merging rules, datasets, partitioners or models (repeatable).")] = [],
 ) -> None:
     """Run a grid of config values × seeds; write a tidy results.csv and plots (resumable)."""
     from simulations.sweep import SweepSpec, run_sweep
 
     with user_errors("interrupted; finished cells are kept, re-run to resume"):
-        loaded = SweepSpec.load(spec)
+        loaded = SweepSpec.load(spec, plugins=plugin)
         out_dir = out if out is not None else Path("runs") / f"sweep-{loaded.name}"
         run_sweep(loaded, out_dir, console=err_console, progress=not quiet)
     console.print(f"sweep: {out_dir}/results.csv and {', '.join(p.name for p in sorted(out_dir.glob('*.png')))}")
 
 
 @app.command()
-def methods() -> None:
+def methods(
+    plugin: Annotated[list[Path], typer.Option("--plugin", help="A Python file that registers merging rules, datasets, partitioners or models (repeatable).")] = [],
+) -> None:
     """List the merging methods, their natural scale, options and source."""
     from fedmerge.merging import METHODS
+    from simulations.config import load_plugins
+
+    with user_errors():
+        load_plugins([str(p) for p in plugin])
+        METHODS.load_entry_points()
 
     table = Table("method", "scale", "options", "what it computes", "reference")
     for name, entry in METHODS.items():
@@ -129,17 +138,19 @@ def merge(
     option: Annotated[list[str], typer.Option("--option", help="A method option key=value, e.g. k=0.2 (repeatable).")] = [],
     force: Annotated[bool, typer.Option("--force", help="Overwrite --out if it exists.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    plugin: Annotated[list[Path], typer.Option("--plugin", help="A Python file that registers merging rules, datasets, partitioners or models (repeatable).")] = [],
 ) -> None:
     """Merge checkpoints you already have, tensor by tensor, into θ0 + λ·τ_merged (no training, no Flower)."""
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from fedmerge.offline import merge_checkpoints
-    from simulations.config import parse_override
+    from simulations.config import load_plugins, parse_override
 
     extra = [a for a in ctx.args if a.startswith("-")]
     with user_errors("interrupted; nothing was written"):
         if extra:
             raise FedmergeError(f"unknown option {extra[0]!r}")
+        load_plugins([str(p) for p in plugin])
         options = {}
         for text in option:
             if "=" not in text:

@@ -23,6 +23,7 @@ from fedmerge.errors import ConfigError, MergeError
 from fedmerge.merging import METHODS
 from fedmerge.models import check_model_name, split_name
 from fedmerge.records import to_config
+from fedmerge.registry import load_plugin_file
 from fedmerge.train import PretrainSpec, TrainPlan
 
 ENGINES = ("ray", "inprocess")
@@ -85,6 +86,7 @@ class ExperimentConfig:
     local_val_fraction: float = 0.1
     cache_dir: str = ""
     cache_task_vectors: bool = False
+    plugins: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self.validate()
@@ -110,11 +112,13 @@ class ExperimentConfig:
         out["scale"] = dict(self.scale) if isinstance(self.scale, Mapping) else self.scale
         out["method-options"] = {k: dict(v) for k, v in self.method_options.items()}
         out["transforms"] = list(self.transforms)
+        out["plugins"] = list(self.plugins)
         return out
 
     # -- validation ------------------------------------------------------------------------------
     def validate(self) -> None:
         _set = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
+        _set("plugins", load_plugins(self.plugins))  # first: they may add rules, datasets, models
         for name, kind in (("num_clients", int), ("classes_per_client", int), ("seed", int), ("min_clients", int),
                            ("client_cpus", int), ("pretrain_steps", int), ("shards_per_client", int)):
             _set(name, _as(kind, getattr(self, name), name))
@@ -317,6 +321,19 @@ def _check_option_values(method: str, options: Mapping[str, Any]) -> None:
         raise ConfigError(f"method-options.{method}: {exc}") from None
 
 
+def load_plugins(plugins: Any) -> tuple[str, ...]:
+    """Load plugin files (``plugins = [...]`` or ``--plugin``) and return their absolute paths, so that
+    clients in other processes load the very same files."""
+    if isinstance(plugins, str):  # flat run configs: "a.py,b.py"
+        plugins = [p.strip() for p in plugins.split(",") if p.strip()]
+    if not isinstance(plugins, Sequence) or not all(isinstance(p, str) for p in plugins):
+        raise ConfigError(f"plugins must be a list of Python files, got {plugins!r}")
+    paths = tuple(str(Path(p).expanduser().resolve()) for p in plugins)
+    for path in paths:
+        load_plugin_file(path)
+    return paths
+
+
 def default_cache_dir() -> Path:
     """Where bases, task vectors and heads are cached: ``$FEDMERGE_CACHE`` or ~/.cache/fedmerge."""
     return Path(os.environ.get("FEDMERGE_CACHE", Path.home() / ".cache" / "fedmerge"))
@@ -432,13 +449,28 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def load_config(preset: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
-    """Defaults ← preset (the shipped default when None) ← ``--set`` overrides, validated once."""
-    values = read_toml(preset if preset is not None else DEFAULT_PRESET)
+def load_config(preset: str | os.PathLike | None = None, overrides: Sequence[str] = (),
+                plugins: Sequence[str | os.PathLike] = ()) -> ExperimentConfig:
+    """Defaults ← preset (the shipped default when None) ← ``--set`` overrides, validated once.
+
+    A preset's ``plugins`` are paths relative to the preset file; ``plugins`` given here (``--plugin``)
+    are added to them."""
+    path = Path(preset if preset is not None else DEFAULT_PRESET)
+    values = read_toml(path)
+    values["plugins"] = [str(path.parent / p) for p in _as_list(values.get("plugins", []), "plugins")]
     for text in overrides:
         key, value = parse_override(text)
         values[key] = value
+    values["plugins"] = [*_as_list(values["plugins"], "plugins"), *map(str, plugins)]
     return ExperimentConfig.from_mapping(values)
+
+
+def _as_list(value: Any, key: str) -> list[str]:
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, list):
+        raise ConfigError(f"{key} must be a list, got {value!r}")
+    return value
 
 
 def write_toml(config: ExperimentConfig, path: str | os.PathLike) -> None:

@@ -67,6 +67,8 @@ class ServerOutput:
 def client_config(config: ExperimentConfig) -> ConfigRecord:
     """What every client is told in its train message: the model, the data spec, the cache."""
     record = ConfigRecord({"model": config.model, **to_config(config.data_spec())})
+    if config.plugins:  # clients may run in other processes: they load the same plugin files
+        record["plugins"] = ",".join(config.plugins)
     if config.cache_task_vectors:
         record["task-vector-cache"] = str(config.cache_path().resolve())
     return record

@@ -25,7 +25,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,10 +34,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedmerge.errors import ConfigError
+from fedmerge.io import atomic_path, write_text_atomic
 from simulations.config import PRESETS_DIR, ExperimentConfig, read_toml
 
 SWEEPS_DIR = Path(__file__).parent / "sweeps"
-SPEC_KEYS = {"name", "preset", "seeds", "set", "grid"}
+SPEC_KEYS = {"name", "preset", "seeds", "set", "grid", "plugins"}
 # Per cell × strategy: the knobs, then these columns.
 CSV_COLUMNS = [
     "seed", "strategy", "scale", "accuracy", "client_accuracy", "normalized_accuracy",
@@ -55,7 +55,8 @@ class SweepSpec:
     seeds: list[int] = field(default_factory=lambda: [0])
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> SweepSpec:
+    def load(cls, path: str | os.PathLike, plugins: Sequence[str | os.PathLike] = ()) -> SweepSpec:
+        """Read a spec; ``plugins`` (files, e.g. from ``--plugin``) are added to the preset's and the spec's."""
         path = Path(path)
         if not path.is_file() and (SWEEPS_DIR / path).is_file():
             path = SWEEPS_DIR / path  # a shipped spec by file name
@@ -65,7 +66,13 @@ class SweepSpec:
             raise ConfigError(f"{path}: unknown sweep key {unknown[0]!r}; known: {', '.join(sorted(SPEC_KEYS))}")
         preset = raw.get("preset", "default")
         preset_path = PRESETS_DIR / f"{preset}.toml" if (PRESETS_DIR / f"{preset}.toml").is_file() else path.parent / preset
-        base = {**read_toml(preset_path), "engine": "inprocess", "cache-task-vectors": True, **raw.get("set", {})}
+        preset_values = read_toml(preset_path)
+        overrides = dict(raw.get("set", {}))
+        plugin_files = [*(str(preset_path.parent / p) for p in preset_values.pop("plugins", [])),
+                        *(str(path.parent / p) for p in [*raw.get("plugins", []), *overrides.pop("plugins", [])]),
+                        *map(str, plugins)]
+        base = {**preset_values, "engine": "inprocess", "cache-task-vectors": True, **overrides,
+                "plugins": plugin_files}
         grid = raw.get("grid", {})
         if not isinstance(grid, dict) or not grid:
             raise ConfigError(f"{path}: [grid] must list at least one config key with a list of values")
@@ -116,8 +123,8 @@ def run_sweep(spec: SweepSpec, out: Path, console: Console | None = None, progre
 
     cells = list(spec.cells())
     (out / "cells").mkdir(parents=True, exist_ok=True)
-    (out / "sweep.json").write_text(json.dumps({"name": spec.name, "grid": spec.grid, "seeds": spec.seeds,
-                                                "set": spec.base}, indent=2) + "\n")
+    write_text_atomic(out / "sweep.json", json.dumps({"name": spec.name, "grid": spec.grid, "seeds": spec.seeds,
+                                                      "set": spec.base}, indent=2) + "\n")
     rows: list[dict[str, Any]] = []
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    console=console or Console(stderr=True), disable=not progress)
@@ -159,10 +166,9 @@ def tidy_rows(cell: Cell, results: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def write_csv(rows: Sequence[dict[str, Any]], knobs: Sequence[str], path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".results.", suffix=".csv")
-    with os.fdopen(fd, "w", newline="") as fh:
+    """The tidy CSV, written atomically."""
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=[*knobs, *CSV_COLUMNS])
         writer.writeheader()
         for row in rows:
             writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
-    os.replace(tmp, path)

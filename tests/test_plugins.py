@@ -1,0 +1,197 @@
+"""Plugins: a rule, a dataset, a partitioner and a model from outside fedmerge work everywhere a
+built-in one does (run, tuning, merge, methods, sweeps), from a file or an entry point."""
+
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from fedmerge import merge
+from fedmerge.data import DATASETS, PARTITIONERS
+from fedmerge.errors import PluginError
+from fedmerge.io import load_state, save_state
+from fedmerge.merging import METHODS
+from fedmerge.models import MODELS
+from simulations.cli import app
+
+REGISTRIES = (METHODS, DATASETS, PARTITIONERS, MODELS)
+
+PLUGIN = textwrap.dedent('''
+    import torch
+    from torch import nn
+
+    from fedmerge.data import Dataset, Split, dataset, partitioner
+    from fedmerge.merging import Option, rule
+    from fedmerge.models import model
+
+
+    @rule("sign_mean", natural_scale="mean", citation="a test rule",
+          options=[Option("tau", default=0.0, low=0.0, grid=(0.0, 0.001))])
+    def sign_mean(task_vectors, weights=None, *, tau=0.0):
+        """The uniform mean with entries of magnitude below tau zeroed."""
+        out = {}
+        for key in task_vectors[0]:
+            mean = sum(tv[key] for tv in task_vectors) / len(task_vectors)
+            out[key] = torch.where(mean.abs() < tau, torch.zeros_like(mean), mean)
+        return out
+
+
+    @dataset("blobs")
+    def blobs():
+        gen = torch.Generator().manual_seed(0)
+        y = torch.arange(600) % 3
+        x = torch.randn(600, 1, 4, 4, generator=gen) * 0.5 + y.view(-1, 1, 1, 1).float()
+        return Dataset("blobs", Split(x, y), 3)
+
+
+    @partitioner("by_label")
+    def by_label(labels, spec):
+        """Label-sorted rows cut into one contiguous block per client: pure label skew."""
+        import numpy as np
+
+        return np.array_split(labels.argsort(kind="stable"), spec.num_clients)
+
+
+    @model("tiny")
+    def tiny(input_shape, num_classes):
+        return nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, num_classes))
+''')
+
+
+@pytest.fixture(autouse=True)
+def isolated_registries():
+    """Plugins register into process-wide registries: restore them after each test."""
+    saved = [(r, dict(r._entries), r._entry_points_loaded) for r in REGISTRIES]
+    yield
+    for registry, entries, loaded in saved:
+        registry._entries.clear()
+        registry._entries.update(entries)
+        registry._entry_points_loaded = loaded
+
+
+@pytest.fixture
+def plugin_file(tmp_path):
+    path = tmp_path / "my_plugin.py"
+    path.write_text(PLUGIN)
+    return path
+
+
+def numpy_sign_mean(task_vectors, tau):
+    out = {}
+    for key in task_vectors[0]:
+        mean = np.mean([tv[key].double().numpy() for tv in task_vectors], axis=0)
+        out[key] = np.where(np.abs(mean) < tau, 0.0, mean)
+    return out
+
+
+def test_a_plugin_file_adds_a_rule_dataset_partitioner_and_model_to_a_run(plugin_file, tmp_path, cache_dir):
+    from simulations.config import load_config
+    from simulations.experiment import run_experiment
+
+    config = load_config(None, [
+        'engine="inprocess"', "num-clients=3", 'dataset="blobs"', 'partition="by_label"', 'model="tiny"',
+        'strategies=["fedavg", "sign_mean"]', 'scale={fedavg=1.0, sign_mean="tune"}', "local-steps=10",
+        "pretrain-steps=20", f'cache-dir="{cache_dir}"', "min-clients=3",
+    ], plugins=[plugin_file])
+    output = run_experiment(config, tmp_path / "run", progress=False)
+    tuning = output.results["strategies"]["sign_mean"]["tuning"]
+    assert {o["tau"] for o in tuning["grid"]["options"]} == {0.0, 0.001}  # the plugin's grid was searched
+    taus = [output.task_vectors[i] for i in sorted(output.task_vectors)]
+    expected = numpy_sign_mean(taus, tuning["options"]["tau"])
+    for key, value in output.merged["sign_mean"].items():
+        np.testing.assert_allclose(value.double().numpy(), expected[key], atol=1e-6)
+    assert output.results["measures"]["data"]["label_skew"] > 0.4  # by_label: label-sorted blocks (IID: ~0.05)
+    written = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert written["config"]["plugins"] == [str(plugin_file.resolve())]
+
+
+def test_cli_methods_and_offline_merge_take_plugins(plugin_file, tmp_path):
+    runner = CliRunner()
+    listed = runner.invoke(app, ["methods", "--plugin", str(plugin_file)], terminal_width=250)
+    assert listed.exit_code == 0 and "sign_mean" in listed.output and "a test rule" in listed.output
+    base = {"w": torch.zeros(3, 2), "b": torch.zeros(2)}
+    models = [{"w": torch.full((3, 2), v), "b": torch.tensor([v, 0.1 * v])} for v in (0.5, 1.0, 3.0)]
+    save_state(base, tmp_path / "base.safetensors")
+    files = []
+    for i, m in enumerate(models):
+        save_state(m, tmp_path / f"m{i}.safetensors")
+        files.append(str(tmp_path / f"m{i}.safetensors"))
+    out = tmp_path / "merged.safetensors"
+    result = runner.invoke(app, ["merge", "--plugin", str(plugin_file), "--base", str(tmp_path / "base.safetensors"),
+                                 "--models", *files, "--method", "sign_mean", "--option", "tau=1.0", "--out", str(out),
+                                 "-q"])
+    assert result.exit_code == 0, result.output
+    merged = load_state(out)
+    torch.testing.assert_close(merged["w"], torch.full((3, 2), 1.5))  # mean 1.5 survives tau = 1
+    torch.testing.assert_close(merged["b"], torch.tensor([1.5, 0.0]))  # |0.15| < tau: zeroed
+
+def test_a_sweep_names_its_plugins(plugin_file, tmp_path, cache_dir):
+    from simulations.sweep import SweepSpec, run_sweep
+
+    spec = tmp_path / "spec.toml"
+    spec.write_text(textwrap.dedent(f'''
+        name = "plugin-sweep"
+        plugins = ["{plugin_file.name}"]
+        seeds = [0]
+        [set]
+        strategies = ["sign_mean"]
+        dataset = "blobs"
+        partition = "iid"
+        num-clients = 2
+        min-clients = 2
+        local-steps = 5
+        pretrain-steps = 10
+        cache-dir = "{cache_dir}"
+        [grid]
+        partition = ["iid", "by_label"]
+    '''))
+    out = run_sweep(SweepSpec.load(spec), tmp_path / "sweep", progress=False)
+    rows = (out / "results.csv").read_text().splitlines()
+    assert len(rows) == 3 and all(",sign_mean," in r for r in rows[1:])
+
+
+def test_an_entry_point_rule_is_a_plain_function(tmp_path, monkeypatch):
+    (tmp_path / "outside_rules.py").write_text(textwrap.dedent('''
+        def scaled_mean(task_vectors, weights=None, factor=1.0):
+            n = len(task_vectors)
+            p = weights or [1.0 / n] * n
+            return {k: factor * sum(w * tv[k] for w, tv in zip(p, task_vectors)) for k in task_vectors[0]}
+        scaled_mean.natural_scale = "mean"
+    '''))
+    dist = tmp_path / "outside_rules-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: outside-rules\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[fedmerge.methods]\nscaled_mean = outside_rules:scaled_mean\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    METHODS._entry_points_loaded = False
+    tvs = [{"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([3.0, -2.0])}]
+    torch.testing.assert_close(merge("scaled_mean", tvs, factor=2.0)["w"], torch.tensor([4.0, 0.0]))
+    torch.testing.assert_close(merge("scaled_mean", tvs, [3, 1])["w"], torch.tensor([1.5, 1.0]))
+    entry = METHODS["scaled_mean"]
+    assert entry.natural_scale == "mean" and entry.option("factor").default == 1.0
+    with pytest.raises(Exception, match="factor must be a number"):
+        merge("scaled_mean", tvs, factor="big")
+
+
+def test_broken_plugins_are_one_clear_error(tmp_path, monkeypatch):
+    broken = tmp_path / "broken.py"
+    broken.write_text("import no_such_module_here\n")
+    result = CliRunner().invoke(app, ["methods", "--plugin", str(broken)])
+    assert result.exit_code == 2
+    assert "broken.py failed to load: ModuleNotFoundError" in " ".join(result.output.split()).replace("/ ", "/")
+    assert "Traceback" not in result.output
+    dist = tmp_path / "bad-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: bad\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[fedmerge.partitioners]\nnope = missing_module:split\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    PARTITIONERS._entry_points_loaded = False
+    with pytest.raises(PluginError, match="plugin 'nope' .*fedmerge.partitioners.* failed to load"):
+        PARTITIONERS["iid"]
+    assert "nope" not in sys.modules
