@@ -84,6 +84,7 @@ def sweep(
 
 @app.command()
 def methods(
+    markdown: Annotated[bool, typer.Option("--markdown", help="Print the README's markdown table instead.")] = False,
     plugin: Annotated[list[Path], typer.Option("--plugin", help="A Python file that registers merging rules, datasets, partitioners or models (repeatable).")] = [],
 ) -> None:
     """List the merging methods, their natural scale, options and source."""
@@ -93,6 +94,11 @@ def methods(
     with user_errors():
         load_plugins([str(p) for p in plugin])
         METHODS.load_entry_points()
+    if markdown:
+        from simulations.reference import methods_table
+
+        print(methods_table(), end="")
+        return
 
     table = Table("method", "scale", "options", "what it computes", "reference")
     for name, entry in METHODS.items():

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import tomli_w
+
 from fedmerge.attacks import byzantine_clients, check_attack, check_fraction
 from fedmerge.data import PARTITIONERS, TRANSFORM_KINDS, DataSpec
 from fedmerge.data.image_tasks import check_task
@@ -39,54 +41,75 @@ PER_CLIENT_KEYS = {"local-steps": int, "lr": float, "batch-size": int, "optimize
 PerClient = int | float | str | list
 
 
+def _key(default: Any, doc: str) -> Any:
+    """A config field: its default and its one-line description (the README's table is built from them)."""
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
 @dataclass(frozen=True)
 class ExperimentConfig:
-    """Every setting of one experiment. Field ``num_clients`` is key ``num-clients``, and so on."""
+    """Every setting of one experiment. Field ``num_clients`` is key ``num-clients``, and so on.
 
-    name: str = "default"
-    num_clients: int = 8
-    model: str = "mlp"
-    dataset: str = "digits"
-    partition: str = "dirichlet"
-    alpha: float = 0.5
-    classes_per_client: int = 2
-    shards_per_client: int = 2
-    sizes: float | list[int] = 1.0
-    transforms: tuple[str, ...] = TRANSFORM_KINDS
-    tasks: tuple[str, ...] = ()  # one image task per client (CLIP benchmark, fedmerge.image_tasks)
-    local_steps: PerClient = 50
-    local_steps_spread: float = 1.0
-    lr: PerClient = 0.1
-    batch_size: PerClient = 32
-    optimizer: PerClient = "sgd"
-    weight_decay: PerClient = 0.0
-    warmup_steps: PerClient = 0
-    lr_schedule: PerClient = "constant"
-    grad_clip: PerClient = 0.0
-    strategies: tuple[str, ...] = ("fedavg", "fednova", "median", "tsv")
-    scale: float | str | Mapping[str, float | str] = 1.0
-    method_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-    weighting: str = "num-examples"
-    seed: int = 0
-    engine: str = "ray"
-    min_clients: int = 2
-    timeout: float = 600.0
-    client_cpus: int = 1
-    client_gpus: float = 0.0
-    byzantine_fraction: float = 0.0
-    byzantine_mode: str = "sign-flip"
-    byzantine_scale: float = 10.0
-    byzantine_std: float = 0.1
-    max_update_norm: float = 0.0
-    pretrain_steps: int = 100
-    pretrain_lr: float = 0.1
-    pretrain_fraction: float = 0.1
-    test_fraction: float = 0.2
-    local_test_fraction: float = 0.2
-    local_val_fraction: float = 0.1
-    cache_dir: str = ""
-    cache_task_vectors: bool = False
-    plugins: tuple[str, ...] = ()
+    The defaults are the default experiment (``fedmerge run`` with no preset); each field's
+    description is its documentation (``config_table``)."""
+
+    name: str = _key("default", "run name: the results directory is runs/NAME-TIME")
+    num_clients: int = _key(8, "number of Flower clients (one partition each)")
+    model: str = _key("mlp", "model family: mlp, cnn, a plugin's, or FAMILY:SOURCE for published "
+                             "weights, e.g. clip:openai/clip-vit-base-patch32")
+    dataset: str = _key("digits", "dataset of the pool (digits: scikit-learn's bundled handwritten digits)")
+    partition: str = _key("dirichlet", "how the pool is split: iid, dirichlet, pathological, shards, sizes, "
+                                       "transforms, or a plugin's")
+    alpha: float = _key(0.5, "Dirichlet concentration under partition = dirichlet (small: strong label skew)")
+    classes_per_client: int = _key(2, "labels per client under partition = pathological")
+    shards_per_client: int = _key(2, "label-sorted shards per client under partition = shards")
+    sizes: float | list[int] = _key(1.0, "under partition = sizes: per-client sizes [n1, n2, ...] or a "
+                                         "power-law exponent")
+    transforms: tuple[str, ...] = _key(TRANSFORM_KINDS, "input transforms dealt to clients under partition = "
+                                                        "transforms (permutation, rotation, flip, inversion)")
+    tasks: tuple[str, ...] = _key((), "one CLIP image task per client (Cars, DTD, ..., or folder:PATH); "
+                                      "replaces dataset and partition")
+    local_steps: PerClient = _key("20:100", "K_i, local SGD steps per client: a value, a list, or \"MIN:MAX\" "
+                                           "drawn from the seed")
+    local_steps_spread: float = _key(1.0, "K_i spread log-evenly so that max/min equals this, around a "
+                                          "geometric mean local-steps (1: off)")
+    lr: PerClient = _key(0.1, "client learning rate (per client: value, list or \"MIN:MAX\")")
+    batch_size: PerClient = _key(32, "client batch size (per client)")
+    optimizer: PerClient = _key("sgd", "client optimizer: sgd, adam or adamw (per client)")
+    weight_decay: PerClient = _key(0.0, "client weight decay (per client)")
+    warmup_steps: PerClient = _key(0, "linear learning-rate warm-up steps (per client)")
+    lr_schedule: PerClient = _key("constant", "after warm-up: constant or cosine (per client)")
+    grad_clip: PerClient = _key(0.0, "clip each gradient's global L2 norm to this; 0: off (per client)")
+    strategies: tuple[str, ...] = _key(("fedavg", "fednova", "median", "tsv"),
+                                       "merging rules applied to the same task vectors (`fedmerge methods`)")
+    scale: float | str | Mapping[str, float | str] = _key(
+        {"fedavg": 1.0, "fednova": 1.0, "median": 1.0, "tsv": 0.25},
+        "λ in θ0 + λ·τ_merged: one number, a table per rule, or \"tune\" (chosen on validation splits)")
+    method_options: Mapping[str, Mapping[str, Any]] = _key({}, "options per rule, e.g. {fedgma = {rho = 0.4}}")
+    weighting: str = _key("num-examples", "client weights p_i: num-examples or uniform")
+    seed: int = _key(0, "drives data splits, initialisation, client shuffling and MIN:MAX draws")
+    engine: str = _key("ray", "ray (Flower's simulation engine) or inprocess (same apps, one process)")
+    min_clients: int = _key(2, "fewest valid replies to merge")
+    timeout: float = _key(600.0, "seconds to wait for the clients' replies")
+    client_cpus: int = _key(1, "CPUs per client on Ray")
+    client_gpus: float = _key(0.0, "GPUs per client on Ray")
+    byzantine_fraction: float = _key(0.0, "fraction of clients that attack (seed-drawn)")
+    byzantine_mode: str = _key("sign-flip", "attack: sign-flip, scale, gaussian or random")
+    byzantine_scale: float = _key(10.0, "factor of the scale attack")
+    byzantine_std: float = _key(0.1, "noise of the gaussian attack")
+    max_update_norm: float = _key(0.0, "reject task vectors with a larger L2 norm; 0: no bound")
+    pretrain_steps: int = _key(100, "SGD steps that pre-train θ0 on a split no client sees")
+    pretrain_lr: float = _key(0.1, "learning rate of pre-training")
+    pretrain_fraction: float = _key(0.1, "share of the dataset kept for pre-training")
+    test_fraction: float = _key(0.2, "share of the dataset kept as the global test split")
+    local_test_fraction: float = _key(0.2, "share of each client's partition held out as its local test split")
+    local_val_fraction: float = _key(0.1, "share of each client's partition held out for tuning λ")
+    cache_dir: str = _key("", "where bases, task vectors and heads are cached (default $FEDMERGE_CACHE "
+                              "or ~/.cache/fedmerge)")
+    cache_task_vectors: bool = _key(False, "cache client task vectors on disk (sweeps turn it on)")
+    plugins: tuple[str, ...] = _key((), "Python files that register rules, datasets, partitioners or models")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -321,6 +344,16 @@ def _check_option_values(method: str, options: Mapping[str, Any]) -> None:
         raise ConfigError(f"method-options.{method}: {exc}") from None
 
 
+def config_table() -> str:
+    """The README's table of config keys, from the schema: key, default, description."""
+    rows = ["| key | default | what it sets |", "|---|---|---|"]
+    for f in dataclasses.fields(ExperimentConfig):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        shown = tomli_w.dumps({"v": list(default) if isinstance(default, tuple) else default})[4:].strip()
+        rows.append(f"| `{f.name.replace('_', '-')}` | `{shown}` | {f.metadata['doc']} |")
+    return "\n".join(rows) + "\n"
+
+
 def load_plugins(plugins: Any) -> tuple[str, ...]:
     """Load plugin files (``plugins = [...]`` or ``--plugin``) and return their absolute paths, so that
     clients in other processes load the very same files."""
@@ -474,8 +507,6 @@ def _as_list(value: Any, key: str) -> list[str]:
 
 
 def write_toml(config: ExperimentConfig, path: str | os.PathLike) -> None:
-    import tomli_w
-
     values = config.to_dict()
     if not values["method-options"]:
         del values["method-options"]

@@ -1,0 +1,40 @@
+"""The README's reference tables are generated from the registries and the config schema, and
+Flower's run config in pyproject.toml agrees with the schema's defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from pathlib import Path
+
+from fedmerge.merging import METHODS
+from simulations.config import ExperimentConfig, config_table
+from simulations.reference import methods_table
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_readme_tables_are_the_generated_ones():
+    readme = (ROOT / "README.md").read_text()
+    assert methods_table() in readme, "regenerate with: fedmerge methods --markdown"
+    assert config_table() in readme, "regenerate with: python -c 'from simulations.config import config_table'"
+
+
+def test_every_rule_and_every_config_key_is_documented():
+    for name, entry in METHODS.items():
+        assert entry.citation and (entry.formula or entry.summary), name
+        assert f"| `{name}` |" in methods_table()
+    for f in dataclasses.fields(ExperimentConfig):
+        assert f.metadata.get("doc"), f.name
+
+
+def test_flower_run_config_matches_the_schema_defaults():
+    flwr = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    defaults = ExperimentConfig().to_dict()
+    keys = set(defaults) | {"out"}
+    assert set(flwr) <= keys, f"unknown keys in [tool.flwr.app.config]: {set(flwr) - keys}"
+    for key, value in flwr.items():
+        if key in ("name", "out"):
+            continue
+        parsed = ExperimentConfig.from_mapping({key: value}).to_dict()[key]
+        assert parsed == defaults[key], f"[tool.flwr.app.config] {key} = {value!r} is not the default {defaults[key]!r}"
