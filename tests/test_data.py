@@ -67,8 +67,8 @@ def test_small_alpha_skews_labels_more_than_large_alpha():
     (DataSpec(num_clients=500), "more than the digits client pool"),
     (DataSpec(num_clients=0), "num-clients must be at least 1"),
     (DataSpec(num_clients=4, partition="dirichlet", alpha=0.0), "alpha must be > 0"),
-    (DataSpec(num_clients=4, partition="nope"), "partition='nope' is not known"),
-    (DataSpec(num_clients=4, dataset="imagenet"), "dataset='imagenet' is not known"),
+    (DataSpec(num_clients=4, partition="nope"), "unknown partition 'nope'; known: "),
+    (DataSpec(num_clients=4, dataset="imagenet"), "unknown dataset 'imagenet'; known: digits"),
     (DataSpec(num_clients=4, test_fraction=1.5), "test-fraction"),
 ])
 def test_bad_specs_raise_config_error(spec, needle):
@@ -76,8 +76,8 @@ def test_bad_specs_raise_config_error(spec, needle):
         load_federated(spec)
 
 
-def test_tasks_partition_gives_every_client_a_different_task():
-    data = load_federated(DataSpec(num_clients=12, partition="tasks", seed=0))
+def test_transforms_partition_gives_every_client_a_different_task():
+    data = load_federated(DataSpec(num_clients=12, partition="transforms", seed=0))
     names = [c.task for c in data.clients]
     assert len(set(names)) == 12
     inputs = [t.x for t in data.task_tests]  # the global test split under each client's transform

@@ -79,7 +79,7 @@ def test_median_even_is_the_mean_of_the_two_middle_values():
 @pytest.mark.parametrize("n", range(1, 11))
 def test_the_sorting_network_sorts_every_zero_one_input(n):
     # the 0-1 principle: a comparator network that sorts every 0/1 input sorts every input
-    from fedmerge.merging import _sorting_network
+    from fedmerge.merging.order import _sorting_network
 
     for bits in itertools.product((0, 1), repeat=n):
         wires = list(bits)

@@ -67,7 +67,7 @@ def test_each_pass_reads_a_tensor_once_and_the_base_once_per_key(checkpoints, mo
     # goes key by key reads the base once per key, not once per client
     from collections import Counter
 
-    from fedmerge.offline import Checkpoint
+    from fedmerge.io.checkpoint import Checkpoint
 
     tmp, base, _, paths = checkpoints
     reads, read = Counter(), Checkpoint._read
@@ -94,7 +94,8 @@ def _resident_bytes_of(path) -> int:
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux's /proc/self/smaps")
 def test_pt_reads_drop_their_pages_from_the_mapping_and_leave_heap_memory_alone(tmp_path):
-    from fedmerge.offline import Checkpoint, _drop_mapped_pages
+    from fedmerge.io.checkpoint import Checkpoint
+    from fedmerge.io.pages import drop_pages
 
     state = {"w": torch.randn(1024, 1024), "v": torch.randn(4096)}
     torch.save(state, tmp_path / "big.pt")
@@ -106,7 +107,7 @@ def test_pt_reads_drop_their_pages_from_the_mapping_and_leave_heap_memory_alone(
     assert torch.equal(w, state["w"]) and _resident_bytes_of(tmp_path / "big.pt") < 1 << 20
     assert torch.equal(ck._read("w"), state["w"])  # read again: faulted back in from the file, same values
     heap = state["v"].clone()
-    _drop_mapped_pages(heap, ck._mapped)  # not inside the mapping: must change nothing
+    drop_pages(heap, ck._mapped)  # not inside the mapping: must change nothing
     assert torch.equal(heap, state["v"])
 
 
@@ -116,7 +117,7 @@ def test_pages_torch_wrote_at_load_are_never_dropped(tmp_path):
     # only copy of the right values, so the checkpoint must keep them (dropping gave garbage on re-read)
     import zipfile
 
-    from fedmerge.offline import Checkpoint
+    from fedmerge.io.checkpoint import Checkpoint
 
     state = {"w": torch.arange(3000, dtype=torch.float32), "v": torch.arange(5, dtype=torch.float32) + 0.5}
     torch.save({k: torch.from_numpy(v.numpy().byteswap()) for k, v in state.items()}, tmp_path / "little.pt")

@@ -104,7 +104,7 @@ def test_constructor_validation():
 
 
 def test_result_is_base_plus_scaled_merge():
-    strategy = FedAvgMerge(scale=0.5, min_available_nodes=2, weighted_by_key=None)
+    strategy = OneShotMerge.single("fedavg", scale=0.5, min_available_nodes=2, weighted_by_key=None)
     result = run(strategy, make_app(), nodes=2)
     torch.testing.assert_close(result.arrays.to_torch_state_dict()["b"], torch.full((3,), 0.5 * 1.5))
 
@@ -120,7 +120,7 @@ def test_fedavg_merge_equals_flowers_own_fedavg_on_the_real_client(small_config)
     base, _ = pretrained_base(config.pretrain_spec(), data, config.cache_path())
     train_config = ConfigRecord({"model": config.model, **to_config(config.data_spec()), "local-steps": 12})
     grid_args = (clients.app, config.num_clients)
-    ours = FedAvgMerge(min_available_nodes=4).start(
+    ours = OneShotMerge.single("fedavg", min_available_nodes=4).start(
         InProcessGrid(*grid_args), ArrayRecord(base), num_rounds=1, train_config=train_config)
     flower = FedAvg(min_available_nodes=4, min_train_nodes=4, fraction_evaluate=0.0).start(
         InProcessGrid(*grid_args), ArrayRecord(base), num_rounds=1, train_config=train_config)

@@ -33,7 +33,7 @@ alpha = [0.3, 3.0]
 
 def count_training(monkeypatch):
     calls = []
-    import fedmerge.local as local
+    import fedmerge.train.local as local
 
     original = local._fine_tune
     monkeypatch.setattr(local, "_fine_tune", lambda *a, **k: calls.append(1) or original(*a, **k))

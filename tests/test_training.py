@@ -69,7 +69,7 @@ def test_pretrained_base_is_cached_by_its_settings(data, tmp_path, monkeypatch):
     spec = PretrainSpec("mlp", steps=20, seed=0)
     first, cached1 = pretrained_base(spec, data, tmp_path)
     calls = []
-    monkeypatch.setattr("fedmerge.training.train", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr("fedmerge.train.pretrain.train", lambda *a, **k: calls.append(1))
     second, cached2 = pretrained_base(spec, data, tmp_path)
     assert (cached1, cached2) == (False, True) and calls == []
     assert all(torch.equal(first[k], second[k]) for k in first)
