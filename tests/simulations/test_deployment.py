@@ -27,7 +27,7 @@ from simulations.experiment import run_experiment
 
 pytestmark = pytest.mark.deployment
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NUM_NODES = 2
 # Keys of [tool.flwr.app.config] that this run overrides: small and fast, two strategies.
 RUN_CONFIG = {"name": "deploy", "num-clients": NUM_NODES, "local-steps": "5,9", "pretrain-steps": 20,
