@@ -265,7 +265,7 @@ def bench_linear(quick: bool) -> list[list]:
         if isinstance(options, str):
             rows.append([label, "", "", "", options])
             continue
-        fn: Callable = lambda: merge(method, tvs, **options)  # noqa: E731
+        fn: Callable = lambda method=method, options=options: merge(method, tvs, **options)
         try:
             fn()
         except Exception as exc:  # a rule that fails on these inputs: say so, go on

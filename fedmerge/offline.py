@@ -66,7 +66,12 @@ def merge_checkpoints(
     if out.exists() and not overwrite:
         raise CheckpointError(f"{out} already exists; choose a new file (or allow overwriting)")
     # The base is read once per tensor name and pass: the moment to hand freed memory back.
-    theta0 = Checkpoint(base, lambda: (release_free_heap(), on_read and on_read()))
+    def on_base_read() -> None:  # the base is read once per tensor name and pass: trim the heap there
+        release_free_heap()
+        if on_read is not None:
+            on_read()
+
+    theta0 = Checkpoint(base, on_base_read)
     tuned = [Checkpoint(p, on_read) for p in models]
     for model in tuned:
         check_compatible(theta0, model)

@@ -26,7 +26,7 @@ def to_config(obj: Any) -> dict[str, Any]:
 def from_config(cls: type[T], config: Mapping[str, Any]) -> T:
     """Build ``cls`` from the hyphenated keys it knows in ``config``; other keys are ignored."""
     kwargs = {}
-    for f in dataclasses.fields(cls):
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
         key = f.name.replace("_", "-")
         if key in config:
             kwargs[f.name] = config[key]

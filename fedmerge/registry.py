@@ -48,7 +48,7 @@ class Registry(Generic[T]):
 
     def add_object(self, name: str, obj: object) -> T:
         """Register what a plugin provides (adapted into an entry)."""
-        return self.add(name, self._adapt(name, obj))
+        return self.add(name, self._adapt(name, obj))  # type: ignore[arg-type]
 
     def load_entry_points(self) -> None:
         """Read the ``group`` entry points once; a plugin that fails to load is named in the error."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -42,9 +42,9 @@ def user_errors(on_interrupt: str = "interrupted; no results were written") -> I
 
 @app.command()
 def run(
-    preset: Annotated[Optional[Path], typer.Argument(help="Preset TOML (default: the shipped default.toml).")] = None,
+    preset: Annotated[Path | None, typer.Argument(help="Preset TOML (default: the shipped default.toml).")] = None,
     set_: Annotated[list[str], typer.Option("--set", "-s", help="Override a config key: key=value (repeatable).")] = [],
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="New results directory (default: runs/NAME-TIME).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="New results directory (default: runs/NAME-TIME).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
     plugin: Annotated[list[Path], typer.Option("--plugin", help="A Python file that registers merging rules, datasets, partitioners or models (repeatable).")] = [],
 ) -> None:
@@ -68,7 +68,7 @@ def run(
 @app.command()
 def sweep(
     spec: Annotated[Path, typer.Argument(help="Sweep spec TOML (a path, or a shipped one: data-heterogeneity.toml).")],
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Sweep directory; re-running resumes (default: runs/sweep-NAME).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Sweep directory; re-running resumes (default: runs/sweep-NAME).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     plugin: Annotated[list[Path], typer.Option("--plugin", help="A Python file that registers merging rules, datasets, partitioners or models (repeatable).")] = [],
 ) -> None:
@@ -109,7 +109,7 @@ def methods(
 
 @app.command()
 def equivalence(
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="New directory for equivalence.json and the figures (default: runs/equivalence-TIME).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="New directory for equivalence.json and the figures (default: runs/equivalence-TIME).")] = None,
     engine: Annotated[str, typer.Option("--engine", help="Engine of the Flower runs being checked: inprocess or ray.")] = "inprocess",
     seed: Annotated[int, typer.Option("--seed", help="Seed of data, base model and client shuffling.")] = 0,
     set_: Annotated[list[str], typer.Option("--set", "-s", help="Override a key of the default experiment: key=value.")] = [],
@@ -183,8 +183,8 @@ def evaluate(
     merged: Annotated[list[str], typer.Option("--merged", help="Also score an already merged model: NAME=SOURCE (repeatable).")] = [],
     max_examples: Annotated[int, typer.Option("--max-examples", help="Score at most this many test images per task (0: all).")] = 0,
     workers: Annotated[int, typer.Option("--workers", help="DataLoader processes decoding images.")] = 0,
-    cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="Where zero-shot heads are cached (default ~/.cache/fedmerge).")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the table as JSON here.")] = None,
+    cache_dir: Annotated[Path | None, typer.Option("--cache-dir", help="Where zero-shot heads are cached (default ~/.cache/fedmerge).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write the table as JSON here.")] = None,
 ) -> None:
     """Score existing CLIP checkpoints without fine-tuning: zero-shot, fine-tuned, every merge (papers' table)."""
     from fedmerge.evaluation.checkpoints import evaluate_checkpoints

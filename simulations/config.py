@@ -140,7 +140,7 @@ class ExperimentConfig:
 
     # -- validation ------------------------------------------------------------------------------
     def validate(self) -> None:
-        _set = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
+        _set = lambda name, value: object.__setattr__(self, name, value)
         _set("plugins", load_plugins(self.plugins))  # first: they may add rules, datasets, models
         for name, kind in (("num_clients", int), ("classes_per_client", int), ("seed", int), ("min_clients", int),
                            ("client_cpus", int), ("pretrain_steps", int), ("shards_per_client", int)):

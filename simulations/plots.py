@@ -85,7 +85,7 @@ def plot_heatmap(rows: Sequence[dict[str, Any]], knobs: Sequence[str], path: Pat
     cols = min(4, len(strategies))
     nrows = math.ceil(len(strategies) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols, 3.2 * nrows), squeeze=False)
-    key = lambda v, axis: v if _numeric(axis) else str(v)  # noqa: E731
+    key = lambda v, axis: v if _numeric(axis) else str(v)
     for ax, strategy in zip(axes.flat, strategies):
         cells: dict[tuple[Any, Any], list[float]] = defaultdict(list)
         for r in rows:

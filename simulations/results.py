@@ -15,15 +15,10 @@ merge_seconds} and ``timing`` (seconds per stage). Accuracies are fractions in [
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import datetime as dt
 import json
 import math
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -54,7 +49,7 @@ def check_out_dir(out: Path) -> None:
 def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Reference rows (base, mean of the clients' own models) then one row per strategy."""
     clients = results["clients"]
-    mean = lambda key: sum(c[key] for c in clients) / len(clients)  # noqa: E731
+    mean = lambda key: sum(c[key] for c in clients) / len(clients)
     rows = [
         {"row": "base (pre-trained)", "scale": None, **{k: results["base"][k] for k in CSV_COLUMNS[2:]}},
         {"row": "clients' own models (mean)", "scale": None, "accuracy": mean("global_accuracy"),

@@ -65,7 +65,8 @@ class SweepSpec:
         if unknown:
             raise ConfigError(f"{path}: unknown sweep key {unknown[0]!r}; known: {', '.join(sorted(SPEC_KEYS))}")
         preset = raw.get("preset", "default")
-        preset_path = PRESETS_DIR / f"{preset}.toml" if (PRESETS_DIR / f"{preset}.toml").is_file() else path.parent / preset
+        shipped = PRESETS_DIR / f"{preset}.toml"
+        preset_path = shipped if shipped.is_file() else path.parent / preset
         preset_values = read_toml(preset_path)
         overrides = dict(raw.get("set", {}))
         plugin_files = [*(str(preset_path.parent / p) for p in preset_values.pop("plugins", [])),
@@ -84,7 +85,7 @@ class SweepSpec:
             raise ConfigError(f"{path}: seeds must be a non-empty list of integers")
         spec = cls(str(raw.get("name", path.stem)), base, dict(grid), list(seeds))
         for cell in spec.cells():  # validate every cell before running any
-            cell.config
+            _ = cell.config
         return spec
 
     def cells(self) -> Iterator[Cell]:

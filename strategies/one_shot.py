@@ -190,7 +190,8 @@ class OneShotMerge(Strategy):
             plan = self.train_plans.get(self.partition_of.get(nid, -1), {})
             cfg = ConfigRecord({**dict(config), **plan, "server-round": server_round})
             content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: cfg})
-            messages.append(Message(content, dst_node_id=nid, message_type=MessageType.TRAIN, group_id=str(server_round)))
+            messages.append(Message(content, dst_node_id=nid, message_type=MessageType.TRAIN,
+                                    group_id=str(server_round)))
         self.sent_to = node_ids
         self._sent_at = time.perf_counter()
         return messages

@@ -71,12 +71,14 @@ def load_federated(spec: DataSpec) -> FederatedData:
         n_val = max(1, round(spec.local_val_fraction * len(rows)))
         if n_test + n_val >= len(rows):
             n_test, n_val = 1, 1
-        client = ClientData(pid, train=pool.subset(rows[n_test + n_val:]), val=pool.subset(rows[n_test:n_test + n_val]),
-                            test=pool.subset(rows[:n_test]))
+        train, val, local_test = (pool.subset(rows[n_test + n_val:]), pool.subset(rows[n_test:n_test + n_val]),
+                                  pool.subset(rows[:n_test]))
+        client = ClientData(pid, train=train, val=val, test=local_test)
         if PARTITIONERS[spec.partition].transforms:
             kinds = spec.transforms
             name, fn = task_transform(kinds[pid % len(kinds)], pid // len(kinds), spec.seed)
-            client = ClientData(pid, *(Split(fn(s.x), s.y) for s in (client.train, client.val, client.test)), task=name)
+            train, val, local_test = (Split(fn(s.x), s.y) for s in (train, val, local_test))
+            client = ClientData(pid, train, val, local_test, task=name)
             task_tests.append(Split(fn(test.x), test.y))
         clients.append(client)
     return FederatedData(spec, ds.num_classes, ds.input_shape, pretrain, test, tuple(clients), tuple(task_tests))

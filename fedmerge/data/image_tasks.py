@@ -14,6 +14,7 @@ split carries its task's frozen zero-shot head (:func:`fedmerge.models.clip.zero
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from collections.abc import Callable, Sequence
@@ -173,7 +174,7 @@ def folder_task(path: str | os.PathLike, name: str | None = None) -> ImageTask:
     return ImageTask(name or root.name, tuple(_clean(c) for c in classes), templates, source("train"), source("test"))
 
 
-TASKS: dict[str, Callable[[], ImageTask]] = {name: (lambda n=name: _hf_task(n)) for name in HF_DATASETS}
+TASKS: dict[str, Callable[[], ImageTask]] = {name: functools.partial(_hf_task, name) for name in HF_DATASETS}
 
 
 def check_task(name: str) -> None:

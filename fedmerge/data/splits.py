@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -13,6 +12,20 @@ from torch import Tensor
 from fedmerge.data.spec import DataSpec
 
 MIN_CLIENT_EXAMPLES = 10  # a client needs enough data for a train and a local test split
+
+
+class Examples(Protocol):
+    """What training and evaluation read: a :class:`Split` in memory, or lazily decoded images
+    (:class:`fedmerge.data.image_tasks.ImageSplit`)."""
+
+    @property
+    def y(self) -> Tensor: ...
+
+    def __len__(self) -> int: ...
+
+    def batch(self, index: Tensor) -> tuple[Tensor, Tensor]: ...
+
+    def label_counts(self, num_classes: int) -> list[int]: ...
 
 
 @dataclass(frozen=True)
@@ -53,9 +66,9 @@ class ClientData:
     """One client's partition: ``train`` for fine-tuning, ``val`` for choosing λ, ``test`` for scores."""
 
     partition_id: int
-    train: Split
-    val: Split
-    test: Split
+    train: Examples
+    val: Examples
+    test: Examples
     task: str = "digits"  # under partition="transforms": the client's input transform, e.g. "rotation-180"
 
 
@@ -64,13 +77,13 @@ class FederatedData:
     spec: DataSpec
     num_classes: int
     input_shape: tuple[int, ...]
-    pretrain: Split
-    test: Split
+    pretrain: Examples
+    test: Examples
     clients: tuple[ClientData, ...]
-    task_tests: tuple[Split, ...] = ()  # under partition="transforms": the global test split in each task
+    task_tests: tuple[Examples, ...] = ()  # under partition="transforms": the global test split in each task
 
     @property
-    def global_tests(self) -> tuple[Split, ...]:
+    def global_tests(self) -> tuple[Examples, ...]:
         """What "global test accuracy" averages over: the test split, or its version in every task."""
         return self.task_tests or (self.test,)
 

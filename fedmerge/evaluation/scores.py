@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from fedmerge.data.splits import Split, iterate_batches
+from fedmerge.data.splits import Examples, Split, iterate_batches
 from fedmerge.models.registry import forward
 
 
@@ -19,7 +19,7 @@ class Scores:
 
 
 @torch.no_grad()
-def score(model: nn.Module, data: Split, batch_size: int = 1024) -> Scores:
+def score(model: nn.Module, data: Examples, batch_size: int = 1024) -> Scores:
     """Mean loss and accuracy on ``data`` (a :class:`Split` or any split with ``batch``, e.g. CLIP tasks)."""
     model.eval()
     total_loss, correct = 0.0, 0

@@ -95,6 +95,7 @@ def tune(
         if best is None or top > best[0]:
             ties = [s for s, v in zip(scales, row) if v == top]
             best = (top, j, ties[len(ties) // 2], merged)
+    assert best is not None  # option_sets is not empty
     top, j, scale, merged = best
     return TuningResult(scale=scale, options=dict(option_sets[j]), score=top, merged=merged, scales=scales,
                         option_sets=[dict(o) for o in option_sets], scores=table)

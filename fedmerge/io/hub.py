@@ -60,7 +60,8 @@ def resolve(source: str | os.PathLike) -> Path:
         why = "it is not in the local Hugging Face cache and the Hub is offline" if offline else f"{type(exc).__name__}"
         raise CheckpointError(
             f"model {text!r} cannot be loaded ({why}); fetch it where there is network with "
-            f"`hf download {text}` (into ~/.cache/huggingface, or set HF_HOME) or pass a local save_pretrained directory"
+            f"`hf download {text}` (into ~/.cache/huggingface, or set HF_HOME) "
+            "or pass a local save_pretrained directory"
         ) from None
 
 

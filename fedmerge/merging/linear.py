@@ -79,7 +79,7 @@ def fedgma(task_vectors: TaskVectors, p: Sequence[float] | None = None, *, rho: 
     out: dict[str, Tensor] = {}
     for key, m in mean.items():
         dt = compute_dtype(m.dtype)
-        agreement = sum(torch.sign(tv[key].to(dt)) for tv in task_vectors).abs() / n
+        agreement = sum((torch.sign(tv[key].to(dt)) for tv in task_vectors), torch.zeros_like(m, dtype=dt)).abs() / n
         mask = torch.where(agreement >= rho, torch.ones_like(agreement), agreement)
         out[key] = (mask * m.to(dt)).to(m.dtype)
     return out
@@ -98,7 +98,8 @@ def cclip_rho_grid(task_vectors: TaskVectors) -> list[float]:
                       help="clipping radius (default: the median client norm)")],
       citation="Karimireddy et al., Learning from History for Byzantine Robust Optimization, ICML 2021",
       formula="Σ_i p_i τ_i · min(1, rho / ‖τ_i‖₂)")
-def cclip(task_vectors: TaskVectors, p: Sequence[float] | None = None, *, rho: float | None = None) -> dict[str, Tensor]:
+def cclip(task_vectors: TaskVectors, p: Sequence[float] | None = None, *,
+          rho: float | None = None) -> dict[str, Tensor]:
     """Centred clipping at θ0: Σ_i p_i τ_i · min(1, rho / ‖τ_i‖₂); rho defaults to the median norm."""
     norms = [l2_norm(tv) for tv in task_vectors]
     if rho is None:

@@ -83,7 +83,8 @@ def median(task_vectors: TaskVectors, p: Sequence[float] | None = None) -> dict[
                       help="fraction trimmed at each end")],
       citation="Yin et al., Byzantine-Robust Distributed Learning: Towards Optimal Statistical Rates, ICML 2018",
       formula="coordinate-wise mean after dropping the ⌊beta·n⌋ lowest and highest values")
-def trimmed_mean(task_vectors: TaskVectors, p: Sequence[float] | None = None, *, beta: float = 0.1) -> dict[str, Tensor]:
+def trimmed_mean(task_vectors: TaskVectors, p: Sequence[float] | None = None, *,
+                 beta: float = 0.1) -> dict[str, Tensor]:
     """Coordinate-wise trimmed mean: drop the ⌊beta·n⌋ lowest and highest values, average the rest.
 
     Yin et al., "Byzantine-Robust Distributed Learning: Towards Optimal Statistical Rates", ICML 2018.

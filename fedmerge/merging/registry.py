@@ -232,7 +232,8 @@ def method_from_function(name: str, function: RuleFunction, *, natural_scale: st
             if p.default is inspect.Parameter.empty:
                 declared[p.name] = Option(p.name, required=True)
             else:
-                kind = type(p.default) if isinstance(p.default, (int, float)) and not isinstance(p.default, bool) else float
+                numeric = isinstance(p.default, (int, float)) and not isinstance(p.default, bool)
+                kind = type(p.default) if numeric else float
                 declared[p.name] = Option(p.name, default=p.default, kind=kind)
     return MergeMethod(name, function, natural_scale=natural_scale, options=tuple(declared.values()),
                        uses_weights=uses_weights, citation=citation, formula=formula)

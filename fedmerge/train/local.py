@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from fedmerge.data.splits import ClientData
+from fedmerge.data.splits import ClientData, Split
 from fedmerge.evaluation.scores import score
 from fedmerge.io.state import save_state
 from fedmerge.models.registry import build_model, device_for
@@ -40,7 +40,7 @@ def client_seed(seed: int, partition_id: int) -> int:
     return seed * 100_003 + partition_id * 7_919 + 1
 
 
-def _hash_tensor(h: "hashlib._Hash", t: Tensor) -> None:
+def _hash_tensor(h: hashlib._Hash, t: Tensor) -> None:
     t = t.detach().cpu().contiguous()
     h.update(f"{t.dtype}{tuple(t.shape)}".encode())
     h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
@@ -56,8 +56,8 @@ def update_key(model_name: str, base: Mapping[str, Tensor], client: ClientData, 
         h.update(key.encode())
         _hash_tensor(h, base[key])
     for split in (client.train, client.test):
-        if hasattr(split, "fingerprint"):  # lazily read images (CLIP tasks): dataset, rows, preprocessing, head
-            h.update(split.fingerprint().encode())
+        if not isinstance(split, Split):  # lazily read images (CLIP tasks): dataset, rows, preprocessing, head
+            h.update(split.fingerprint().encode())  # type: ignore[attr-defined]
             continue
         _hash_tensor(h, split.x)
         _hash_tensor(h, split.y)

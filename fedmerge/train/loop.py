@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fedmerge.data.splits import Split, iterate_batches
+from fedmerge.data.splits import Examples, Split, iterate_batches
 from fedmerge.errors import ConfigError
 from fedmerge.models.registry import forward
 
@@ -97,7 +97,7 @@ def batches(n: int, batch_size: int, steps: int, generator: torch.Generator) -> 
         pos += batch_size
 
 
-def train(model: nn.Module, data: Split, plan: TrainPlan, seed: int) -> None:
+def train(model: nn.Module, data: Examples, plan: TrainPlan, seed: int) -> None:
     """Fine-tune ``model`` in place for exactly ``plan.local_steps`` optimizer steps.
 
     ``data`` is a :class:`Split` or a split with ``batch`` (CLIP tasks, whose frozen head is passed to

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -17,7 +18,7 @@ from fedmerge.merging.validation import TaskVectors
 def _weighted_sum_matrix(matrices: Sequence[Tensor], p: Sequence[float]) -> Tensor:
     """N Σ_i p_i Δ_i in float64: the summed task matrix Σ_i Δ_i when weights are uniform."""
     n = len(matrices)
-    return sum(n * pi * m.double() for pi, m in zip(p, matrices))
+    return cast(Tensor, sum(n * pi * m.double() for pi, m in zip(p, matrices)))
 
 
 def iso_c_matrix(matrices: Sequence[Tensor], p: Sequence[float]) -> Tensor:

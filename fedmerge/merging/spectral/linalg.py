@@ -59,7 +59,8 @@ def _orthonormal_complement(w: Tensor, basis: Tensor, gen: torch.Generator) -> T
     """Orthonormal columns spanning w's part outside the span of ``basis`` (orthonormal columns).
 
     Block classical Gram-Schmidt with reorthogonalisation (BCGS2: project, QR, project, QR) keeps the
-    Krylov basis orthonormal to working precision, which Rayleigh-Ritz assumes. Columns of w that lay (numerically) inside the
+    Krylov basis orthonormal to working precision, which Rayleigh-Ritz assumes. Columns of w that lay
+    (numerically) inside the
     span already, as for matrices of rank below the Krylov space's size, are replaced by random
     directions instead of normalised rounding noise.
     """
