@@ -18,7 +18,8 @@ from collections.abc import Callable, Iterable
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
-from flwr.supercore.run import Run
+
+from simulations.flower_private import Run, set_task_identity
 
 OFFLINE_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -53,9 +54,7 @@ class InProcessGrid(Grid):
     _ERROR_CODE_CLIENT_EXCEPTION = 1
 
     def __init__(self, client_app: ClientApp, num_nodes: int, run_id: int = 1) -> None:
-        from flwr.supercore.task_identity import TaskIdentity  # private: needed to build messages
-
-        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, 0, 1
+        set_task_identity(run_id)
         self.client_app = client_app
         self._run = Run.create_empty(run_id)
         self.node_ids = [1000 + i for i in range(num_nodes)]

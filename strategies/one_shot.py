@@ -12,11 +12,10 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from logging import INFO, WARNING
+from logging import INFO, WARNING, getLogger
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
-from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from torch import Tensor
@@ -26,6 +25,7 @@ from fedmerge.merging import METHODS, merge, validate_task_vector
 from fedmerge.task_vector import TaskVector, apply, floating_items
 
 PARTITION_KEY = "partition-id"
+log = getLogger("flwr").log  # Flower's logger, as its own strategies use it
 
 
 @dataclass
