@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from fedmerge import CheckpointError, MergeError, TaskVector, apply, load_state, save_state
+from fedmerge import MergeError, TaskVector, apply
 
 
 def bn_model(seed: int) -> dict[str, torch.Tensor]:
@@ -59,43 +59,3 @@ def test_safetensors_round_trip(tmp_path):
     back = TaskVector.load(tmp_path / "tv.safetensors")
     assert set(back) == {"a", "b"} and all(torch.equal(back[k], tv[k]) for k in tv)
     assert not list(tmp_path.glob(".*tmp"))  # no staging file left behind
-
-
-def test_torch_state_dict_is_loaded_weights_only(tmp_path):
-    path = tmp_path / "model.pt"
-    torch.save(bn_model(0), path)
-    assert set(load_state(path)) == set(bn_model(0))
-
-
-@pytest.mark.parametrize("content,name,needle", [
-    (b"not a checkpoint", "x.safetensors", "not a readable safetensors file"),
-    (b"\x80\x04junk", "x.pt", "not a safetensors file or a weights-only"),
-])
-def test_bad_files_raise_checkpoint_error(tmp_path, content, name, needle):
-    (tmp_path / name).write_bytes(content)
-    with pytest.raises(CheckpointError, match=needle):
-        load_state(tmp_path / name)
-
-
-def test_pickled_code_is_refused(tmp_path):
-    class Evil:
-        def __reduce__(self):
-            return (print, ("pwned",))
-
-    torch.save({"w": Evil()}, tmp_path / "evil.pt")
-    with pytest.raises(CheckpointError):
-        load_state(tmp_path / "evil.pt")
-
-
-def test_missing_file(tmp_path):
-    with pytest.raises(CheckpointError, match="no such file"):
-        load_state(tmp_path / "nope.safetensors")
-
-
-def test_save_state_is_atomic_on_failure(tmp_path):
-    path = tmp_path / "x.safetensors"
-    save_state({"a": torch.ones(1)}, path)
-    with pytest.raises(Exception):
-        save_state({"a": "not a tensor"}, path)  # type: ignore[dict-item]
-    assert torch.equal(load_state(path)["a"], torch.ones(1))  # the old file survives intact
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.safetensors"]

@@ -9,10 +9,6 @@ from fedmerge import MergeError
 from fedmerge.evaluation.tuning import LAMBDA_GRID, scale_grid, tune, tune_method
 from fedmerge.merging import METHODS
 from fedmerge.merging.linear import FEDGMA_RHO_GRID
-
-
-def option_grid(method, task_vectors, fixed=None):
-    return METHODS[method].tuning_grid(task_vectors, fixed)
 from simulations.config import ExperimentConfig
 from simulations.experiment import run_experiment
 
@@ -73,12 +69,12 @@ def test_identical_merges_reuse_their_scores_and_plateaus_pick_the_middle():
 
 
 def test_option_grids_and_fixed_options():
-    assert [o["rho"] for o in option_grid("fedgma", vectors())] == list(FEDGMA_RHO_GRID)
-    assert option_grid("fedgma", vectors(), {"rho": 0.3}) == [{}]
+    assert [o["rho"] for o in METHODS["fedgma"].tuning_grid(vectors())] == list(FEDGMA_RHO_GRID)
+    assert METHODS["fedgma"].tuning_grid(vectors(), {"rho": 0.3}) == [{}]
     norms = sorted(float(x["v"].norm()) for x in vectors())
-    rhos = [o["rho"] for o in option_grid("cclip", vectors())]
+    rhos = [o["rho"] for o in METHODS["cclip"].tuning_grid(vectors())]
     assert rhos[0] == pytest.approx(norms[0]) and max(rhos) < norms[1] and len(rhos) == 5
-    assert option_grid("tsv", vectors()) == [{}]
+    assert METHODS["tsv"].tuning_grid(vectors()) == [{}]
 
 
 def test_tuning_end_to_end_on_the_clients_validation_splits(small_config):

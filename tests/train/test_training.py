@@ -75,8 +75,3 @@ def test_pretrained_base_is_cached_by_its_settings(data, tmp_path, monkeypatch):
     assert all(torch.equal(first[k], second[k]) for k in first)
     _, cached3 = pretrained_base(PretrainSpec("mlp", steps=21, seed=0), data, tmp_path)
     assert cached3 is False and len(list(tmp_path.glob("base-*.safetensors"))) == 2
-
-
-def test_unknown_model():
-    with pytest.raises(ConfigError, match="model='resnet9000'"):
-        build_model("resnet9000", (1, 8, 8), 10)

@@ -1,0 +1,36 @@
+"""Bad task vectors through the merge API: one MergeError naming the client and tensor, never a
+silent non-finite result."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedmerge import MergeError, merge
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_merge_api_rejects_non_finite_task_vectors_naming_the_client(bad):
+    taus = [{"w": torch.ones(3)}, {"w": torch.tensor([1.0, bad, 1.0])}]
+    with pytest.raises(MergeError, match="client 1, tensor 'w': contains NaN or Inf"):
+        merge("fedavg", taus)
+
+
+def test_finite_check_is_exact_where_a_sum_would_mislead():
+    # +Inf and −Inf cancel to NaN in a sum; finite values may overflow one: neither may fool the check
+    with pytest.raises(MergeError, match="contains NaN or Inf"):
+        merge("fedavg", [{"w": torch.ones(2)}, {"w": torch.tensor([float("inf"), -float("inf")])}])
+    huge = {"w": torch.tensor([3e38, 3e38])}  # finite, but their float32 sum is Inf
+    assert torch.equal(merge("median", [huge, huge, huge])["w"], huge["w"])
+    big_half = {"w": torch.full((4,), 60000.0, dtype=torch.float16)}  # a float16 sum would overflow; ours is float32
+    assert torch.equal(merge("median", [big_half] * 3)["w"], big_half["w"])
+
+
+@pytest.mark.parametrize("taus,needle", [
+    ([], "no task vectors"),
+    ([{"w": torch.ones(3)}, {"w": torch.ones(4)}], "shape"),
+    ([{"w": torch.ones(3)}, {"v": torch.ones(3)}], "w"),
+])
+def test_merge_api_rejects_mismatched_task_vectors(taus, needle):
+    with pytest.raises(MergeError, match=needle):
+        merge("median", taus)
