@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from fedmerge import merge
-from fedmerge.merging import normalised_weights
 from simulations import equivalence as eq
 from simulations.cli import app
 
@@ -32,18 +31,27 @@ def test_one_shot_fedavg_and_fednova_through_flower_are_task_arithmetic(small_co
 
 
 def test_fednova_is_task_arithmetic_with_per_client_coefficients(small_config):
+    # FedNova (Wang et al., 2020) with plain local SGD: each client's normalised update is its mean
+    # step d_i = τ_i / K_i, and the server moves by τ_eff = Σ_j p_j K_j of those, averaged with p_i.
+    # Written here in numpy float64 on the flattened τ_i, not with the library's coefficients.
     _, _, updates = eq.fine_tune_alone(small_config)
     taus = [u.task_vector for u in updates]
-    steps, sizes = [u.local_steps for u in updates], [u.num_examples for u in updates]
-    p = normalised_weights(sizes, len(taus))
-    nova = merge("fednova", taus, sizes, local_steps=steps)
-    coefficients = eq.fednova_coefficients(p, steps, 1.0)
-    assert sum(coefficients) != pytest.approx(1.0)  # unequal K: not a weighted mean of the τ_i
-    by_hand = {k: sum(c * t[k] for c, t in zip(coefficients, taus)) for k in taus[0]}
-    for k in nova:
-        torch.testing.assert_close(nova[k], by_hand[k], atol=1e-7, rtol=0)
-    # with equal K_i, FedNova's coefficients are FedAvg's p_i
-    assert eq.fednova_coefficients(p, [7] * len(p), 1.0) == pytest.approx(p)
+    steps = np.array([u.local_steps for u in updates], dtype=np.float64)
+    sizes = np.array([u.num_examples for u in updates], dtype=np.float64)
+    p = sizes / sizes.sum()
+    keys = list(taus[0])
+    flat = np.stack([np.concatenate([t[k].double().numpy().ravel() for k in keys]) for t in taus])  # (N, d)
+    mean_steps = flat / steps[:, None]  # d_i
+    expected = (p @ steps) * (p @ mean_steps)  # τ_eff · Σ_i p_i d_i
+    nova = merge("fednova", taus, sizes.tolist(), local_steps=steps.astype(int).tolist())
+    got = np.concatenate([nova[k].double().numpy().ravel() for k in keys])
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6 * np.abs(expected).max())
+    assert (p @ steps) * (p / steps).sum() != pytest.approx(1.0)  # unequal K: not a weighted mean of the τ_i
+    # the lesson's per-client coefficients λ_i are the same numbers, and FedAvg's p_i when all K_i are equal
+    lam = (p @ steps) * p / steps
+    assert eq.fednova_coefficients(p.tolist(), steps.tolist(), 1.0) == pytest.approx(lam.tolist(), rel=1e-12)
+    assert eq.fednova_coefficients(p.tolist(), [7] * len(p), 1.0) == pytest.approx(p.tolist(), rel=1e-12)
+    np.testing.assert_allclose(lam @ flat, expected, rtol=0, atol=1e-12 * np.abs(expected).max())
 
 
 def test_multi_round_fedavg_with_one_full_batch_step_is_centralized_gradient_descent(small_config):
