@@ -186,7 +186,9 @@ def run_ray(server_app: ServerApp, client_app: ClientApp, num_nodes: int, num_cp
 
     backend_config = {
         "client_resources": {"num_cpus": num_cpus, "num_gpus": num_gpus},
-        "init_args": {"logging_level": logging.ERROR, "log_to_driver": False, "configure_logging": True},
+        "init_args": {"logging_level": logging.ERROR, "log_to_driver": False, "configure_logging": True,
+                      "_node_ip_address": "127.0.0.1",  # local simulation: Ray's traffic stays on loopback
+                      "include_dashboard": False},
     }
     flwr_logger = logging.getLogger("flwr")
     level = flwr_logger.level
