@@ -47,7 +47,8 @@ from simulations.config import ExperimentConfig
 from simulations.experiment import run_engine, run_experiment
 from simulations.plots import pyplot
 from simulations.results import staged_directory, to_json
-from simulations.server import ServerOutput, client_config
+from simulations.results import ServerOutput
+from simulations.server import client_config
 from strategies.multi_round import TaskVectorFedAvg
 
 ONE_SHOT_TOLERANCE = 1e-6  # float32 round-off of two summation orders is ~1e-7 here

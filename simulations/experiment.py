@@ -9,13 +9,15 @@ from typing import Any
 from flwr.serverapp import ServerApp
 from rich.console import Console
 
+import clients
 from fedmerge.data import load_federated
 
 from simulations.config import ExperimentConfig
 from simulations.engine import quiet_flower_logs, run_inprocess, run_ray, set_offline_env
 from simulations.progress import RunProgress
 from simulations.results import check_out_dir, write_results
-from simulations.server import ServerOutput, make_server_app
+from simulations.results import ServerOutput
+from simulations.server import make_server_app
 
 
 def run_experiment(
@@ -39,8 +41,6 @@ def run_experiment(
 
 def run_engine(server_app: ServerApp, config: ExperimentConfig) -> None:
     """Run ``server_app`` against fedmerge's ClientApp on ``config.engine``, offline, with quiet Flower logs."""
-    import clients  # the ClientApp; imported here so that `simulations` can load without Flower clients
-
     set_offline_env()
     quiet_flower_logs()
     if config.engine == "inprocess":

@@ -20,17 +20,27 @@ import datetime as dt
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from torch import Tensor
 
 from fedmerge.errors import ConfigError
 from fedmerge.io import save_state, staged_directory
 from simulations.config import ExperimentConfig, write_toml
 
-if TYPE_CHECKING:
-    from simulations.server import ServerOutput
+
+
+@dataclass
+class ServerOutput:
+    """What one run leaves behind: the results dict and the tensors behind it."""
+
+    results: dict[str, Any]
+    base: dict[str, Tensor]
+    merged: dict[str, dict[str, Tensor]]  # method -> merged task vector (before λ)
+    task_vectors: dict[int, dict[str, Tensor]]  # partition-id -> τ_i of every accepted client
 
 CSV_COLUMNS = ("row", "scale", "accuracy", "client_accuracy", "normalized_accuracy")
 

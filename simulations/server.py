@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType
 from flwr.serverapp import Grid, ServerApp
-from torch import Tensor
 
 from fedmerge.data import load_federated
 from fedmerge.evaluation import Evaluator, normalized_accuracy
@@ -28,6 +26,7 @@ from fedmerge.evaluation.tuning import TuningResult, tune_method
 from simulations.config import TUNE, ExperimentConfig
 from simulations.engine import ProgressGrid
 from simulations.progress import RunProgress
+from simulations.results import ServerOutput, default_out_dir, write_results
 from strategies import OneShotMerge
 
 
@@ -52,16 +51,6 @@ def attack_plan(config: ExperimentConfig, partition_id: int) -> dict[str, Any]:
         return {}
     return {"byzantine": True, "byzantine-mode": config.byzantine_mode, "byzantine-scale": config.byzantine_scale,
             "byzantine-std": config.byzantine_std}
-
-
-@dataclass
-class ServerOutput:
-    """What one run leaves behind: the results dict and the tensors behind it."""
-
-    results: dict[str, Any]
-    base: dict[str, Tensor]
-    merged: dict[str, dict[str, Tensor]]  # method -> merged task vector (before λ)
-    task_vectors: dict[int, dict[str, Tensor]]  # partition-id -> τ_i of every accepted client
 
 
 def client_config(config: ExperimentConfig) -> ConfigRecord:
@@ -215,8 +204,6 @@ app = ServerApp()
 
 @app.main()
 def flwr_main(grid: Grid, context: Context) -> None:
-    from simulations.results import default_out_dir, write_results
-
     values = dict(context.run_config)
     out = str(values.pop("out", "") or "")
     config = ExperimentConfig.from_mapping(values)

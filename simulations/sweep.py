@@ -36,6 +36,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from fedmerge.errors import ConfigError
 from fedmerge.io import atomic_path, write_text_atomic
 from simulations.config import PRESETS_DIR, ExperimentConfig, read_toml
+from simulations.experiment import run_experiment
+from simulations.plots import plot_sweep
 
 SWEEPS_DIR = Path(__file__).parent / "sweeps"
 SPEC_KEYS = {"name", "preset", "seeds", "set", "grid", "plugins"}
@@ -119,9 +121,6 @@ class Cell:
 
 def run_sweep(spec: SweepSpec, out: Path, console: Console | None = None, progress: bool = True) -> Path:
     """Run (or resume) every cell, then write ``results.csv`` and the plots into ``out``."""
-    from simulations.experiment import run_experiment
-    from simulations.plots import plot_sweep
-
     cells = list(spec.cells())
     (out / "cells").mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "sweep.json", json.dumps({"name": spec.name, "grid": spec.grid, "seeds": spec.seeds,
