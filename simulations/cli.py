@@ -147,10 +147,9 @@ def merge(
     plugin: Annotated[list[Path], typer.Option("--plugin", help="A Python file that registers merging rules, datasets, partitioners or models (repeatable).")] = [],
 ) -> None:
     """Merge checkpoints you already have, tensor by tensor, into θ0 + λ·τ_merged (no training, no Flower)."""
-    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
     from fedmerge.offline import merge_checkpoints
     from simulations.config import load_plugins, parse_override
+    from simulations.progress import progress_bar
 
     extra = [a for a in ctx.args if a.startswith("-")]
     with user_errors("interrupted; nothing was written"):
@@ -163,8 +162,7 @@ def merge(
                 raise FedmergeError(f"--option expects key=value, got {text!r}")
             key, value = parse_override(text)
             options[key.replace("-", "_")] = value
-        with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed} tensors read"),
-                      TimeElapsedColumn(), console=err_console, disable=quiet, transient=True) as bar:
+        with progress_bar(err_console, enabled=not quiet, unit="tensors read", transient=True) as bar:
             task = bar.add_task(f"Merging {len(models) + len(ctx.args)} models with {method}", total=None)
             summary = merge_checkpoints(base, [*models, *map(Path, ctx.args)], method, out, scale=scale,
                                         options=options, overwrite=force, on_read=lambda: bar.advance(task))

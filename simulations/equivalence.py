@@ -37,6 +37,7 @@ from torch import Tensor
 from fedmerge import TaskVector, apply, merge
 from fedmerge.data import FederatedData, Split, load_federated
 from fedmerge.errors import ConfigError, FederationError
+from fedmerge.io import atomic_path
 from fedmerge.evaluation import Evaluator, score
 from fedmerge.train.local import LocalUpdate, local_update
 from fedmerge.merging import normalised_weights
@@ -340,7 +341,8 @@ def plot_step_heterogeneity(result: dict[str, Any], path: Path) -> None:
     ax2.set_title("Merged model, client by client")
     ax2.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
     plt.close(fig)
 
 
@@ -365,7 +367,8 @@ def plot_data_heterogeneity(result: dict[str, Any], path: Path) -> None:
     ax.set_title("Data heterogeneity")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
     plt.close(fig)
 
 

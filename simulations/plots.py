@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from fedmerge.io import atomic_path
+
 METRICS = (("accuracy", "global test accuracy"), ("normalized_accuracy", "normalized accuracy"))
 
 
@@ -70,7 +72,8 @@ def plot_knob(rows: Sequence[dict[str, Any]], knob: str, path: Path) -> Path:
     axes[0][0].legend(fontsize=8)
     fig.suptitle(f"{knob}: mean over seeds, band = min–max")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return path
 
@@ -101,7 +104,8 @@ def plot_heatmap(rows: Sequence[dict[str, Any]], knobs: Sequence[str], path: Pat
     for ax in list(axes.flat)[len(strategies):]:
         ax.axis("off")
     fig.colorbar(image, ax=axes, shrink=0.8, label="global test accuracy")
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return path
 

@@ -1,22 +1,31 @@
-"""Terminal progress for a run: one rich progress line per stage, clients counted as they reply."""
+"""Terminal progress: the one place rich progress bars are built, for runs, sweeps and merges."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn, MofNCompleteColumn, Progress, ProgressColumn, SpinnerColumn, TextColumn, TimeElapsedColumn,
+)
+
+
+def progress_bar(console: Console | None = None, *, enabled: bool = True, unit: str | None = None,
+                 transient: bool = False) -> Progress:
+    """A rich progress display on stderr: spinner, description, bar, count and elapsed time.
+
+    ``unit`` shows an open-ended count ("123 tensors read") instead of n/N; ``enabled=False``
+    gives a display that prints nothing."""
+    count: ProgressColumn = MofNCompleteColumn() if unit is None else TextColumn(f"{{task.completed}} {unit}")
+    return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), count, TimeElapsedColumn(),
+                    console=console or Console(stderr=True), disable=not enabled, transient=transient)
 
 
 class RunProgress:
     """Stages of a run (pre-training, clients n/N, merging, evaluating); silent when disabled."""
 
     def __init__(self, console: Console | None = None, enabled: bool = True) -> None:
-        self._progress = (
-            Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                     TimeElapsedColumn(), console=console or Console(stderr=True))
-            if enabled else None
-        )
+        self._progress = progress_bar(console) if enabled else None
         self._task: Any = None
 
     def __enter__(self) -> RunProgress:

@@ -31,13 +31,13 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedmerge.errors import ConfigError
 from fedmerge.io import atomic_path, write_text_atomic
 from simulations.config import PRESETS_DIR, ExperimentConfig, read_toml
 from simulations.experiment import run_experiment
 from simulations.plots import plot_sweep
+from simulations.progress import progress_bar
 
 SWEEPS_DIR = Path(__file__).parent / "sweeps"
 SPEC_KEYS = {"name", "preset", "seeds", "set", "grid", "plugins"}
@@ -126,9 +126,7 @@ def run_sweep(spec: SweepSpec, out: Path, console: Console | None = None, progre
     write_text_atomic(out / "sweep.json", json.dumps({"name": spec.name, "grid": spec.grid, "seeds": spec.seeds,
                                                       "set": spec.base}, indent=2) + "\n")
     rows: list[dict[str, Any]] = []
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   console=console or Console(stderr=True), disable=not progress)
-    with bar:
+    with progress_bar(console, enabled=progress) as bar:
         task = bar.add_task(f"sweep {spec.name}", total=len(cells))
         for cell in cells:
             cell_dir = out / "cells" / cell.id
