@@ -77,6 +77,7 @@ def test_option_grids_and_fixed_options():
     assert METHODS["tsv"].tuning_grid(vectors()) == [{}]
 
 
+@pytest.mark.slow  # a full run with λ and ρ searches
 def test_tuning_end_to_end_on_the_clients_validation_splits(small_config):
     config = small_config.replace(strategies=["fedavg", "fedgma", "ties"], scale={"fedavg": 1.0, "fedgma": "tune",
                                                                                    "ties": "tune"})

@@ -110,6 +110,7 @@ def test_fast_tsv_through_merge_keeps_dtype_and_is_deterministic():
     torch.testing.assert_close(a["b"], torch.full((3,), 1.5))
 
 
+@pytest.mark.slow  # 512×384
 def test_krylov_triplets_of_a_slowly_decaying_spectrum_match_the_svd_at_the_cut_off():
     # σ_j ∝ 1/j: σ_k/σ_{k+1} = 1.02 at k = 48, the hard case for randomized methods
     a = torch.stack([decaying(512, 384, decay="power", seed=i) for i in range(2)])
@@ -171,6 +172,7 @@ def test_fast_tsv_of_noisy_task_matrices_matches_the_reference(noise):
     assert rel_err(tsv_merge_matrix(mats), tsv_merge_matrix_reference(mats)) < 1e-3
 
 
+@pytest.mark.slow  # 512×256, 8 tasks; fast: tests/merging/test_tsv_reference.py
 @pytest.mark.parametrize("spread,dtype", [(1.0, torch.float32), (0.3, torch.float32), (0.03, torch.float32),
                                           (0.01, torch.float64)])
 def test_fast_tsv_of_tasks_sharing_a_component_matches_the_reference(spread, dtype):
@@ -182,6 +184,7 @@ def test_fast_tsv_of_tasks_sharing_a_component_matches_the_reference(spread, dty
     assert rel_err(tsv_merge_matrix(mats), tsv_merge_matrix_reference(mats)) < 1e-4
 
 
+@pytest.mark.slow  # 512×256, 8 tasks
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_fast_tsv_refines_layers_whose_tasks_share_directions_without_being_alike(dtype):
     # ± one common update: mean cosine −1/7 (not "alike"), the same top subspaces all the same, so
@@ -254,6 +257,7 @@ def test_mean_task_cosine_by_hand():
         torch.testing.assert_close(_mean_task_cosine(mats * scale), torch.tensor(expected, dtype=torch.float64))
 
 
+@pytest.mark.slow  # two 512×256 layers, 8 tasks
 def test_a_batch_mixing_alike_and_independent_layers_matches_the_reference():
     # two layers of one shape go through _tsv_merge_batch together: one IID-like, one independent
     common = decaying(512, 256, seed=100)

@@ -100,6 +100,7 @@ def test_tasks_sharing_a_common_component(shape, tasks, spread):
     check([common + spread * decaying(*shape, rng) for _ in range(tasks)], seed=1)
 
 
+@pytest.mark.slow  # float64 Krylov
 def test_float64_inputs_and_client_weights():
     # TSV-M's matrices ignore the weights; the bias is the weighted mean
     rng = np.random.default_rng(5)

@@ -118,6 +118,7 @@ def test_zero_shot_head_is_normalised_scaled_and_cached(tiny_clip, tmp_path):
     assert not torch.equal(other, first) and len(list((tmp_path / "heads").iterdir())) == 2
 
 
+@pytest.mark.slow  # fine-tunes a tiny CLIP on 3 tasks
 def test_federated_fine_tuning_of_tasks_through_flower_merges_and_saves(tiny_clip, tasks, tmp_path):
     from fedmerge.models.clip import build_classifier, encoder_state, save_pretrained
     from fedmerge.merging import METHODS

@@ -92,6 +92,7 @@ def fast_lesson(monkeypatch, cache_dir):
             "--set", f"cache-dir='{cache_dir}'", "-q"]
 
 
+@pytest.mark.slow  # the whole lesson, with figures
 def test_cli_prints_the_lesson_and_writes_numbers_and_figures(tmp_path, fast_lesson):
     out = tmp_path / "lesson"
     result = runner.invoke(app, ["equivalence", *fast_lesson, "--seed", "2", "--out", str(out)])
@@ -103,6 +104,7 @@ def test_cli_prints_the_lesson_and_writes_numbers_and_figures(tmp_path, fast_les
     assert all(c["passed"] for c in report["one_shot"]["checks"]) and report["multi_round"]["passed"]
 
 
+@pytest.mark.slow  # the whole lesson
 def test_cli_exits_non_zero_when_an_equivalence_is_violated(tmp_path, fast_lesson, monkeypatch):
     def perturbed(*args, **kwargs):  # the offline client 0 drifts by 1e-4 on one weight
         update = real(*args, **kwargs)

@@ -82,6 +82,7 @@ def test_results_directory_repeats_the_run(small_config, tmp_path):
     assert rows[0] == "row,scale,accuracy,client_accuracy,normalized_accuracy" and len(rows) == 3 + 5
 
 
+@pytest.mark.slow  # the 8-client default preset
 def test_default_preset_merges_beat_the_base(cache_dir):
     config = load_config(None, ["engine=inprocess", f"cache-dir={cache_dir!r}".replace("'", '"')])
     r = run_experiment(config, progress=False).results

@@ -46,6 +46,7 @@ def faulty(behaviour: dict[int, str], delay: float = 0.0) -> ClientApp:
 # -- faults -------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # waits out a 3 s client timeout
 def test_crashing_and_slow_clients_are_left_out_and_recorded(small_config, monkeypatch, tmp_path):
     monkeypatch.setattr(clients, "app", faulty({1: "raise", 2: "slow"}, delay=3.5))
     config = small_config.replace(timeout=3.0, strategies=["fedavg", "median"])
@@ -129,6 +130,7 @@ def test_norm_bound_excludes_and_names_the_attacker(small_config):
 # -- Ray resources ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # imports Flower's Ray simulation
 def test_ray_engine_passes_client_resources_to_flower(small_config, monkeypatch):
     import flwr.simulation
 
