@@ -1,15 +1,32 @@
-"""Shared fixtures: a private cache directory and small, fast experiment configs."""
+"""Shared fixtures: a private cache directory and small, fast experiment configs; one compute thread."""
 
 from __future__ import annotations
 
 import os
 
 import pytest
+import torch
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_compute_thread():
+    """torch's and numpy's BLAS threads each take every core and spin while they wait: on a shared
+    2-core machine with other work running they fight each other and the suite runs several times
+    slower (a 400×300 TSV merge: 0.1 s on one thread, 1 s on two). The tests' tensors are small, so
+    one thread loses little when the machine is idle; the library's own training is single-threaded
+    already (fedmerge.train.single_thread)."""
+    from threadpoolctl import threadpool_limits
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
