@@ -40,6 +40,7 @@ def count_training(monkeypatch):
     return calls
 
 
+@pytest.mark.slow  # 2 cells, matplotlib
 def test_sweep_writes_tidy_csv_and_plot(spec_file, tmp_path, monkeypatch):
     trained = count_training(monkeypatch)
     out = run_sweep(SweepSpec.load(spec_file()), tmp_path / "out", progress=False)
@@ -60,9 +61,7 @@ def test_adding_a_strategy_retrains_nothing(spec_file, tmp_path, monkeypatch):
 
 
 def test_interrupted_sweep_resumes_where_it_stopped(spec_file, tmp_path, monkeypatch):
-    import simulations.experiment as experiment
-
-    real, ran = experiment.run_experiment, []
+    real, ran = sweep_module.run_experiment, []
 
     def flaky(config, out=None, **kw):
         ran.append(config.alpha)
@@ -70,7 +69,7 @@ def test_interrupted_sweep_resumes_where_it_stopped(spec_file, tmp_path, monkeyp
             raise KeyboardInterrupt
         return real(config, out, **kw)
 
-    monkeypatch.setattr(experiment, "run_experiment", flaky)
+    monkeypatch.setattr(sweep_module, "run_experiment", flaky)  # the name the sweep calls
     with pytest.raises(KeyboardInterrupt):
         run_sweep(SweepSpec.load(spec_file()), tmp_path / "out", progress=False)
     assert len(list((tmp_path / "out" / "cells").iterdir())) == 1  # the finished cell, nothing half-written
