@@ -107,7 +107,8 @@ def test_cli_merge_with_options_and_hyphenated_names(checkpoints):
     result = invoke(tmp, "--models", *map(str, paths), "--method", "iso_cts", "--option", "common-space-fraction=0.5",
                     "--out", str(tmp / "o.safetensors"))
     assert result.exit_code == 0, result.output
-    expected = apply(base, merge("iso_cts", [TaskVector.between(base, ft) for ft in fts], common_space_fraction=0.5), 1.0)
+    taus = [TaskVector.between(base, ft) for ft in fts]
+    expected = apply(base, merge("iso_cts", taus, common_space_fraction=0.5), 1.0)
     got = load_state(tmp / "o.safetensors")
     for k in base:
         torch.testing.assert_close(got[k], expected[k], atol=1e-6, rtol=0)
@@ -130,7 +131,8 @@ def write_variant(tmp, name, change):
     (lambda t: write_variant(t, "dtype.safetensors", lambda s: s.update({"0.0.bias": s["0.0.bias"].half()})),
      "tensor '0.0.bias' is torch.float16, the base is torch.float32"),
     (lambda t: str(t / "nope.safetensors"), "no such file"),
-    (lambda t: (t / "junk.safetensors").write_text("junk") and str(t / "junk.safetensors"), "not a readable safetensors"),
+    (lambda t: (t / "junk.safetensors").write_text("junk") and str(t / "junk.safetensors"),
+     "not a readable safetensors"),
     (lambda t: (t / "junk.pt").write_text("junk") and str(t / "junk.pt"), "weights-only PyTorch state dict"),
 ])
 def test_bad_checkpoints_are_one_clear_line_with_exit_code_2(checkpoints, make, needle):

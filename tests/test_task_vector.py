@@ -34,7 +34,8 @@ def test_arithmetic_reads_like_math():
     assert torch.equal((2 * a)["w"], torch.tensor([2.0, 4.0]))
     assert torch.equal(sum([a, b])["w"], torch.tensor([4.0, 1.0]))
     assert a.norm() == pytest.approx(5 ** 0.5)
-    assert torch.equal(TaskVector({"x": torch.ones(2, 2), "y": torch.zeros(1)}).flatten(), torch.tensor([1.0] * 4 + [0]))
+    flat = TaskVector({"x": torch.ones(2, 2), "y": torch.zeros(1)}).flatten()
+    assert torch.equal(flat, torch.tensor([1.0] * 4 + [0]))
 
 
 def test_apply_scales_and_keeps_dtype():

@@ -78,7 +78,7 @@ def _write_task(root, rng, shift: int) -> str:
     from PIL import Image
 
     for split, n in (("train", 16), ("test", 6)):
-        for k, (name, rgb) in enumerate(COLOURS.items()):
+        for name, rgb in COLOURS.items():
             (root / split / f"{name}_thing").mkdir(parents=True)
             for i in range(n):
                 noise = rng.integers(-40, 40, size=(32, 32, 3))

@@ -31,7 +31,7 @@ def assert_one_clear_error(result, needle: str, *, code: int = 2) -> None:
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
     errors = [line for line in result.output.splitlines() if "error:" in line]
     assert len(errors) == 1, result.output
-    squeeze = lambda text: "".join(text.split())  # noqa: E731 (rich wraps long lines, even mid-word)
+    squeeze = lambda text: "".join(text.split())
     assert squeeze(needle) in squeeze(result.output), result.output
 
 

@@ -112,7 +112,8 @@ def test_cli_exits_non_zero_when_an_equivalence_is_violated(tmp_path, fast_lesso
             first = next(iter(update.task_vector))
             bumped = update.task_vector[first].clone()
             bumped.view(-1)[0] += 1e-4
-            update = type(update)(**{**update.__dict__, "task_vector": eq.TaskVector({**update.task_vector, first: bumped})})
+            drifted = eq.TaskVector({**update.task_vector, first: bumped})
+            update = type(update)(**{**update.__dict__, "task_vector": drifted})
         return update
 
     real = eq.local_update

@@ -42,7 +42,8 @@ def test_batch_larger_than_data_is_full_batch():
     assert [len(b) for b in batches(3, 32, 2, torch.Generator())] == [3, 3]
 
 
-@pytest.mark.parametrize("model", [name for name, family in MODELS.items() if not family.needs_source])  # clip: tests/test_clip.py
+# CLIP needs its weights: tests/models/test_clip.py
+@pytest.mark.parametrize("model", [name for name, family in MODELS.items() if not family.needs_source])
 def test_local_update_is_deterministic_and_learns(data, model):
     base = build_model(model, data.input_shape, data.num_classes, seed=0).state_dict()
     plan = TrainPlan(local_steps=30, lr=0.01, optimizer="adam")
