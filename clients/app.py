@@ -43,7 +43,6 @@ def train(msg: Message, context: Context) -> Message:
     # Imported here, not at the top: on Flower's deployment engine every message starts a fresh
     # ClientApp process, and a `query` then needs neither torch nor the data stack (seconds each).
     from fedmerge.data import DataSpec, load_federated
-    from fedmerge.records import from_config
     from fedmerge.registry import load_plugin_file
     from fedmerge.train import TrainPlan
     from fedmerge.train.local import client_seed, local_update
@@ -53,13 +52,13 @@ def train(msg: Message, context: Context) -> Message:
     config: ConfigRecord = msg.content["config"]
     for plugin in filter(None, str(config.get("plugins", "")).split(",")):
         load_plugin_file(plugin)  # datasets, partitioners and models of the experiment's plugins
-    spec = from_config(DataSpec, config)
+    spec = DataSpec.from_config(config)
     if spec.num_clients != num_partitions:
         raise ValueError(f"server expects {spec.num_clients} clients, this node is one of {num_partitions}")
     data = load_federated(spec)
     base = msg.content["arrays"].to_torch_state_dict()
     update = local_update(
-        str(config["model"]), base, data.clients[pid], from_config(TrainPlan, config),
+        str(config["model"]), base, data.clients[pid], TrainPlan.from_config(config),
         seed=spec.seed, input_shape=data.input_shape, num_classes=data.num_classes,
         cache_dir=str(config.get("task-vector-cache", "")) or None,
     )

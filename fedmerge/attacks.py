@@ -18,42 +18,44 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Mapping
+from typing import Annotated
 
 import torch
 from torch import Tensor
 
 from fedmerge.errors import ConfigError
+from fedmerge.spec import Float, NonNegative, Spec, Str, check, one_of
 from fedmerge.task_vector import l2_norm
 
 MODES = ("sign-flip", "scale", "gaussian", "random")
 
 
+class AttackSpec(Spec):
+    """Which clients attack and how: ⌈``fraction``·N⌉ seed-drawn clients reply ``attack(mode, τ)``."""
+
+    fraction: Annotated[Float, check(lambda v: 0 <= v < 1, "must lie in [0, 1)")] = 0.0
+    mode: Annotated[Str, one_of(MODES)] = "sign-flip"
+    scale: Float = 10.0
+    std: NonNegative = 0.1
+
+    @classmethod
+    def key_name(cls, location: tuple[str, ...]) -> str:
+        return "byzantine-" + ".".join(location)
+
+    def clients(self, num_clients: int, seed: int) -> list[int]:
+        """The attackers' partition ids: see :func:`byzantine_clients`."""
+        return byzantine_clients(num_clients, self.fraction, seed)
+
+
 def byzantine_clients(num_clients: int, fraction: float, seed: int) -> list[int]:
     """The partition ids of the byzantine clients, sorted: ⌈fraction·n⌉ of a seed-drawn permutation."""
-    if not isinstance(num_clients, int) or num_clients < 1:
+    if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1:
         raise ConfigError(f"num-clients must be a positive integer, got {num_clients!r}")
-    check_fraction(fraction)
+    fraction = AttackSpec(fraction=fraction).fraction
     count = math.ceil(fraction * num_clients - 1e-9)
     order = list(range(num_clients))
     random.Random(f"{seed}:byzantine").shuffle(order)
     return sorted(order[:count])
-
-
-def check_fraction(fraction: float) -> float:
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
-        raise ConfigError(f"byzantine-fraction must lie in [0, 1), got {fraction!r}")
-    return float(fraction)
-
-
-def check_attack(mode: str, scale: float = -1.0, std: float = 1.0) -> None:
-    """``ConfigError`` naming the setting when ``mode`` or its parameter is unusable."""
-    if mode not in MODES:
-        raise ConfigError(f"byzantine-mode={mode!r} is not known; choose from {', '.join(MODES)}")
-    for key, value in (("byzantine-scale", scale), ("byzantine-std", std)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ConfigError(f"{key} must be a finite number, got {value!r}")
-    if std < 0:
-        raise ConfigError(f"byzantine-std must be >= 0, got {std!r}")
 
 
 def attack(mode: str, task_vector: Mapping[str, Tensor], *, scale: float = -1.0, std: float = 1.0,
@@ -62,7 +64,7 @@ def attack(mode: str, task_vector: Mapping[str, Tensor], *, scale: float = -1.0,
 
     ``seed`` drives the noise of ``gaussian`` and ``random``, so an attack is reproducible.
     """
-    check_attack(mode, scale, std)
+    AttackSpec(mode=mode, scale=scale, std=std)  # one place checks mode and parameters
     if mode == "sign-flip":
         return {k: -v for k, v in task_vector.items()}
     if mode == "scale":

@@ -1,356 +1,348 @@
-"""Experiment configuration: one validated object, built from a preset, overrides and defaults.
+"""Experiment configuration: one typed schema, validated once, with one set of defaults.
 
-Keys use Flower's hyphenated style. Every check names the key and the bad value, so a user sees one
-clear line. The same object is saved with the results (``config.toml``) so a run can be repeated.
+An :class:`ExperimentConfig` is made of sections that are the library's own specs: ``data``
+(:class:`fedmerge.data.DataSpec`), ``train`` (:class:`fedmerge.train.TrainingSpec`), ``pretrain``
+(:class:`fedmerge.train.PretrainSpec`), ``attack`` (:class:`fedmerge.attacks.AttackSpec`), plus
+``merging`` and ``run`` (below). Users write flat, hyphenated keys (``alpha = 0.1``,
+``pretrain-steps = 50``, as in presets, ``--set`` and Flower's run config); each flat key belongs to
+exactly one section (:data:`KEYS`), and nested tables (``[data] alpha = 0.1``) work too. The schema's
+defaults are the default experiment; every bad value is one line naming the key and the value. The
+same object is saved with the results (``config.toml``, flat keys) so a run can be repeated.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
-import random
 import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import tomli_w
+from pydantic import BeforeValidator, Field, field_validator, model_validator
 
-from fedmerge.attacks import byzantine_clients, check_attack, check_fraction
-from fedmerge.data import PARTITIONERS, TRANSFORM_KINDS, DataSpec
-from fedmerge.data.image_tasks import check_task
+from fedmerge.attacks import AttackSpec
+from fedmerge.data import DataSpec
 from fedmerge.errors import ConfigError, MergeError
 from fedmerge.merging import METHODS
 from fedmerge.models import check_model_name, split_name
-from fedmerge.records import to_config
 from fedmerge.registry import load_plugin_file
-from fedmerge.train import PretrainSpec, TrainPlan
+from fedmerge.spec import Bool, Names, NonNegative, Positive, PositiveInt, Spec, Str, hyphenate, one_of
+from fedmerge.train import PretrainSpec, TrainingSpec, TrainPlan
 
 ENGINES = ("ray", "inprocess")
 WEIGHTINGS = ("num-examples", "uniform")
 TUNE = "tune"  # a scale value: choose λ (and rho) on the clients' validation splits
 PRESETS_DIR = Path(__file__).parent / "presets"
-MAX_STEPS = 10_000_000  # local-steps / pretrain-steps above this are rejected as typos
 DEFAULT_PRESET = PRESETS_DIR / "default.toml"
 
-# Training-plan keys that may differ per client: one value, a list with one per client, or "MIN:MAX".
-PER_CLIENT_KEYS = {"local-steps": int, "lr": float, "batch-size": int, "optimizer": str, "weight-decay": float,
-                   "warmup-steps": int, "lr-schedule": str, "grad-clip": float}
-PerClient = int | float | str | list
+
+# ------------------------------------------------------------------------------------------------
+# The two sections that are not library specs
+# ------------------------------------------------------------------------------------------------
 
 
-def _key(default: Any, doc: str) -> Any:
-    """A config field: its default and its one-line description (the README's table is built from them)."""
-    if isinstance(default, (dict, list)):
-        return field(default_factory=lambda: type(default)(default), metadata={"doc": doc})
-    return field(default=default, metadata={"doc": doc})
+def _scale_value(key: str, value: Any) -> float | str:
+    """A scale is a finite number or ``"tune"`` (λ searched on validation data)."""
+    if isinstance(value, str) and value.strip() == TUNE:
+        return TUNE
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise ValueError(f"!{key} must be a number or \"{TUNE}\", got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"!{key} must be a finite number or \"{TUNE}\", got {value!r}")
+    return float(value)
 
 
-@dataclass(frozen=True)
-class ExperimentConfig:
-    """Every setting of one experiment. Field ``num_clients`` is key ``num-clients``, and so on.
+def _scale(value: Any) -> float | str | dict[str, float | str]:
+    if isinstance(value, str) and "=" in value:  # flat run configs: "fedavg=1,tsv=0.25"
+        value = {m.strip(): v.strip() for m, _, v in (item.partition("=") for item in value.split(",") if item.strip())}
+    if isinstance(value, Mapping):
+        for method in value:
+            if method not in METHODS:
+                raise ValueError(f"!scale={method!r} is not known; choose from {', '.join(METHODS.names())}")
+        return {m: _scale_value(f"scale.{m}", v) for m, v in value.items()}
+    return _scale_value("scale", value)
 
-    The defaults are the default experiment (``fedmerge run`` with no preset); each field's
-    description is its documentation (``config_table``)."""
 
-    name: str = _key("default", "run name: the results directory is runs/NAME-TIME")
-    num_clients: int = _key(8, "number of Flower clients (one partition each)")
-    model: str = _key("mlp", "model family: mlp, cnn, a plugin's, or FAMILY:SOURCE for published "
-                             "weights, e.g. clip:openai/clip-vit-base-patch32")
-    dataset: str = _key("digits", "dataset of the pool (digits: scikit-learn's bundled handwritten digits)")
-    partition: str = _key("dirichlet", "how the pool is split: iid, dirichlet, pathological, shards, sizes, "
-                                       "transforms, or a plugin's")
-    alpha: float = _key(0.5, "Dirichlet concentration under partition = dirichlet (small: strong label skew)")
-    classes_per_client: int = _key(2, "labels per client under partition = pathological")
-    shards_per_client: int = _key(2, "label-sorted shards per client under partition = shards")
-    sizes: float | list[int] = _key(1.0, "under partition = sizes: per-client sizes [n1, n2, ...] or a "
-                                         "power-law exponent")
-    transforms: tuple[str, ...] = _key(TRANSFORM_KINDS, "input transforms dealt to clients under partition = "
-                                                        "transforms (permutation, rotation, flip, inversion)")
-    tasks: tuple[str, ...] = _key((), "one CLIP image task per client (Cars, DTD, ..., or folder:PATH); "
-                                      "replaces dataset and partition")
-    local_steps: PerClient = _key("20:100", "K_i, local SGD steps per client: a value, a list, or \"MIN:MAX\" "
-                                           "drawn from the seed")
-    local_steps_spread: float = _key(1.0, "K_i spread log-evenly so that max/min equals this, around a "
-                                          "geometric mean local-steps (1: off)")
-    lr: PerClient = _key(0.1, "client learning rate (per client: value, list or \"MIN:MAX\")")
-    batch_size: PerClient = _key(32, "client batch size (per client)")
-    optimizer: PerClient = _key("sgd", "client optimizer: sgd, adam or adamw (per client)")
-    weight_decay: PerClient = _key(0.0, "client weight decay (per client)")
-    warmup_steps: PerClient = _key(0, "linear learning-rate warm-up steps (per client)")
-    lr_schedule: PerClient = _key("constant", "after warm-up: constant or cosine (per client)")
-    grad_clip: PerClient = _key(0.0, "clip each gradient's global L2 norm to this; 0: off (per client)")
-    strategies: tuple[str, ...] = _key(("fedavg", "fednova", "median", "tsv"),
-                                       "merging rules applied to the same task vectors (`fedmerge methods`)")
-    scale: float | str | Mapping[str, float | str] = _key(
-        {"fedavg": 1.0, "fednova": 1.0, "median": 1.0, "tsv": 0.25},
-        "λ in θ0 + λ·τ_merged: one number, a table per rule, or \"tune\" (chosen on validation splits)")
-    method_options: Mapping[str, Mapping[str, Any]] = _key({}, "options per rule, e.g. {fedgma = {rho = 0.4}}")
-    weighting: str = _key("num-examples", "client weights p_i: num-examples or uniform")
-    seed: int = _key(0, "drives data splits, initialisation, client shuffling and MIN:MAX draws")
-    engine: str = _key("ray", "ray (Flower's simulation engine) or inprocess (same apps, one process)")
-    min_clients: int = _key(2, "fewest valid replies to merge")
-    timeout: float = _key(600.0, "seconds to wait for the clients' replies")
-    client_cpus: int = _key(1, "CPUs per client on Ray")
-    client_gpus: float = _key(0.0, "GPUs per client on Ray")
-    byzantine_fraction: float = _key(0.0, "fraction of clients that attack (seed-drawn)")
-    byzantine_mode: str = _key("sign-flip", "attack: sign-flip, scale, gaussian or random")
-    byzantine_scale: float = _key(10.0, "factor of the scale attack")
-    byzantine_std: float = _key(0.1, "noise of the gaussian attack")
-    max_update_norm: float = _key(0.0, "reject task vectors with a larger L2 norm; 0: no bound")
-    pretrain_steps: int = _key(100, "SGD steps that pre-train θ0 on a split no client sees")
-    pretrain_lr: float = _key(0.1, "learning rate of pre-training")
-    pretrain_fraction: float = _key(0.1, "share of the dataset kept for pre-training")
-    test_fraction: float = _key(0.2, "share of the dataset kept as the global test split")
-    local_test_fraction: float = _key(0.2, "share of each client's partition held out as its local test split")
-    local_val_fraction: float = _key(0.1, "share of each client's partition held out for tuning λ")
-    cache_dir: str = _key("", "where bases, task vectors and heads are cached (default $FEDMERGE_CACHE "
-                              "or ~/.cache/fedmerge)")
-    cache_task_vectors: bool = _key(False, "cache client task vectors on disk (sweeps turn it on)")
-    plugins: tuple[str, ...] = _key((), "Python files that register rules, datasets, partitioners or models")
+class MergingSpec(Spec):
+    """Which rules merge the clients' task vectors, with which λ and options, weighting and bound."""
 
-    def __post_init__(self) -> None:
-        self.validate()
+    strategies: Names = ("fedavg", "fednova", "median", "tsv")
+    scale: Annotated[float | str | dict[str, float | str], BeforeValidator(_scale)] = Field(
+        default_factory=lambda: {"fedavg": 1.0, "fednova": 1.0, "median": 1.0, "tsv": 0.25})
+    method_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    weighting: Annotated[Str, one_of(WEIGHTINGS)] = "num-examples"
+    max_update_norm: NonNegative = 0.0
+
+    @field_validator("strategies")
+    @classmethod
+    def _known_rules(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("must be a non-empty list of method names")
+        for name in value:
+            if name not in METHODS:
+                raise ValueError(f"!strategies={name!r} is not known; choose from {', '.join(METHODS.names())}")
+        if len(set(value)) != len(value):
+            raise ValueError(f"!strategies lists a method twice: {list(value)}")
+        return value
+
+    @field_validator("method_options", mode="before")
+    @classmethod
+    def _known_options(cls, value: Any) -> Any:
+        if not isinstance(value, Mapping):
+            raise ValueError(f"!method-options must be a table of tables, got {value!r}")
+        for method, options in value.items():
+            if method not in METHODS:
+                raise ValueError(f"!method-options={method!r} is not known; choose from {', '.join(METHODS.names())}")
+            if not isinstance(options, Mapping):
+                raise ValueError(f"!method-options.{method} must be a table, got {options!r}")
+            settable = METHODS[method].settable
+            for option in options:
+                if option not in settable:
+                    raise ValueError(f"!method-options.{method}.{option} is not an option of {method} "
+                                     f"(options: {', '.join(sorted(settable)) or 'none'})")
+            try:  # types and ranges, from the rule's registry entry
+                METHODS[method].check_options(options, num_clients=1)
+            except MergeError as exc:
+                raise ValueError(f"!method-options.{method}: {exc}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _scale_per_strategy(self) -> MergingSpec:
+        # A scale table may name rules this run does not use (so that a preset's table survives
+        # `--set strategies=[...]`); it is kept for the run's rules only, 1.0 where it is silent.
+        if isinstance(self.scale, dict):
+            object.__setattr__(self, "scale", {m: self.scale.get(m, 1.0) for m in self.strategies})
+        return self
+
+    def scale_of(self, method: str) -> float | str:
+        """λ of ``method``: a number, or ``"tune"`` (chosen on the clients' validation splits)."""
+        return self.scale[method] if isinstance(self.scale, dict) else self.scale
+
+
+class RunSpec(Spec):
+    """How the experiment runs: engine and resources, patience, caches and plugins."""
+
+    engine: Annotated[Str, one_of(ENGINES)] = "ray"
+    min_clients: PositiveInt = 2
+    timeout: Positive = 600.0
+    client_cpus: PositiveInt = 1
+    client_gpus: NonNegative = 0.0
+    cache_dir: Str = ""
+    cache_task_vectors: Bool = False
+    plugins: Names = ()
+
+
+# ------------------------------------------------------------------------------------------------
+# The flat keys users write, each with its section, field and description
+# ------------------------------------------------------------------------------------------------
+
+SECTIONS: dict[str, type[Spec]] = {"data": DataSpec, "train": TrainingSpec, "pretrain": PretrainSpec,
+                                   "merging": MergingSpec, "attack": AttackSpec, "run": RunSpec}
+
+# key: (section or "" for the top level, field, description). The README's table is built from it.
+KEYS: dict[str, tuple[str, str, str]] = {
+    "name": ("", "name", "run name: the results directory is runs/NAME-TIME"),
+    "num-clients": ("data", "num_clients", "number of Flower clients (one partition each)"),
+    "model": ("", "model", "model family: mlp, cnn, a plugin's, or FAMILY:SOURCE for published weights, "
+                           "e.g. clip:openai/clip-vit-base-patch32"),
+    "dataset": ("data", "dataset", "dataset of the pool (digits: scikit-learn's bundled handwritten digits)"),
+    "partition": ("data", "partition", "how the pool is split: iid, dirichlet, pathological, shards, sizes, "
+                                       "transforms, or a plugin's"),
+    "alpha": ("data", "alpha", "Dirichlet concentration under partition = dirichlet (small: strong label skew)"),
+    "classes-per-client": ("data", "classes_per_client", "labels per client under partition = pathological"),
+    "shards-per-client": ("data", "shards_per_client", "label-sorted shards per client under partition = shards"),
+    "sizes": ("data", "sizes", "under partition = sizes: per-client sizes [n1, n2, ...] or a power-law exponent"),
+    "transforms": ("data", "transforms", "input transforms dealt to clients under partition = transforms "
+                                         "(permutation, rotation, flip, inversion)"),
+    "tasks": ("data", "tasks", "one CLIP image task per client (Cars, DTD, ..., or folder:PATH); replaces "
+                               "dataset and partition"),
+    "local-steps": ("train", "local_steps", "K_i, local SGD steps per client: a value, a list, or \"MIN:MAX\" "
+                                            "drawn from the seed"),
+    "local-steps-spread": ("train", "local_steps_spread", "K_i spread log-evenly so that max/min equals this, "
+                                                          "around a geometric mean local-steps (1: off)"),
+    "lr": ("train", "lr", "client learning rate (per client: value, list or \"MIN:MAX\")"),
+    "batch-size": ("train", "batch_size", "client batch size (per client)"),
+    "optimizer": ("train", "optimizer", "client optimizer: sgd, adam or adamw (per client)"),
+    "weight-decay": ("train", "weight_decay", "client weight decay (per client)"),
+    "warmup-steps": ("train", "warmup_steps", "linear learning-rate warm-up steps (per client)"),
+    "lr-schedule": ("train", "lr_schedule", "after warm-up: constant or cosine (per client)"),
+    "grad-clip": ("train", "grad_clip", "clip each gradient's global L2 norm to this; 0: off (per client)"),
+    "strategies": ("merging", "strategies", "merging rules applied to the same task vectors (`fedmerge methods`)"),
+    "scale": ("merging", "scale", "λ in θ0 + λ·τ_merged: one number, a table per rule, or \"tune\" (chosen on "
+                                  "validation splits)"),
+    "method-options": ("merging", "method_options", "options per rule, e.g. {fedgma = {rho = 0.4}}"),
+    "weighting": ("merging", "weighting", "client weights p_i: num-examples or uniform"),
+    "max-update-norm": ("merging", "max_update_norm", "reject task vectors with a larger L2 norm; 0: no bound"),
+    "seed": ("data", "seed", "drives data splits, initialisation, client shuffling and MIN:MAX draws"),
+    "engine": ("run", "engine", "ray (Flower's simulation engine) or inprocess (same apps, one process)"),
+    "min-clients": ("run", "min_clients", "fewest valid replies to merge"),
+    "timeout": ("run", "timeout", "seconds to wait for the clients' replies"),
+    "client-cpus": ("run", "client_cpus", "CPUs per client on Ray"),
+    "client-gpus": ("run", "client_gpus", "GPUs per client on Ray"),
+    "byzantine-fraction": ("attack", "fraction", "fraction of clients that attack (seed-drawn)"),
+    "byzantine-mode": ("attack", "mode", "attack: sign-flip, scale, gaussian or random"),
+    "byzantine-scale": ("attack", "scale", "factor of the scale attack"),
+    "byzantine-std": ("attack", "std", "noise of the gaussian attack"),
+    "pretrain-steps": ("pretrain", "steps", "SGD steps that pre-train θ0 on a split no client sees"),
+    "pretrain-lr": ("pretrain", "lr", "learning rate of pre-training"),
+    "pretrain-batch-size": ("pretrain", "batch_size", "batch size of pre-training"),
+    "pretrain-fraction": ("data", "pretrain_fraction", "share of the dataset kept for pre-training"),
+    "test-fraction": ("data", "test_fraction", "share of the dataset kept as the global test split"),
+    "local-test-fraction": ("data", "local_test_fraction", "share of each client's partition held out as its "
+                                                           "local test split"),
+    "local-val-fraction": ("data", "local_val_fraction", "share of each client's partition held out for tuning λ"),
+    "cache-dir": ("run", "cache_dir", "where bases, task vectors and heads are cached (default $FEDMERGE_CACHE or "
+                                      "~/.cache/fedmerge)"),
+    "cache-task-vectors": ("run", "cache_task_vectors", "cache client task vectors on disk (sweeps turn it on)"),
+    "plugins": ("run", "plugins", "Python files that register rules, datasets, partitioners or models"),
+}
+_KEY_OF = {(section, field): key for key, (section, field, _) in KEYS.items()}
+
+
+def _route(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Flat keys (hyphenated or underscored) and nested section tables → one nested dict."""
+    nested: dict[str, Any] = {}
+    for raw_key, value in values.items():
+        key = hyphenate(raw_key)
+        if key in SECTIONS and isinstance(value, Spec):
+            nested[key] = {**value.model_dump(), **nested.get(key, {})}
+        elif key in SECTIONS and isinstance(value, Mapping):
+            nested.setdefault(key, {}).update(value)
+        elif key in KEYS:
+            section, field, _ = KEYS[key]
+            if section:
+                nested.setdefault(section, {})[field] = value
+            else:
+                nested[field] = value
+        else:
+            raise ValueError(f"!unknown config key {raw_key!r}; known keys: {', '.join(sorted(KEYS))}")
+    return nested
+
+
+class ExperimentConfig(Spec):
+    """Every setting of one experiment, in sections that are the library's specs (see the module)."""
+
+    name: Str = "default"
+    model: Str = "mlp"
+    data: DataSpec = Field(default_factory=DataSpec)
+    train: TrainingSpec = Field(default_factory=TrainingSpec)
+    pretrain: PretrainSpec = Field(default_factory=PretrainSpec)
+    merging: MergingSpec = Field(default_factory=MergingSpec)
+    attack: AttackSpec = Field(default_factory=AttackSpec)
+    run: RunSpec = Field(default_factory=RunSpec)
+
+    @classmethod
+    def key_name(cls, location: tuple[str, ...]) -> str:
+        """The flat key of a section's field: ``("attack", "fraction")`` is ``byzantine-fraction``."""
+        section, field = (location[0], location[1]) if len(location) > 1 else ("", location[0])
+        return _KEY_OF.get((section, field.replace("-", "_")), ".".join(location))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_keys_and_plugins(cls, values: Any) -> Any:
+        """Route flat keys to their sections; load plugins first, since they may add the very
+        rules, datasets, partitioners and models that the rest of the config names."""
+        if not isinstance(values, Mapping):
+            return values
+        nested = _route(values)
+        run = nested.get("run", {})
+        if "plugins" in run:
+            run["plugins"] = load_plugins(run["plugins"])
+        return nested
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        try:
+            check_model_name(value)
+        except ConfigError as exc:
+            raise ValueError(f"!{exc}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _check_together(self) -> ExperimentConfig:
+        if self.data.tasks and split_name(self.model)[0] != "clip":
+            raise ValueError(f"!tasks need a CLIP model (model = \"clip:HUB_ID_OR_DIR\"), got model={self.model!r}")
+        if not self.run.min_clients <= self.num_clients:
+            raise ValueError(f"!min-clients must lie in [1, num-clients={self.num_clients}], "
+                             f"got {self.run.min_clients}")
+        try:
+            self.client_plans()  # every client's plan: list lengths, ranges, types
+        except ConfigError as exc:
+            raise ValueError(f"!{exc}") from None
+        return self
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> ExperimentConfig:
-        """Build and validate from hyphenated keys; unknown keys are an error."""
-        names = {f.name.replace("_", "-"): f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - set(names))
-        if unknown:
-            raise ConfigError(f"unknown config key {unknown[0]!r}; known keys: {', '.join(sorted(names))}")
-        return cls(**{names[k]: v for k, v in values.items()})
+        """Build and validate from flat hyphenated keys (or section tables), as files, ``--set`` and
+        Flower's run config write them; unknown keys (underscored ones included) are an error."""
+        for key in values:
+            if key not in KEYS and key not in SECTIONS:
+                raise ConfigError(f"unknown config key {key!r}; known keys: {', '.join(sorted(KEYS))}")
+        return cls(**dict(values))
 
     def replace(self, **overrides: Any) -> ExperimentConfig:
-        """A validated copy with hyphenated-key overrides, e.g. ``replace(**{"num-clients": 4})``."""
+        """A validated copy with flat-key overrides, e.g. ``replace(**{"num-clients": 4})``."""
         return ExperimentConfig.from_mapping({**self.to_dict(), **overrides})
 
     def to_dict(self) -> dict[str, Any]:
-        """The effective config with hyphenated keys, as written to ``config.toml``."""
-        out = to_config(self)
-        out["strategies"] = list(self.strategies)
-        out["scale"] = dict(self.scale) if isinstance(self.scale, Mapping) else self.scale
-        out["method-options"] = {k: dict(v) for k, v in self.method_options.items()}
-        out["transforms"] = list(self.transforms)
-        out["plugins"] = list(self.plugins)
-        return out
+        """The effective config as flat hyphenated keys, as written to ``config.toml``."""
+        sections = {name: getattr(self, name).to_config() for name in SECTIONS}
+        return {key: sections[section][hyphenate(field)] if section else getattr(self, field)
+                for key, (section, field, _) in KEYS.items()}
 
-    # -- validation ------------------------------------------------------------------------------
-    def validate(self) -> None:
-        _set = lambda name, value: object.__setattr__(self, name, value)
-        _set("plugins", load_plugins(self.plugins))  # first: they may add rules, datasets, models
-        for name, kind in (("num_clients", int), ("classes_per_client", int), ("seed", int), ("min_clients", int),
-                           ("client_cpus", int), ("pretrain_steps", int), ("shards_per_client", int)):
-            _set(name, _as(kind, getattr(self, name), name))
-        for name in ("alpha", "timeout", "client_gpus", "pretrain_lr", "pretrain_fraction", "test_fraction",
-                     "local_test_fraction", "local_val_fraction", "local_steps_spread"):
-            _set(name, _as(float, getattr(self, name), name))
-        for name in ("name", "model", "dataset", "partition", "weighting", "engine", "cache_dir"):
-            _set(name, _as(str, getattr(self, name), name))
-        _set("cache_task_vectors", _as(bool, self.cache_task_vectors, "cache_task_vectors"))
-        check_model_name(self.model)
-        _choice("partition", self.partition, PARTITIONERS.names())
-        _choice("weighting", self.weighting, WEIGHTINGS)
-        _choice("engine", self.engine, ENGINES)
-        _positive("num-clients", self.num_clients)
-        _positive("alpha", self.alpha)
-        _positive("classes-per-client", self.classes_per_client)
-        _positive("timeout", self.timeout)
-        _positive("client-cpus", self.client_cpus)
-        _positive("pretrain-steps", self.pretrain_steps)
-        _positive("pretrain-lr", self.pretrain_lr)
-        _positive("shards-per-client", self.shards_per_client)
-        if not self.local_steps_spread >= 1 or not math.isfinite(self.local_steps_spread):
-            raise ConfigError(f"local-steps-spread must be a finite number >= 1, got {self.local_steps_spread}")
-        _set("sizes", self._sizes())
-        kinds = self.transforms.split(",") if isinstance(self.transforms, str) else self.transforms
-        if not isinstance(kinds, Sequence) or not kinds:
-            raise ConfigError(f"transforms must be a non-empty list, got {self.transforms!r}")
-        for kind in kinds:
-            _choice("transforms", kind, TRANSFORM_KINDS)
-        _set("transforms", tuple(kinds))
-        _set("tasks", self._tasks())
-        if self.client_gpus < 0:
-            raise ConfigError(f"client-gpus must be >= 0, got {self.client_gpus}")
-        self._validate_attacks()
-        if not 1 <= self.min_clients <= self.num_clients:
-            raise ConfigError(f"min-clients must lie in [1, num-clients={self.num_clients}], got {self.min_clients}")
-        for key, kind in PER_CLIENT_KEYS.items():
-            attr = key.replace("-", "_")
-            _set(attr, _per_client_setting(key, getattr(self, attr), kind, self.num_clients))
-        _set("strategies", self._strategies())
-        _set("scale", self._scale())
-        _set("method_options", self._method_options())
-        plans = self.client_plans()  # range and type checks of every client's plan
-        for key, value in (("local-steps", max(p.local_steps for p in plans)), ("pretrain-steps", self.pretrain_steps)):
-            if value > MAX_STEPS:  # an absurd value is a typo, not a week-long run
-                raise ConfigError(f"{key} must be at most {MAX_STEPS:,}, got {value:,}")
+    # -- what the rest of fedmerge reads -------------------------------------------------------------
+    @property
+    def num_clients(self) -> int:
+        return self.data.num_clients
 
-    def _tasks(self) -> tuple[str, ...]:
-        tasks = self.tasks
-        if isinstance(tasks, str):  # flat run configs: "MNIST,SVHN"
-            tasks = [t.strip() for t in tasks.split(",") if t.strip()]
-        if not isinstance(tasks, Sequence) or not all(isinstance(t, str) for t in tasks):
-            raise ConfigError(f"tasks must be a list of task names, got {self.tasks!r}")
-        if tasks:
-            for t in tasks:
-                check_task(t)
-            if len(tasks) != self.num_clients:
-                raise ConfigError(f"tasks lists {len(tasks)} tasks but num-clients is {self.num_clients}; "
-                                  "each client fine-tunes one task")
-            if split_name(self.model)[0] != "clip":
-                raise ConfigError(f"tasks need a CLIP model (model = \"clip:HUB_ID_OR_DIR\"), got model={self.model!r}")
-        return tuple(tasks)
+    @property
+    def seed(self) -> int:
+        return self.data.seed
 
-    def _sizes(self) -> float | list[int]:
-        if isinstance(self.sizes, str) and "," in self.sizes:
-            return self._sizes_list([_parse_number("sizes", v) for v in self.sizes.split(",")])
-        if isinstance(self.sizes, (list, tuple)):
-            return self._sizes_list(self.sizes)
-        exponent = _finite("sizes", self.sizes)
-        if exponent < 0:
-            raise ConfigError(f"sizes must be a list of per-client sizes or a power-law exponent >= 0, got {exponent}")
-        return exponent
+    @property
+    def strategies(self) -> tuple[str, ...]:
+        return self.merging.strategies
 
-    def _sizes_list(self, values: Sequence[Any]) -> list[int]:
-        if len(values) != self.num_clients:
-            raise ConfigError(f"sizes has {len(values)} entries but num-clients is {self.num_clients}")
-        sizes = [_as(int, v, "sizes") for v in values]
-        if min(sizes) < 1:
-            raise ConfigError(f"sizes must all be >= 1, got {sizes}")
-        return sizes
+    def scale_of(self, method: str) -> float | str:
+        return self.merging.scale_of(method)
 
-    def _validate_attacks(self) -> None:
-        for name in ("byzantine_fraction", "byzantine_scale", "byzantine_std", "max_update_norm"):
-            object.__setattr__(self, name, _finite(name.replace("_", "-"), getattr(self, name)))
-        object.__setattr__(self, "byzantine_mode", _as(str, self.byzantine_mode, "byzantine_mode"))
-        check_fraction(self.byzantine_fraction)
-        check_attack(self.byzantine_mode, self.byzantine_scale, self.byzantine_std)
-        if self.max_update_norm < 0:
-            raise ConfigError(f"max-update-norm must be >= 0 (0: no bound), got {self.max_update_norm}")
+    def data_spec(self) -> DataSpec:
+        """The data spec clients load: under ``tasks``, with the CLIP model and cache that heads need."""
+        if not self.data.tasks:
+            return self.data
+        return self.data.replace(encoder=split_name(self.model)[1], cache_dir=str(self.cache_path()))
+
+    def client_plans(self) -> list[TrainPlan]:
+        """Each client's training plan (see :meth:`fedmerge.train.TrainingSpec.plans`)."""
+        return self.train.plans(self.num_clients, self.seed)
 
     def byzantine_clients(self) -> list[int]:
         """Partition ids of the attackers: the first ⌈byzantine-fraction · N⌉ of a seed-drawn permutation."""
-        return byzantine_clients(self.num_clients, self.byzantine_fraction, self.seed)
-
-    def _strategies(self) -> tuple[str, ...]:
-        value = self.strategies
-        if isinstance(value, str):
-            value = [s.strip() for s in value.split(",") if s.strip()]
-        if not isinstance(value, Sequence) or not value or not all(isinstance(s, str) for s in value):
-            raise ConfigError(f"strategies must be a non-empty list of method names, got {value!r}")
-        for s in value:
-            _choice("strategies", s, METHODS.names())
-        if len(set(value)) != len(value):
-            raise ConfigError(f"strategies lists a method twice: {list(value)}")
-        return tuple(value)
-
-    def _scale(self) -> float | dict[str, float]:
-        if isinstance(self.scale, str) and "=" in self.scale:  # flat configs: "fedavg=1,tsv=0.25"
-            pairs = [item.partition("=") for item in self.scale.split(",") if item.strip()]
-            object.__setattr__(self, "scale", {m.strip(): v.strip() if v.strip() == TUNE else _parse_number("scale", v)
-                                               for m, _, v in pairs})
-        if isinstance(self.scale, Mapping):
-            # Entries for known methods that this run does not use are allowed (and dropped), so a
-            # preset's table survives `--set strategies=[...]`; an unknown name is a typo.
-            for m in self.scale:
-                _choice("scale", m, METHODS.names())
-            out = {m: _scale_value("scale." + m, v) for m, v in self.scale.items()}
-            return {m: out.get(m, 1.0) for m in self.strategies}
-        return _scale_value("scale", self.scale)
-
-    def _method_options(self) -> dict[str, dict[str, Any]]:
-        if not isinstance(self.method_options, Mapping):
-            raise ConfigError(f"method-options must be a table of tables, got {self.method_options!r}")
-        out = {}
-        for method, options in self.method_options.items():
-            _choice("method-options", method, METHODS.names())
-            if not isinstance(options, Mapping):
-                raise ConfigError(f"method-options.{method} must be a table, got {options!r}")
-            settable = METHODS[method].settable
-            for opt in options:
-                if opt not in settable:
-                    raise ConfigError(
-                        f"method-options.{method}.{opt} is not an option of {method} "
-                        f"(options: {', '.join(sorted(settable)) or 'none'})"
-                    )
-            _check_option_values(method, options)
-            out[method] = dict(options)
-        return out
-
-    # -- derived settings ----------------------------------------------------------------------------
-    def scale_of(self, method: str) -> float | str:
-        """λ of ``method``: a number, or ``"tune"`` (chosen on the clients' validation splits)."""
-        return self.scale[method] if isinstance(self.scale, Mapping) else self.scale
-
-    def data_spec(self) -> DataSpec:
-        return DataSpec(
-            num_clients=self.num_clients, partition=self.partition, alpha=self.alpha,
-            classes_per_client=self.classes_per_client, seed=self.seed, dataset=self.dataset,
-            pretrain_fraction=self.pretrain_fraction, test_fraction=self.test_fraction,
-            local_test_fraction=self.local_test_fraction, local_val_fraction=self.local_val_fraction,
-            shards_per_client=self.shards_per_client,
-            sizes=tuple(self.sizes) if isinstance(self.sizes, list) else self.sizes, transforms=self.transforms,
-            **({"tasks": self.tasks, "encoder": split_name(self.model)[1], "cache_dir": str(self.cache_path())}
-               if self.tasks else {}),
-        )
-
-    def pretrain_spec(self) -> PretrainSpec:
-        return PretrainSpec(model=self.model, steps=self.pretrain_steps, lr=self.pretrain_lr, seed=self.seed)
-
-    def client_plans(self) -> list[TrainPlan]:
-        """Each client's training plan; "MIN:MAX" ranges are drawn from the seed, once per key."""
-        columns = {}
-        for key, kind in PER_CLIENT_KEYS.items():
-            rng = random.Random(f"{self.seed}:{key}")
-            columns[key] = _resolve(getattr(self, key.replace("-", "_")), kind, self.num_clients, rng)
-        if self.local_steps_spread > 1:
-            columns["local-steps"] = self._spread_steps()
-        return [
-            TrainPlan(local_steps=columns["local-steps"][i], lr=columns["lr"][i], batch_size=columns["batch-size"][i],
-                      optimizer=columns["optimizer"][i], weight_decay=columns["weight-decay"][i],
-                      warmup_steps=columns["warmup-steps"][i], lr_schedule=columns["lr-schedule"][i],
-                      grad_clip=columns["grad-clip"][i])
-            for i in range(self.num_clients)
-        ]
-
-    def _spread_steps(self) -> list[int]:
-        """K_i = K · spread^u_i, u_i evenly spaced in [-1/2, 1/2], in a seed-drawn client order:
-        max/min = spread, geometric mean K, and the long-trained clients are not the first ids."""
-        if not isinstance(self.local_steps, int):
-            raise ConfigError("local-steps-spread needs a single local-steps value (the geometric mean)")
-        n = self.num_clients
-        exponents = [i / (n - 1) - 0.5 for i in range(n)] if n > 1 else [0.0]
-        random.Random(f"{self.seed}:local-steps-spread").shuffle(exponents)
-        return [max(1, round(self.local_steps * self.local_steps_spread ** u)) for u in exponents]
+        return self.attack.clients(self.num_clients, self.seed)
 
     def cache_path(self) -> Path:
-        return Path(self.cache_dir).expanduser() if self.cache_dir else default_cache_dir()
+        return Path(self.run.cache_dir).expanduser() if self.run.cache_dir else default_cache_dir()
 
 
 # ------------------------------------------------------------------------------------------------
-# Value checks, each naming the key
+# Plugins, caches, the documentation table
 # ------------------------------------------------------------------------------------------------
-
-
-def _check_option_values(method: str, options: Mapping[str, Any]) -> None:
-    """Option values are checked against the rule's registry entry (type and range), before any training."""
-    try:
-        METHODS[method].check_options(options, num_clients=1)
-    except MergeError as exc:
-        raise ConfigError(f"method-options.{method}: {exc}") from None
 
 
 def config_table() -> str:
     """The README's table of config keys, from the schema: key, default, description."""
+    defaults = ExperimentConfig().to_dict()
     rows = ["| key | default | what it sets |", "|---|---|---|"]
-    for f in dataclasses.fields(ExperimentConfig):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        shown = tomli_w.dumps({"v": list(default) if isinstance(default, tuple) else default})[4:].strip()
-        rows.append(f"| `{f.name.replace('_', '-')}` | `{shown}` | {f.metadata['doc']} |")
+    for key, (_, _, doc) in KEYS.items():
+        shown = tomli_w.dumps({"v": defaults[key]})[4:].strip()
+        rows.append(f"| `{key}` | `{shown}` | {doc} |")
     return "\n".join(rows) + "\n"
 
 
@@ -370,85 +362,6 @@ def load_plugins(plugins: Any) -> tuple[str, ...]:
 def default_cache_dir() -> Path:
     """Where bases, task vectors and heads are cached: ``$FEDMERGE_CACHE`` or ~/.cache/fedmerge."""
     return Path(os.environ.get("FEDMERGE_CACHE", Path.home() / ".cache" / "fedmerge"))
-
-
-def _as(kind: type, value: Any, name: str) -> Any:
-    key = name.replace("_", "-")
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if kind is int and isinstance(value, float) and value.is_integer():
-        return int(value)
-    if kind is bool and isinstance(value, str) and value.lower() in ("true", "false"):
-        return value.lower() == "true"  # flat run configs may carry booleans as strings
-    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-        what = {float: "a number", int: "an integer", bool: "true or false"}.get(kind, "a string")
-        raise ConfigError(f"{key} must be {what}, got {value!r}")
-    return value
-
-
-def _choice(key: str, value: str, allowed: Sequence[str]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key}={value!r} is not known; choose from {', '.join(allowed)}")
-
-
-def _positive(key: str, value: float) -> None:
-    if not value > 0 or (isinstance(value, float) and not math.isfinite(value)):
-        raise ConfigError(f"{key} must be > 0, got {value}")
-
-
-def _scale_value(key: str, value: Any) -> float | str:
-    """A scale is a finite number or ``"tune"`` (λ searched on validation data, see fedmerge.tuning)."""
-    if isinstance(value, str) and value.strip() == TUNE:
-        return TUNE
-    if isinstance(value, str):
-        raise ConfigError(f"{key} must be a number or \"{TUNE}\", got {value!r}")
-    return _finite(key, value)
-
-
-def _finite(key: str, value: Any) -> float:
-    value = _as(float, value, key)
-    if not math.isfinite(value):
-        raise ConfigError(f"{key} must be a finite number, got {value}")
-    return value
-
-
-def _per_client_setting(key: str, value: Any, kind: type, n: int) -> PerClient:
-    """Normalise a per-client value: scalar, list of n, "a,b,c" (from flat configs) or "MIN:MAX"."""
-    if isinstance(value, str) and "," in value:
-        value = [v.strip() for v in value.split(",")]
-        value = [v if kind is str else _parse_number(key, v) for v in value]
-    if isinstance(value, (list, tuple)):
-        if len(value) != n:
-            raise ConfigError(f"{key} has {len(value)} entries but num-clients is {n}")
-        return [_as(kind, v, key) for v in value]
-    if isinstance(value, str) and kind is not str:
-        if ":" not in value:
-            return _as(kind, _parse_number(key, value), key)
-        lo, _, hi = value.partition(":")
-        lo, hi = _as(kind, _parse_number(key, lo), key), _as(kind, _parse_number(key, hi), key)
-        if lo > hi:
-            raise ConfigError(f"{key} range {value!r} has MIN > MAX")
-        return f"{lo}:{hi}"
-    return _as(kind, value, key)
-
-
-def _parse_number(key: str, text: str) -> int | float:
-    try:
-        return int(text)
-    except ValueError:
-        try:
-            return float(text)
-        except ValueError:
-            raise ConfigError(f"{key}: {text!r} is not a number") from None
-
-
-def _resolve(value: PerClient, kind: type, n: int, rng: random.Random) -> list:
-    if isinstance(value, list):
-        return list(value)
-    if isinstance(value, str) and kind is not str:
-        lo, hi = (kind(_parse_number("", v)) for v in value.split(":"))
-        return [rng.randint(lo, hi) if kind is int else rng.uniform(lo, hi) for _ in range(n)]
-    return [value] * n
 
 
 # ------------------------------------------------------------------------------------------------

@@ -42,7 +42,6 @@ from fedmerge.evaluation import Evaluator, score
 from fedmerge.train.local import LocalUpdate, local_update
 from fedmerge.merging import normalised_weights
 from fedmerge.models import build_model
-from fedmerge.records import to_config
 from fedmerge.train import TrainPlan, pretrained_base, single_thread, train
 from simulations.config import ExperimentConfig
 from simulations.experiment import run_engine, run_experiment
@@ -99,7 +98,7 @@ def fednova_coefficients(p: Sequence[float], local_steps: Sequence[int], eta: fl
 
 def _base(config: ExperimentConfig) -> tuple[FederatedData, dict[str, Tensor]]:
     data = load_federated(config.data_spec())
-    return data, pretrained_base(config.pretrain_spec(), data, config.cache_path())[0]
+    return data, pretrained_base(config.pretrain, config.model, config.seed, data, config.cache_path())[0]
 
 
 def _complete(output: ServerOutput) -> ServerOutput:
@@ -155,7 +154,7 @@ def one_shot(config: ExperimentConfig, eta: float = SERVER_LR,
                             "θ0 + Σ λ_i τ_i, λ_i = η (Σ_j p_j K_j) p_i / K_i",
                             apply(out.base, out.merged["fednova"], eta), nova_model))
     return {
-        "server_lr": eta, "num_clients": n, "engine": config.engine,
+        "server_lr": eta, "num_clients": n, "engine": config.run.engine,
         "clients": [{"partition_id": i, "local_steps": k, "num_examples": m} for i, (k, m) in enumerate(zip(steps, sizes))],
         "task_vector_max_abs_diff": tau_diff,
         "checks": [{**asdict(c), "passed": c.passed} for c in checks],
@@ -186,8 +185,8 @@ def federated_trajectory(config: ExperimentConfig, base: Mapping[str, Tensor], p
     def main(grid: Grid, context: Context) -> None:
         n = config.num_clients
         strategy = TaskVectorFedAvg(server_lr=eta, min_train_nodes=n, min_available_nodes=n)
-        train_config = ConfigRecord({**client_config(config), **to_config(plan)})
-        strategy.start(grid=grid, initial_arrays=ArrayRecord(dict(base)), num_rounds=rounds, timeout=config.timeout,
+        train_config = ConfigRecord({**client_config(config), **plan.to_config()})
+        strategy.start(grid=grid, initial_arrays=ArrayRecord(dict(base)), num_rounds=rounds, timeout=config.run.timeout,
                        train_config=train_config, evaluate_fn=record)
 
     run_engine(app, config)
@@ -228,7 +227,7 @@ def multi_round(config: ExperimentConfig, rounds: int = ROUNDS, local_lr: float 
                           "federated_accuracy": fed_test.accuracy, "centralized_accuracy": score(model, data.test).accuracy})
     worst = max(r["max_abs_diff"] for r in per_round)
     return {
-        "rounds": rounds, "local_lr": local_lr, "server_lr": eta, "engine": config.engine,
+        "rounds": rounds, "local_lr": local_lr, "server_lr": eta, "engine": config.run.engine,
         "num_examples": [len(c.train) for c in data.clients], "per_round": per_round,
         "max_abs_diff": worst, "tolerance": MULTI_ROUND_TOLERANCE,
         "passed": len(federated) == rounds + 1 and worst <= MULTI_ROUND_TOLERANCE,

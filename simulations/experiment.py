@@ -33,17 +33,17 @@ def run_experiment(
         run_engine(make_server_app(config, bar, sink), config)
     output: ServerOutput = sink["output"]
     output.results["timing"]["total"] = time.perf_counter() - t0
-    output.results["timing"]["engine"] = config.engine
+    output.results["timing"]["engine"] = config.run.engine
     if out is not None:
         write_results(output, config, out)
     return output
 
 
 def run_engine(server_app: ServerApp, config: ExperimentConfig) -> None:
-    """Run ``server_app`` against fedmerge's ClientApp on ``config.engine``, offline, with quiet Flower logs."""
+    """Run ``server_app`` against fedmerge's ClientApp on ``config.run.engine``, offline, with quiet Flower logs."""
     set_offline_env()
     quiet_flower_logs()
-    if config.engine == "inprocess":
+    if config.run.engine == "inprocess":
         run_inprocess(server_app, clients.app, config.num_clients)
     else:
-        run_ray(server_app, clients.app, config.num_clients, config.client_cpus, config.client_gpus)
+        run_ray(server_app, clients.app, config.num_clients, config.run.client_cpus, config.run.client_gpus)

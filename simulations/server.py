@@ -7,7 +7,6 @@ engines; the module-level ``app`` is the component that ``flwr run .`` loads (co
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,6 @@ from fedmerge.data import load_federated
 from fedmerge.evaluation import Evaluator, normalized_accuracy
 from fedmerge.evaluation.measures import data_measures, task_vector_measures
 from fedmerge.models import build_model, device_for
-from fedmerge.records import to_config
 from fedmerge.task_vector import TaskVector, apply
 from fedmerge.train import pretrained_base, single_thread
 from fedmerge.evaluation.tuning import TuningResult, tune_method
@@ -35,13 +33,13 @@ def build_strategy(config: ExperimentConfig) -> OneShotMerge:
         config.strategies,
         # a "tune" scale is chosen after the round, in evaluate(); 1.0 stands in for it until then
         scale={m: 1.0 if config.scale_of(m) == TUNE else config.scale_of(m) for m in config.strategies},
-        method_options=config.method_options,
-        min_train_nodes=config.min_clients,
+        method_options=config.merging.method_options,
+        min_train_nodes=config.run.min_clients,
         min_available_nodes=config.num_clients,
-        weighted_by_key="num-examples" if config.weighting == "num-examples" else None,
-        train_plans={i: {**to_config(plan), **attack_plan(config, i)} for i, plan in enumerate(config.client_plans())},
-        node_wait_timeout=max(120.0, config.timeout),
-        max_update_norm=config.max_update_norm or None,
+        weighted_by_key="num-examples" if config.merging.weighting == "num-examples" else None,
+        train_plans={i: {**plan.to_config(), **attack_plan(config, i)} for i, plan in enumerate(config.client_plans())},
+        node_wait_timeout=max(120.0, config.run.timeout),
+        max_update_norm=config.merging.max_update_norm or None,
     )
 
 
@@ -49,16 +47,16 @@ def attack_plan(config: ExperimentConfig, partition_id: int) -> dict[str, Any]:
     """The byzantine entries of one client's train config (empty for an honest client)."""
     if partition_id not in config.byzantine_clients():
         return {}
-    return {"byzantine": True, "byzantine-mode": config.byzantine_mode, "byzantine-scale": config.byzantine_scale,
-            "byzantine-std": config.byzantine_std}
+    return {"byzantine": True, "byzantine-mode": config.attack.mode, "byzantine-scale": config.attack.scale,
+            "byzantine-std": config.attack.std}
 
 
 def client_config(config: ExperimentConfig) -> ConfigRecord:
     """What every client is told in its train message: the model, the data spec, the cache."""
-    record = ConfigRecord({"model": config.model, **to_config(config.data_spec())})
-    if config.plugins:  # clients may run in other processes: they load the same plugin files
-        record["plugins"] = ",".join(config.plugins)
-    if config.cache_task_vectors:
+    record = ConfigRecord({"model": config.model, **config.data_spec().to_config()})
+    if config.run.plugins:  # clients may run in other processes: they load the same plugin files
+        record["plugins"] = ",".join(config.run.plugins)
+    if config.run.cache_task_vectors:
         record["task-vector-cache"] = str(config.cache_path().resolve())
     return record
 
@@ -71,7 +69,7 @@ def run_server(grid: Grid, config: ExperimentConfig, progress: RunProgress) -> S
     data = load_federated(config.data_spec())
     timing["data"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    base, cached = pretrained_base(config.pretrain_spec(), data, config.cache_path())
+    base, cached = pretrained_base(config.pretrain, config.model, config.seed, data, config.cache_path())
     timing["pretrain"] = time.perf_counter() - t0
 
     strategy = build_strategy(config)
@@ -86,7 +84,7 @@ def run_server(grid: Grid, config: ExperimentConfig, progress: RunProgress) -> S
 
     progress.stage(f"Waiting for {config.num_clients} clients")
     strategy.start(grid=ProgressGrid(grid, on_send, on_reply), initial_arrays=ArrayRecord(base), num_rounds=1,
-                   timeout=config.timeout, train_config=client_config(config))
+                   timeout=config.run.timeout, train_config=client_config(config))
     timing.update({k.replace("-", "_"): v for k, v in strategy.timing.items()})
     timing["merging"] = sum(strategy.merge_seconds.values())
 
@@ -128,7 +126,7 @@ def evaluate(config: ExperimentConfig, data, base, strategy: OneShotMerge, progr
         plan = plans[r.partition_id]
         clients.append({
             "partition_id": r.partition_id, "node_id": r.node_id, "task": data.clients[r.partition_id].task,
-            **dataclasses.asdict(plan),  # the whole plan this client trained with
+            **plan.model_dump(),  # the whole plan this client trained with
             "local_steps": int(r.metrics["local-steps"]), "num_examples": int(r.metrics["num-examples"]),
             "train_loss": float(r.metrics["train-loss"]),
             "accuracy": own_acc, "reported_accuracy": float(r.metrics["local-accuracy"]),
@@ -159,7 +157,7 @@ def evaluate(config: ExperimentConfig, data, base, strategy: OneShotMerge, progr
         "clients": clients,
         "failures": [{"partition_id": f.partition_id, "node_id": f.node_id, "reason": f.reason}
                      for f in strategy.failures],
-        "byzantine": config.byzantine_clients(),  # partition ids told to attack (see fedmerge.byzantine)
+        "byzantine": config.byzantine_clients(),  # partition ids told to attack (see fedmerge.attacks)
         "strategies": strategies,
     }
 

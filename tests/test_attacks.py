@@ -19,7 +19,7 @@ def test_byzantine_clients_are_a_seeded_ceiling_fraction():
     assert byzantine_clients(8, 0.5, 1) == byzantine_clients(8, 0.5, 1)
     assert len({tuple(byzantine_clients(8, 0.25, s)) for s in range(10)}) > 1
     for bad in (1.0, -0.1, float("nan"), "0.5", True):
-        with pytest.raises(ConfigError, match="byzantine-fraction must lie in"):
+        with pytest.raises(ConfigError, match="byzantine-fraction must (lie in|be a finite number|be a number)"):
             byzantine_clients(8, bad, 0)
 
 

@@ -8,36 +8,48 @@ validation and test splits of its own partition.
 from __future__ import annotations
 
 import functools
+import os
+from dataclasses import dataclass
 
 import numpy as np
 
 from fedmerge.data.datasets import load_dataset
-from fedmerge.data.image_tasks import load_task_suite
+from fedmerge.data.image_tasks import ImageSplit, clip_transform, load_task
 from fedmerge.data.partitioners import PARTITIONERS, partition_indices
 from fedmerge.data.spec import DataSpec
-from fedmerge.data.splits import MIN_CLIENT_EXAMPLES, ClientData, FederatedData, Split
+from fedmerge.data.splits import MIN_CLIENT_EXAMPLES, ClientData, Examples, Split
 from fedmerge.data.transforms import task_transform
 from fedmerge.errors import ConfigError
+from fedmerge.models.clip import preprocessing, zero_shot_head
 
 
-def validate(spec: DataSpec, pool_size: int) -> None:
-    if spec.num_clients < 1:
-        raise ConfigError(f"num-clients must be at least 1, got {spec.num_clients}")
-    if spec.partition == "dirichlet" and not spec.alpha > 0:
-        raise ConfigError(f"alpha must be > 0, got {spec.alpha}")
-    if spec.partition == "shards" and spec.shards_per_client < 1:
-        raise ConfigError(f"shards-per-client must be >= 1, got {spec.shards_per_client}")
-    if PARTITIONERS[spec.partition].transforms and not spec.transforms:
-        raise ConfigError("transforms must name at least one transform")
-    for name, frac in (("pretrain-fraction", spec.pretrain_fraction), ("test-fraction", spec.test_fraction),
-                       ("local-test-fraction", spec.local_test_fraction),
-                       ("local-val-fraction", spec.local_val_fraction)):
-        if not 0 < frac < 1:
-            raise ConfigError(f"{name} must lie strictly between 0 and 1, got {frac}")
-    if spec.local_test_fraction + spec.local_val_fraction >= 0.9:
-        raise ConfigError("local-test-fraction + local-val-fraction must leave at least 10% to local training")
-    if spec.pretrain_fraction + spec.test_fraction >= 0.9:
-        raise ConfigError("pretrain-fraction + test-fraction must leave at least 10% of the data to the clients")
+@dataclass(frozen=True)
+class FederatedData:
+    spec: DataSpec
+    num_classes: int
+    input_shape: tuple[int, ...]
+    pretrain: Examples
+    test: Examples
+    clients: tuple[ClientData, ...]
+    task_tests: tuple[Examples, ...] = ()  # under partition="transforms": the global test split in each task
+
+    @property
+    def global_tests(self) -> tuple[Examples, ...]:
+        """What "global test accuracy" averages over: the test split, or its version in every task."""
+        return self.task_tests or (self.test,)
+
+    @property
+    def pool_label_counts(self) -> list[int]:
+        counts = [0] * self.num_classes
+        for c in self.clients:
+            for split in (c.train, c.val, c.test):
+                for k, v in enumerate(split.label_counts(self.num_classes)):
+                    counts[k] += v
+        return counts
+
+
+def check_pool(spec: DataSpec, pool_size: int) -> None:
+    """The checks that need the dataset: enough examples for so many clients."""
     most = pool_size // MIN_CLIENT_EXAMPLES
     if spec.num_clients > most:
         raise ConfigError(
@@ -55,7 +67,7 @@ def load_federated(spec: DataSpec) -> FederatedData:
     n = len(ds.data)
     order = np.random.default_rng(spec.seed).permutation(n)
     n_pre, n_test = round(spec.pretrain_fraction * n), round(spec.test_fraction * n)
-    validate(spec, n - n_pre - n_test)
+    check_pool(spec, n - n_pre - n_test)
     pretrain = ds.data.subset(order[:n_pre])
     test = ds.data.subset(order[n_pre:n_pre + n_test])
     pool = ds.data.subset(order[n_pre + n_test:])
@@ -82,3 +94,33 @@ def load_federated(spec: DataSpec) -> FederatedData:
             task_tests.append(Split(fn(test.x), test.y))
         clients.append(client)
     return FederatedData(spec, ds.num_classes, ds.input_shape, pretrain, test, tuple(clients), tuple(task_tests))
+
+
+def load_task_suite(spec: DataSpec) -> FederatedData:
+    """One client per task of ``spec.tasks`` with the CLIP model ``spec.encoder``'s heads and preprocessing."""
+    if len(spec.tasks) != spec.num_clients:
+        raise ConfigError(f"tasks lists {len(spec.tasks)} tasks but num-clients is {spec.num_clients}; "
+                          "each client fine-tunes one task")
+    if not spec.encoder:
+        raise ConfigError("tasks need a CLIP model: model = \"clip:HUB_ID_OR_DIR\"")
+    pre = preprocessing(spec.encoder)
+    transform = clip_transform(pre["size"], pre["mean"], pre["std"])
+    transform_id = f"clip-{pre['size']}-{pre['mean']}-{pre['std']}"
+    workers = int(os.environ.get("FEDMERGE_DATA_WORKERS", "0"))
+    clients, tests, num_classes = [], [], 0
+    for pid, name in enumerate(spec.tasks):
+        task = load_task(name)
+        head = zero_shot_head(spec.encoder, task.classnames, task.templates, spec.cache_dir or None)
+        num_classes = max(num_classes, len(task.classnames))
+        order = np.random.default_rng([spec.seed, pid]).permutation(len(task.train))
+        n_val = max(1, min(5000, round(spec.local_val_fraction * len(order))))
+        if n_val >= len(order):
+            raise ConfigError(f"task {name}: {len(order)} training images are too few for a validation split")
+        train = ImageSplit(task.train, order[n_val:], transform, head, transform_id, workers)
+        val = ImageSplit(task.train, order[:n_val], transform, head, transform_id, workers)
+        test = ImageSplit(task.test, np.arange(len(task.test)), transform, head, transform_id, workers)
+        clients.append(ClientData(pid, train=train, val=val, test=test, task=task.name))
+        tests.append(test)
+    first = tests[0]
+    empty = first.subset(np.arange(0))
+    return FederatedData(spec, num_classes, (3, pre["size"], pre["size"]), empty, first, tuple(clients), tuple(tests))

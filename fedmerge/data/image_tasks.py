@@ -7,7 +7,7 @@ copies FusionBench uses); ``folder:PATH`` is any local image folder (``PATH/trai
 Datasets are read from the local cache only (``HF_DATASETS_OFFLINE``): a missing one is one
 :class:`ConfigError` line naming the dataset to fetch.
 
-``load_task_suite(spec)`` turns ``spec.tasks`` into :class:`fedmerge.data.splits.FederatedData`: client i
+:func:`fedmerge.data.federated.load_task_suite` turns a spec's ``tasks`` into a federation: client i
 trains on task i (minus a seeded validation split) and is tested on the task's test split; every
 split carries its task's frozen zero-shot head (:func:`fedmerge.models.clip.zero_shot_head`).
 """
@@ -28,10 +28,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from fedmerge.data.spec import DataSpec
-from fedmerge.data.splits import ClientData, FederatedData
 from fedmerge.errors import ConfigError
-from fedmerge.models.clip import preprocessing, zero_shot_head
 
 FOLDER = "folder:"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -238,33 +235,3 @@ def clip_transform(size: int, mean: Sequence[float], std: Sequence[float]) -> Ca
         transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.CenterCrop(size), transforms.ToTensor(), transforms.Normalize(mean, std),
     ])
-
-
-def load_task_suite(spec: DataSpec) -> FederatedData:
-    """One client per task of ``spec.tasks`` with the CLIP model ``spec.encoder``'s heads and preprocessing."""
-    if len(spec.tasks) != spec.num_clients:
-        raise ConfigError(f"tasks lists {len(spec.tasks)} tasks but num-clients is {spec.num_clients}; "
-                          "each client fine-tunes one task")
-    if not spec.encoder:
-        raise ConfigError("tasks need a CLIP model: model = \"clip:HUB_ID_OR_DIR\"")
-    pre = preprocessing(spec.encoder)
-    transform = clip_transform(pre["size"], pre["mean"], pre["std"])
-    transform_id = f"clip-{pre['size']}-{pre['mean']}-{pre['std']}"
-    workers = int(os.environ.get("FEDMERGE_DATA_WORKERS", "0"))
-    clients, tests, num_classes = [], [], 0
-    for pid, name in enumerate(spec.tasks):
-        task = load_task(name)
-        head = zero_shot_head(spec.encoder, task.classnames, task.templates, spec.cache_dir or None)
-        num_classes = max(num_classes, len(task.classnames))
-        order = np.random.default_rng([spec.seed, pid]).permutation(len(task.train))
-        n_val = max(1, min(5000, round(spec.local_val_fraction * len(order))))
-        if n_val >= len(order):
-            raise ConfigError(f"task {name}: {len(order)} training images are too few for a validation split")
-        train = ImageSplit(task.train, order[n_val:], transform, head, transform_id, workers)
-        val = ImageSplit(task.train, order[:n_val], transform, head, transform_id, workers)
-        test = ImageSplit(task.test, np.arange(len(task.test)), transform, head, transform_id, workers)
-        clients.append(ClientData(pid, train=train, val=val, test=test, task=task.name))
-        tests.append(test)
-    first = tests[0]
-    empty = first.subset(np.arange(0))
-    return FederatedData(spec, num_classes, (3, pre["size"], pre["size"]), empty, first, tuple(clients), tuple(tests))

@@ -17,7 +17,7 @@ import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import datasets
 import numpy as np
@@ -25,12 +25,36 @@ from flwr_datasets.partitioner import (
     DirichletPartitioner, IidPartitioner, PathologicalPartitioner, ShardPartitioner, SizePartitioner,
 )
 
-from fedmerge.data.spec import DataSpec
 from fedmerge.data.splits import MIN_CLIENT_EXAMPLES
 from fedmerge.errors import ConfigError, PluginError
 from fedmerge.registry import Registry
 
-SplitFunction = Callable[[np.ndarray, DataSpec], list[np.ndarray]]
+class PartitionSpec(Protocol):
+    """What a partitioner may read of the data spec (:class:`fedmerge.data.DataSpec` has all of it)."""
+
+    @property
+    def num_clients(self) -> int: ...
+
+    @property
+    def seed(self) -> int: ...
+
+    @property
+    def partition(self) -> str: ...
+
+    @property
+    def alpha(self) -> float: ...
+
+    @property
+    def classes_per_client(self) -> int: ...
+
+    @property
+    def shards_per_client(self) -> int: ...
+
+    @property
+    def sizes(self) -> float | tuple[int, ...]: ...
+
+
+SplitFunction = Callable[[np.ndarray, PartitionSpec], list[np.ndarray]]
 
 
 @dataclass(frozen=True)
@@ -67,7 +91,7 @@ def partitioner(name: str | None = None, *, transforms: bool = False) -> Callabl
     return deco
 
 
-def quantity_sizes(spec: DataSpec, pool_size: int) -> list[int]:
+def quantity_sizes(spec: PartitionSpec, pool_size: int) -> list[int]:
     """Per-client sizes: the explicit list, or a power law n_i ∝ (i+1)^(-a) over the whole pool."""
     if isinstance(spec.sizes, tuple):
         if len(spec.sizes) != spec.num_clients:
@@ -86,10 +110,10 @@ def quantity_sizes(spec: DataSpec, pool_size: int) -> list[int]:
     return sizes.tolist()
 
 
-def _through_flwr_datasets(make: Callable[[DataSpec, int], Any]) -> SplitFunction:
+def _through_flwr_datasets(make: Callable[[PartitionSpec, int], Any]) -> SplitFunction:
     """A split function that runs a flwr-datasets partitioner over a table of (label, row)."""
 
-    def split(labels: np.ndarray, spec: DataSpec) -> list[np.ndarray]:
+    def split(labels: np.ndarray, spec: PartitionSpec) -> list[np.ndarray]:
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
         datasets.disable_progress_bars()
         table = datasets.Dataset.from_dict({"label": labels.tolist(), "row": list(range(len(labels)))})
@@ -111,7 +135,7 @@ def _through_flwr_datasets(make: Callable[[DataSpec, int], Any]) -> SplitFunctio
     return split
 
 
-def _iid(spec: DataSpec, pool_size: int) -> IidPartitioner:
+def _iid(spec: PartitionSpec, pool_size: int) -> IidPartitioner:
     return IidPartitioner(num_partitions=spec.num_clients)  # contiguous chunks of the seed-shuffled pool
 
 
@@ -138,7 +162,7 @@ for _entry in (
     PARTITIONERS.add(_entry.name, _entry)
 
 
-def partition_indices(labels: np.ndarray, spec: DataSpec) -> list[np.ndarray]:
+def partition_indices(labels: np.ndarray, spec: PartitionSpec) -> list[np.ndarray]:
     """Row indices of each client's partition under ``spec.partition``; checked to be one array per client."""
     parts = PARTITIONERS[spec.partition].split(labels, spec)
     if not isinstance(parts, (list, tuple)) or len(parts) != spec.num_clients:

@@ -9,7 +9,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fedmerge.data.spec import DataSpec
 
 MIN_CLIENT_EXAMPLES = 10  # a client needs enough data for a train and a local test split
 
@@ -70,28 +69,3 @@ class ClientData:
     val: Examples
     test: Examples
     task: str = "digits"  # under partition="transforms": the client's input transform, e.g. "rotation-180"
-
-
-@dataclass(frozen=True)
-class FederatedData:
-    spec: DataSpec
-    num_classes: int
-    input_shape: tuple[int, ...]
-    pretrain: Examples
-    test: Examples
-    clients: tuple[ClientData, ...]
-    task_tests: tuple[Examples, ...] = ()  # under partition="transforms": the global test split in each task
-
-    @property
-    def global_tests(self) -> tuple[Examples, ...]:
-        """What "global test accuracy" averages over: the test split, or its version in every task."""
-        return self.task_tests or (self.test,)
-
-    @property
-    def pool_label_counts(self) -> list[int]:
-        counts = [0] * self.num_classes
-        for c in self.clients:
-            for split in (c.train, c.val, c.test):
-                for k, v in enumerate(split.label_counts(self.num_classes)):
-                    counts[k] += v
-        return counts

@@ -10,8 +10,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fedmerge.data.spec import TRANSFORM_KINDS
 from fedmerge.errors import ConfigError
+
+TRANSFORM_KINDS = ("permutation", "rotation", "flip", "inversion")
 
 _DISTINCT_VARIANTS = {"rotation": 3, "flip": 2, "inversion": 1}  # permutations never repeat
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fedmerge.data.splits import FederatedData
+from fedmerge.data.federated import FederatedData
 from fedmerge.merging.spectral.tsv import interference
 from fedmerge.task_vector import l2_norm
 

@@ -2,9 +2,10 @@
 
 from fedmerge.train.local import LocalUpdate, client_seed, local_update
 from fedmerge.train.loop import LR_SCHEDULES, OPTIMIZERS, TrainPlan, single_thread, train
+from fedmerge.train.plans import TrainingSpec
 from fedmerge.train.pretrain import PretrainSpec, pretrained_base
 
 __all__ = [
-    "LR_SCHEDULES", "OPTIMIZERS", "LocalUpdate", "PretrainSpec", "TrainPlan", "client_seed", "local_update",
-    "pretrained_base", "single_thread", "train",
+    "LR_SCHEDULES", "OPTIMIZERS", "LocalUpdate", "PretrainSpec", "TrainPlan", "TrainingSpec", "client_seed",
+    "local_update", "pretrained_base", "single_thread", "train",
 ]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -49,7 +49,7 @@ def _hash_tensor(h: hashlib._Hash, t: Tensor) -> None:
 def update_key(model_name: str, base: Mapping[str, Tensor], client: ClientData, plan: TrainPlan, seed: int) -> str:
     """A digest of everything that determines a client's task vector."""
     h = hashlib.sha256(json.dumps({
-        "format": 1, "torch": torch.__version__, "model": model_name, "plan": asdict(plan),
+        "format": 1, "torch": torch.__version__, "model": model_name, "plan": plan.model_dump(),
         "seed": client_seed(seed, client.partition_id),
     }, sort_keys=True).encode())
     for key in sorted(base):

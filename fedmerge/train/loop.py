@@ -5,52 +5,42 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from typing import Annotated
 
 import torch
+from pydantic import model_validator
 from torch import nn
 
 from fedmerge.data.splits import Examples, Split, iterate_batches
-from fedmerge.errors import ConfigError
+from fedmerge.spec import NonNegative, NonNegativeInt, Positive, PositiveInt, Spec, Str, one_of
 from fedmerge.models.registry import forward
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("constant", "cosine")
 
 
-@dataclass(frozen=True)
-class TrainPlan:
-    """How one client trains: K = ``local_steps`` optimizer steps (not epochs) of mini-batch training."""
+class TrainPlan(Spec):
+    """How one client trains: K = ``local_steps`` optimizer steps (not epochs) of mini-batch training.
 
-    local_steps: int
-    lr: float = 0.05
-    batch_size: int = 32
-    optimizer: str = "sgd"
-    weight_decay: float = 0.0
-    warmup_steps: int = 0  # linear warm-up from lr/warmup to lr over the first steps
-    lr_schedule: str = "constant"  # after warm-up: "constant" or "cosine" decay to 0 at the last step
-    grad_clip: float = 0.0  # clip the gradient's global L2 norm to this (0: no clipping)
+    ``warmup_steps``: linear warm-up from lr/warmup to lr over the first steps; ``lr_schedule``: after
+    warm-up, "constant" or "cosine" decay to 0 at the last step; ``grad_clip``: clip the gradient's
+    global L2 norm to this (0: no clipping)."""
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.local_steps, int) or self.local_steps < 1:
-            raise ConfigError(f"local-steps must be an integer >= 1, got {self.local_steps!r}")
-        if not self.lr > 0:
-            raise ConfigError(f"lr must be > 0, got {self.lr}")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ConfigError(f"batch-size must be an integer >= 1, got {self.batch_size!r}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ConfigError(f"optimizer={self.optimizer!r} is not known; known: {', '.join(OPTIMIZERS)}")
-        if not self.weight_decay >= 0:
-            raise ConfigError(f"weight-decay must be >= 0, got {self.weight_decay}")
-        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
-            raise ConfigError(f"warmup-steps must be an integer >= 0, got {self.warmup_steps!r}")
-        if self.warmup_steps >= self.local_steps > 0 and self.warmup_steps > 0:
-            raise ConfigError(f"warmup-steps={self.warmup_steps} must be smaller than local-steps={self.local_steps}: "
-                              "the learning rate would never reach lr")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ConfigError(f"lr-schedule={self.lr_schedule!r} is not known; known: {', '.join(LR_SCHEDULES)}")
-        if not self.grad_clip >= 0:
-            raise ConfigError(f"grad-clip must be >= 0 (0: no clipping), got {self.grad_clip}")
+    local_steps: PositiveInt
+    lr: Positive = 0.1
+    batch_size: PositiveInt = 32
+    optimizer: Annotated[Str, one_of(OPTIMIZERS)] = "sgd"
+    weight_decay: NonNegative = 0.0
+    warmup_steps: NonNegativeInt = 0
+    lr_schedule: Annotated[Str, one_of(LR_SCHEDULES)] = "constant"
+    grad_clip: NonNegative = 0.0
+
+    @model_validator(mode="after")
+    def _warmup_ends(self) -> TrainPlan:
+        if 0 < self.local_steps <= self.warmup_steps:
+            raise ValueError(f"!warmup-steps={self.warmup_steps} must be smaller than local-steps={self.local_steps}: "
+                             "the learning rate would never reach lr")
+        return self
 
     @property
     def scheduled(self) -> bool:

@@ -5,43 +5,50 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from typing import Annotated
 from pathlib import Path
 
-from fedmerge.data.splits import FederatedData
+from fedmerge.data.federated import FederatedData
 from fedmerge.io.state import load_state, save_state
 from fedmerge.models.registry import build_model, pretrained_state
+from fedmerge.spec import Positive, PositiveInt, Spec, check
 from fedmerge.train.loop import TrainPlan, single_thread, train
+from fedmerge.train.plans import MAX_STEPS
 
 
-@dataclass(frozen=True)
-class PretrainSpec:
-    """Settings of the shared pre-trained base; its cache file is keyed by all of them."""
+class PretrainSpec(Spec):
+    """How the shared base θ0 is pre-trained on the split no client sees (for models trained here)."""
 
-    model: str
-    steps: int = 100
-    lr: float = 0.1
-    batch_size: int = 32
-    seed: int = 0
+    steps: Annotated[PositiveInt, check(lambda v: v <= MAX_STEPS, f"must be at most {MAX_STEPS:,}")] = 100
+    lr: Positive = 0.1
+    batch_size: PositiveInt = 32
 
-    def cache_key(self, data: FederatedData) -> str:
-        key = {"format": 1, **asdict(self), "dataset": data.spec.dataset,
+    @classmethod
+    def key_name(cls, location: tuple[str, ...]) -> str:
+        return "pretrain-" + ".".join(location)
+
+    def cache_key(self, model: str, seed: int, data: FederatedData) -> str:
+        """A digest of everything that determines the pre-trained weights."""
+        key = {"format": 1, "model": model, "seed": seed, **self.model_dump(), "dataset": data.spec.dataset,
                "pretrain_fraction": data.spec.pretrain_fraction, "data_seed": data.spec.seed}
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def pretrained_base(spec: PretrainSpec, data: FederatedData, cache_dir: Path | None) -> tuple[dict, bool]:
-    """θ0: the model trained on the pre-training split. Returns (state dict, came from cache)."""
-    if (state := pretrained_state(spec.model)) is not None:  # e.g. clip:...: published weights, not trained here
+def pretrained_base(spec: PretrainSpec, model_name: str, seed: int, data: FederatedData,
+                    cache_dir: Path | None) -> tuple[dict, bool]:
+    """θ0 of ``model_name``: published weights where the family has them, else the model initialised
+    from ``seed`` and trained on the pre-training split (cached). Returns (state dict, came from cache)."""
+    if (state := pretrained_state(model_name)) is not None:  # e.g. clip:...: published weights
         return state, True
-    path = None if cache_dir is None else Path(cache_dir) / f"base-{spec.model}-{spec.cache_key(data)}.safetensors"
-    model = build_model(spec.model, data.input_shape, data.num_classes, seed=spec.seed)
+    path = None if cache_dir is None else (
+        Path(cache_dir) / f"base-{model_name}-{spec.cache_key(model_name, seed, data)}.safetensors")
+    model = build_model(model_name, data.input_shape, data.num_classes, seed=seed)
     if path is not None and path.is_file():
         model.load_state_dict(load_state(path))
         return model.state_dict(), True
     plan = TrainPlan(local_steps=spec.steps, lr=spec.lr, batch_size=spec.batch_size)
     with single_thread():
-        train(model, data.pretrain, plan, seed=spec.seed)
+        train(model, data.pretrain, plan, seed=seed)
     state = model.state_dict()
     if path is not None:
         save_state(state, path)

@@ -29,7 +29,7 @@ def test_every_pool_example_goes_to_exactly_one_client(partition):
 
 
 def test_iid_sizes_are_balanced():
-    parts = partition_indices(np.zeros(103, dtype=int), DataSpec(num_clients=4))
+    parts = partition_indices(np.zeros(103, dtype=int), DataSpec(num_clients=4, partition="iid"))
     assert sorted(len(p) for p in parts) == [25, 26, 26, 26]
 
 
@@ -63,17 +63,26 @@ def test_small_alpha_skews_labels_more_than_large_alpha():
     assert skew(0.1) > skew(100.0) + 0.2
 
 
-@pytest.mark.parametrize("spec,needle", [
-    (DataSpec(num_clients=500), "more than the digits client pool"),
-    (DataSpec(num_clients=0), "num-clients must be at least 1"),
-    (DataSpec(num_clients=4, partition="dirichlet", alpha=0.0), "alpha must be > 0"),
-    (DataSpec(num_clients=4, partition="nope"), "unknown partition 'nope'; known: "),
-    (DataSpec(num_clients=4, dataset="imagenet"), "unknown dataset 'imagenet'; known: digits"),
-    (DataSpec(num_clients=4, test_fraction=1.5), "test-fraction"),
+@pytest.mark.parametrize("values,needle", [
+    ({"num_clients": 0}, "num-clients must be an integer >= 1, got 0"),
+    ({"num_clients": 4, "alpha": 0.0}, "alpha must be > 0, got 0.0"),
+    ({"num_clients": 4, "partition": "nope"}, "unknown partition 'nope'; known: "),
+    ({"num_clients": 4, "dataset": "imagenet"}, "unknown dataset 'imagenet'; known: digits"),
+    ({"num_clients": 4, "test_fraction": 1.5}, "test-fraction must lie strictly between 0 and 1, got 1.5"),
+    ({"num_clients": 4, "pretrain_fraction": 0.5, "test_fraction": 0.45}, "must leave at least 10%"),
+    ({"num_clients": 3, "partition": "sizes", "sizes": [5, 5, 5]}, "sizes must each be >= 10"),
+    ({"num_clients": 3, "partition": "sizes", "sizes": [50, 50]}, "sizes has 2 entries but num-clients is 3"),
+    ({"num_clients": 4, "transforms": ["blur"]}, "transforms: 'blur' is not known"),
 ])
-def test_bad_specs_raise_config_error(spec, needle):
+def test_bad_specs_are_refused_when_built(values, needle):
+    """Every check that needs only the spec runs when it is built, before any data is loaded."""
     with pytest.raises(ConfigError, match=needle):
-        load_federated(spec)
+        DataSpec(**values)
+
+
+def test_a_pool_too_small_for_the_clients_is_refused_at_load():
+    with pytest.raises(ConfigError, match="more than the digits client pool"):
+        load_federated(DataSpec(num_clients=500))
 
 
 def test_transforms_partition_gives_every_client_a_different_task():

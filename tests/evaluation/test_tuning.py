@@ -105,8 +105,8 @@ def test_tuning_end_to_end_on_the_clients_validation_splits(small_config):
 
 
 def test_config_accepts_tune_globally_per_method_and_in_flat_form():
-    assert ExperimentConfig(scale="tune").scale == "tune"
-    assert ExperimentConfig(scale="fedavg=1,tsv=tune").scale["tsv"] == "tune"
+    assert ExperimentConfig(scale="tune").merging.scale == "tune"
+    assert ExperimentConfig(scale="fedavg=1,tsv=tune").merging.scale["tsv"] == "tune"
     from fedmerge.errors import ConfigError
     with pytest.raises(ConfigError, match='scale.tsv must be a number or "tune"'):
         ExperimentConfig(scale={"tsv": "auto"})

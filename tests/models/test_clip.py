@@ -99,7 +99,7 @@ def test_lr_schedule_and_defaults_are_backward_compatible():
     plan = TrainPlan(local_steps=10, lr=1.0, warmup_steps=2, lr_schedule="cosine")
     assert [plan.lr_at(s) for s in (0, 1)] == [0.5, 1.0] and plan.lr_at(2) == pytest.approx(1.0)
     assert plan.lr_at(6) == pytest.approx(0.5) and plan.lr_at(9) < 0.1
-    assert not TrainPlan(local_steps=3).scheduled and TrainPlan(local_steps=3).lr_at(2) == 0.05
+    assert not TrainPlan(local_steps=3).scheduled and TrainPlan(local_steps=3, lr=0.05).lr_at(2) == 0.05
     for bad in ({"lr_schedule": "step"}, {"warmup_steps": -1}, {"grad_clip": -1.0}, {"optimizer": "lion"}):
         with pytest.raises(ConfigError):
             TrainPlan(local_steps=3, **bad)
@@ -231,8 +231,8 @@ def test_preset_parses_with_the_papers_recipe():
     from simulations.config import PRESETS_DIR, load_config
 
     config = load_config(PRESETS_DIR / "clip-vit-b32-8tasks.toml")
-    assert config.tasks == ("Cars", "DTD", "EuroSAT", "GTSRB", "MNIST", "RESISC45", "SUN397", "SVHN")
+    assert config.data.tasks == ("Cars", "DTD", "EuroSAT", "GTSRB", "MNIST", "RESISC45", "SUN397", "SVHN")
     plan = config.client_plans()[0]
     assert (plan.optimizer, plan.lr, plan.weight_decay, plan.batch_size) == ("adamw", 1e-5, 0.1, 128)
     assert (plan.warmup_steps, plan.lr_schedule, plan.grad_clip, plan.local_steps) == (500, "cosine", 1.0, 2000)
-    assert config.client_gpus > 0 and config.model == "clip:openai/clip-vit-base-patch32"
+    assert config.run.client_gpus > 0 and config.model == "clip:openai/clip-vit-base-patch32"

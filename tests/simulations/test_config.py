@@ -8,9 +8,10 @@ from fedmerge import ConfigError
 from simulations.config import DEFAULT_PRESET, ExperimentConfig, load_config, parse_override, read_toml, write_toml
 
 
-def test_default_preset_loads_and_matches_the_issue():
+def test_default_preset_is_the_schemas_defaults():
     config = load_config()
-    assert config.num_clients == 8 and config.partition == "dirichlet" and config.alpha == 0.5
+    assert config == ExperimentConfig()  # one set of defaults: the preset only names the run
+    assert config.num_clients == 8 and config.data.partition == "dirichlet" and config.data.alpha == 0.5
     assert config.strategies == ("fedavg", "fednova", "median", "tsv")
     steps = [p.local_steps for p in config.client_plans()]
     assert len(set(steps)) > 1 and all(20 <= s <= 100 for s in steps)  # heterogeneous local steps
@@ -39,13 +40,13 @@ def test_flat_comma_lists_from_flower_run_config():
     assert [p.optimizer for p in config.client_plans()] == ["sgd", "adam", "sgd"]
     assert config.strategies == ("fedavg", "tsv")
     flat = ExperimentConfig.from_mapping({"strategies": "fedavg,tsv", "scale": "fedavg=1,tsv=0.25"})
-    assert flat.scale == {"fedavg": 1.0, "tsv": 0.25}
+    assert flat.merging.scale == {"fedavg": 1.0, "tsv": 0.25}
 
 
 def test_scale_per_method():
     config = ExperimentConfig(strategies=("fedavg", "tsv"), scale={"tsv": 0.25, "median": 3.0})
     assert config.scale_of("fedavg") == 1.0 and config.scale_of("tsv") == 0.25
-    assert config.scale == {"fedavg": 1.0, "tsv": 0.25}  # unused methods' entries are dropped
+    assert config.merging.scale == {"fedavg": 1.0, "tsv": 0.25}  # unused methods' entries are dropped
 
 
 def test_effective_config_round_trips_through_toml(tmp_path):
@@ -59,7 +60,7 @@ def test_effective_config_round_trips_through_toml(tmp_path):
     ({"alpha": 0}, "alpha must be > 0, got 0"),
     ({"alpha": -1.0}, "alpha must be > 0"),
     ({"alpha": "high"}, "alpha must be a number, got 'high'"),
-    ({"num-clients": 0}, "num-clients must be > 0"),
+    ({"num-clients": 0}, "num-clients must be an integer >= 1, got 0"),
     ({"num-clients": 2.5}, "num-clients must be an integer"),
     ({"local-steps": 0}, "local-steps must be an integer >= 1, got 0"),
     ({"local-steps": [1, 2]}, "local-steps has 2 entries but num-clients is 8"),
@@ -75,7 +76,7 @@ def test_effective_config_round_trips_through_toml(tmp_path):
     ({"method-options": {"fedgma": {"bogus": 1}}}, "method-options.fedgma.bogus is not an option"),
     ({"method-options": {"fednova": {"local_steps": [1]}}}, "method-options.fednova.local_steps"),
     ({"engine": "spark"}, "engine='spark'"),
-    ({"partition": "byzantine"}, "partition='byzantine'"),
+    ({"partition": "byzantine"}, "unknown partition 'byzantine'; known: "),
     ({"min-clients": 9}, r"min-clients must lie in \[1, num-clients=8\]"),
     ({"model": "gpt"}, "model='gpt'"),
     ({"weighting": "loss"}, "weighting='loss'"),
@@ -103,3 +104,33 @@ def test_method_option_values_are_checked_before_any_training():
 def test_warmup_longer_than_training_is_refused():
     with pytest.raises(ConfigError, match="warmup-steps=30 must be smaller than local-steps=20"):
         ExperimentConfig(local_steps=20, warmup_steps=30).client_plans()
+
+
+def test_sections_are_the_library_specs_and_accept_nested_tables():
+    from fedmerge.attacks import AttackSpec
+    from fedmerge.data import DataSpec
+    from fedmerge.train import PretrainSpec, TrainingSpec
+
+    flat = ExperimentConfig.from_mapping({"alpha": 0.1, "pretrain-steps": 7, "byzantine-fraction": 0.25})
+    nested = ExperimentConfig.from_mapping({"data": {"alpha": 0.1}, "pretrain": {"steps": 7},
+                                            "attack": {"fraction": 0.25}})
+    assert flat == nested and flat.to_dict() == nested.to_dict()
+    assert isinstance(flat.data, DataSpec) and isinstance(flat.train, TrainingSpec)
+    assert isinstance(flat.pretrain, PretrainSpec) and isinstance(flat.attack, AttackSpec)
+    assert flat.data.alpha == 0.1 and flat.pretrain.steps == 7 and len(flat.byzantine_clients()) == 2
+    with pytest.raises(ConfigError, match="pretrain-steps must be an integer >= 1, got 0"):
+        ExperimentConfig.from_mapping({"pretrain": {"steps": 0}})  # named as users write it
+
+
+def test_files_and_overrides_use_hyphenated_keys_only(tmp_path):
+    preset = tmp_path / "p.toml"
+    preset.write_text("num_clients = 3\n")
+    with pytest.raises(ConfigError, match="unknown config key 'num_clients'"):
+        load_config(preset)
+
+
+def test_a_config_round_trips_through_its_file(tmp_path):
+    config = load_config(None, ["num-clients=3", 'local-steps="5:9"', "scale={fedavg=0.5, tsv=\"tune\"}",
+                                "method-options={fedgma={rho=0.3}}", 'strategies=["fedavg", "tsv", "fedgma"]'])
+    write_toml(config, tmp_path / "config.toml")
+    assert load_config(tmp_path / "config.toml") == config

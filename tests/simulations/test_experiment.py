@@ -18,7 +18,7 @@ from simulations.experiment import run_experiment
 def individually_fine_tuned(config):
     """Each client's τ_i computed without Flower: the definition that the round must reproduce."""
     data = load_federated(config.data_spec())
-    base, _ = pretrained_base(config.pretrain_spec(), data, config.cache_path())
+    base, _ = pretrained_base(config.pretrain, config.model, config.seed, data, config.cache_path())
     updates = [local_update(config.model, base, data.clients[i], plan, config.seed, data.input_shape,
                             data.num_classes) for i, plan in enumerate(config.client_plans())]
     return base, updates

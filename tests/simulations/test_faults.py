@@ -93,7 +93,7 @@ def test_too_few_replies_fail_the_run_with_exit_code_1_and_no_output(small_confi
     assert not (tmp_path / "api").exists()
     result = CliRunner().invoke(cli_app, [
         "run", "--set", "num-clients=3", "--set", "engine='inprocess'", "--set", "pretrain-steps=30",
-        "--set", "local-steps=[5, 10, 15]", "--set", f"cache-dir='{small_config.cache_dir}'", "-q",
+        "--set", "local-steps=[5, 10, 15]", "--set", f"cache-dir='{small_config.run.cache_dir}'", "-q",
         "--out", str(tmp_path / "cli")])
     assert result.exit_code == 1, result.output
     assert "fewer than the 2 required" in result.output and "Traceback" not in result.output

@@ -64,7 +64,7 @@ def test_interrupted_sweep_resumes_where_it_stopped(spec_file, tmp_path, monkeyp
     real, ran = sweep_module.run_experiment, []
 
     def flaky(config, out=None, **kw):
-        ran.append(config.alpha)
+        ran.append(config.data.alpha)
         if len(ran) == 2:
             raise KeyboardInterrupt
         return real(config, out, **kw)

@@ -112,13 +112,12 @@ def test_result_is_base_plus_scaled_merge():
 def test_fedavg_merge_equals_flowers_own_fedavg_on_the_real_client(small_config):
     """Flower's FedAvg averaging the same task vectors, plus θ0, is our one-shot FedAvg model."""
     from fedmerge.data import load_federated
-    from fedmerge.records import to_config
     from fedmerge.train import pretrained_base
 
     config = small_config
     data = load_federated(config.data_spec())
-    base, _ = pretrained_base(config.pretrain_spec(), data, config.cache_path())
-    train_config = ConfigRecord({"model": config.model, **to_config(config.data_spec()), "local-steps": 12})
+    base, _ = pretrained_base(config.pretrain, config.model, config.seed, data, config.cache_path())
+    train_config = ConfigRecord({"model": config.model, **config.data_spec().to_config(), "local-steps": 12})
     grid_args = (clients.app, config.num_clients)
     ours = OneShotMerge.single("fedavg", min_available_nodes=4).start(
         InProcessGrid(*grid_args), ArrayRecord(base), num_rounds=1, train_config=train_config)

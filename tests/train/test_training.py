@@ -67,12 +67,12 @@ def test_bad_plans(kwargs, needle):
 
 
 def test_pretrained_base_is_cached_by_its_settings(data, tmp_path, monkeypatch):
-    spec = PretrainSpec("mlp", steps=20, seed=0)
-    first, cached1 = pretrained_base(spec, data, tmp_path)
+    spec = PretrainSpec(steps=20)
+    first, cached1 = pretrained_base(spec, "mlp", 0, data, tmp_path)
     calls = []
     monkeypatch.setattr("fedmerge.train.pretrain.train", lambda *a, **k: calls.append(1))
-    second, cached2 = pretrained_base(spec, data, tmp_path)
+    second, cached2 = pretrained_base(spec, "mlp", 0, data, tmp_path)
     assert (cached1, cached2) == (False, True) and calls == []
     assert all(torch.equal(first[k], second[k]) for k in first)
-    _, cached3 = pretrained_base(PretrainSpec("mlp", steps=21, seed=0), data, tmp_path)
+    _, cached3 = pretrained_base(PretrainSpec(steps=21), "mlp", 0, data, tmp_path)
     assert cached3 is False and len(list(tmp_path.glob("base-*.safetensors"))) == 2
