@@ -7,7 +7,8 @@ Message contract (what :mod:`strategies` sends and expects back):
 * ``train`` carrying ``{"arrays": θ0, "config": ConfigRecord}``, the config holding the data spec
   (``dataset``, ``num-clients``, ``partition``, ``alpha``, ``classes-per-client``, ``seed``, …),
   ``model`` and this client's plan (``local-steps``, ``lr``, ``batch-size``, ``optimizer``,
-  ``weight-decay``) and optionally ``task-vector-cache`` (a directory shared with the server) →
+  ``weight-decay``, ...), optionally ``plugins`` (plugin files to load first) and
+  ``task-vector-cache`` (a directory shared with the server) →
   reply ``{"arrays": τ_i, "metrics": MetricRecord}`` with ``num-examples``, ``local-steps``,
   ``train-loss``, ``local-accuracy``, ``partition-id``, ``cached`` (1 when read from the cache) and
   ``train-seconds`` (wall-clock seconds this client worked: loading its data and training, not the
@@ -20,9 +21,8 @@ Message contract (what :mod:`strategies` sends and expects back):
 
 from __future__ import annotations
 
-import time
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 app = ClientApp()
@@ -42,39 +42,6 @@ def identify(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     # Imported here, not at the top: on Flower's deployment engine every message starts a fresh
     # ClientApp process, and a `query` then needs neither torch nor the data stack (seconds each).
-    from fedmerge.data import DataSpec, load_federated
-    from fedmerge.registry import load_plugin_file
-    from fedmerge.train import TrainPlan
-    from fedmerge.train.local import client_seed, local_update
+    from clients.work import fine_tune
 
-    started = time.perf_counter()  # after the imports: a worker's first import is the engine's cost
-    pid, num_partitions = _partition(context)
-    config: ConfigRecord = msg.content["config"]
-    for plugin in filter(None, str(config.get("plugins", "")).split(",")):
-        load_plugin_file(plugin)  # datasets, partitioners and models of the experiment's plugins
-    spec = DataSpec.from_config(config)
-    if spec.num_clients != num_partitions:
-        raise ValueError(f"server expects {spec.num_clients} clients, this node is one of {num_partitions}")
-    data = load_federated(spec)
-    base = msg.content["arrays"].to_torch_state_dict()
-    update = local_update(
-        str(config["model"]), base, data.clients[pid], TrainPlan.from_config(config),
-        seed=spec.seed, input_shape=data.input_shape, num_classes=data.num_classes,
-        cache_dir=str(config.get("task-vector-cache", "")) or None,
-    )
-    metrics = MetricRecord({
-        "num-examples": update.num_examples,
-        "local-steps": update.local_steps,
-        "train-loss": float(update.train_loss),
-        "local-accuracy": float(update.accuracy),
-        "partition-id": pid,
-        "cached": int(update.cached),
-    })
-    task_vector = dict(update.task_vector)
-    if config.get("byzantine", False):  # an attacker, by the experiment's design: it lies about τ_i only
-        from fedmerge.attacks import attack
-
-        task_vector = attack(str(config["byzantine-mode"]), task_vector, scale=float(config["byzantine-scale"]),
-                             std=float(config["byzantine-std"]), seed=client_seed(spec.seed, pid))
-    metrics["train-seconds"] = time.perf_counter() - started
-    return Message(RecordDict({"arrays": ArrayRecord(task_vector), "metrics": metrics}), reply_to=msg)
+    return fine_tune(msg, *_partition(context))

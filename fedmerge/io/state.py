@@ -17,6 +17,9 @@ from fedmerge.io.atomic import atomic_path
 
 def save_state(tensors: Mapping[str, Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
     """Write tensors (and string metadata) as safetensors atomically: never a half-written file."""
+    bad = [k for k, v in tensors.items() if not torch.is_tensor(v)]
+    if bad:
+        raise CheckpointError(f"{path}: entry {bad[0]!r} is not a tensor ({type(tensors[bad[0]]).__name__})")
     with atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
 

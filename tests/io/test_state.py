@@ -49,13 +49,22 @@ def test_missing_file(tmp_path):
         load_state(tmp_path / "nope.safetensors")
 
 
-def test_save_state_is_atomic_on_failure(tmp_path):
+def test_save_state_is_atomic_on_failure(tmp_path, monkeypatch):
     path = tmp_path / "x.safetensors"
     save_state({"a": torch.ones(1)}, path)
-    with pytest.raises((TypeError, AttributeError, ValueError)):
+    with pytest.raises(CheckpointError, match="entry 'a' is not a tensor"):
         save_state({"a": "not a tensor"}, path)  # type: ignore[dict-item]
+
+    def half_write(tensors, filename, metadata=None):  # the disk fills up halfway through
+        with open(filename, "wb") as fh:
+            fh.write(b"\x00" * 7)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("fedmerge.io.state.save_file", half_write)
+    with pytest.raises(OSError):
+        save_state({"a": torch.zeros(1)}, path)
     assert torch.equal(load_state(path)["a"], torch.ones(1))  # the old file survives intact
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.safetensors"]  # and no temporary is left
 
 
 @pytest.fixture

@@ -1,0 +1,50 @@
+"""What a client does with a ``train`` message: load its partition, fine-tune, reply τ_i and metrics.
+
+Kept apart from :mod:`clients.app` so that the ClientApp starts without torch and the data stack
+(a deployment SuperNode runs a fresh process per message, and a ``query`` needs neither).
+"""
+
+from __future__ import annotations
+
+import time
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from fedmerge.attacks import attack
+from fedmerge.data import DataSpec, load_federated
+from fedmerge.registry import load_plugin_file
+from fedmerge.train import TrainPlan
+from fedmerge.train.local import client_seed, local_update
+
+
+def fine_tune(msg: Message, pid: int, num_partitions: int) -> Message:
+    """Partition ``pid`` of ``num_partitions`` fine-tunes θ0 from ``msg`` and replies τ_i (see the
+    message contract in :mod:`clients.app`)."""
+    started = time.perf_counter()  # after the imports: a worker's first import is the engine's cost
+    config: ConfigRecord = msg.content["config"]
+    for plugin in filter(None, str(config.get("plugins", "")).split(",")):
+        load_plugin_file(plugin)  # datasets, partitioners and models of the experiment's plugins
+    spec = DataSpec.from_config(config)
+    if spec.num_clients != num_partitions:
+        raise ValueError(f"server expects {spec.num_clients} clients, this node is one of {num_partitions}")
+    data = load_federated(spec)
+    base = msg.content["arrays"].to_torch_state_dict()
+    update = local_update(
+        str(config["model"]), base, data.clients[pid], TrainPlan.from_config(config),
+        seed=spec.seed, input_shape=data.input_shape, num_classes=data.num_classes,
+        cache_dir=str(config.get("task-vector-cache", "")) or None,
+    )
+    metrics = MetricRecord({
+        "num-examples": update.num_examples,
+        "local-steps": update.local_steps,
+        "train-loss": float(update.train_loss),
+        "local-accuracy": float(update.accuracy),
+        "partition-id": pid,
+        "cached": int(update.cached),
+    })
+    task_vector = dict(update.task_vector)
+    if config.get("byzantine", False):  # an attacker, by the experiment's design: it lies about τ_i only
+        task_vector = attack(str(config["byzantine-mode"]), task_vector, scale=float(config["byzantine-scale"]),
+                             std=float(config["byzantine-std"]), seed=client_seed(spec.seed, pid))
+    metrics["train-seconds"] = time.perf_counter() - started
+    return Message(RecordDict({"arrays": ArrayRecord(task_vector), "metrics": metrics}), reply_to=msg)
