@@ -48,14 +48,14 @@ def release_free_heap() -> None:
         _MALLOC_TRIM(0)
 
 
-def clean_file_mapping(tensors: Iterable[Tensor], inode: int, smaps: str = SMAPS) -> tuple[int, int] | None:
+def clean_file_mapping(tensors: Iterable[Tensor], inode: int) -> tuple[int, int] | None:
     """The address range (start, end) of the private file mapping holding ``tensors`` when dropping
     its pages loses nothing; None when it cannot be told (no smaps, no madvise, a written page)."""
     address = next((t.data_ptr() for t in tensors if t.layout == torch.strided and t.numel()), None)
     if address is None or _MADVISE is None:
         return None
     try:
-        with open(smaps) as fh:
+        with open(SMAPS) as fh:
             lines = fh.read().splitlines()
     except OSError:
         return None

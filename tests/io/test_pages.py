@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
+
+from fedmerge.io import load_state, pages
+from fedmerge.offline import merge_checkpoints
 
 
 def _resident_bytes_of(path) -> int:
@@ -58,3 +62,40 @@ def test_pages_torch_wrote_at_load_are_never_dropped(tmp_path):
     assert ck._mapped is None  # not droppable: torch wrote into the mapping
     assert torch.equal(ck["w"], state["w"]) and torch.equal(ck["v"], state["v"])
     assert torch.equal(ck._read("w"), state["w"]) and torch.equal(ck._read("v"), state["v"])
+
+
+def _pt_merge_inputs(tmp_path):
+    """A base and two fine-tuned .pt state dicts, and their FedAvg merge written in numpy float64."""
+    gen = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(64, 32, generator=gen), "b": torch.randn(32, generator=gen)}
+    tuned = [{k: v + torch.randn(v.shape, generator=gen) for k, v in base.items()} for _ in range(2)]
+    paths = []
+    for i, state in enumerate([base, *tuned]):
+        torch.save(state, tmp_path / f"m{i}.pt")
+        paths.append(tmp_path / f"m{i}.pt")
+    expected = {k: base[k].double().numpy() + np.mean([t[k].double().numpy() - base[k].double().numpy()
+                                                       for t in tuned], axis=0) for k in base}
+    return paths, expected
+
+
+@pytest.mark.parametrize("platform", ["no smaps", "unreadable smaps", "no madvise", "garbled smaps"])
+def test_page_dropping_can_never_fail_a_merge(tmp_path, monkeypatch, platform):
+    """Every place where the lookup is impossible (macOS, Windows, sandboxes, an unknown smaps
+    format) drops nothing and merges exactly as usual."""
+    if platform == "no smaps":
+        monkeypatch.setattr(pages, "SMAPS", str(tmp_path / "missing"))
+    elif platform == "unreadable smaps":
+        monkeypatch.setattr(pages, "SMAPS", str(tmp_path))  # a directory: open() fails
+    elif platform == "no madvise":
+        monkeypatch.setattr(pages, "_MADVISE", None)
+    else:
+        garbled = tmp_path / "smaps"
+        garbled.write_text("zz-yy rw-p nothex 00:00 notanumber\nRss: lots kB\n")
+        monkeypatch.setattr(pages, "SMAPS", str(garbled))
+    paths, expected = _pt_merge_inputs(tmp_path)
+    out = tmp_path / "merged.safetensors"
+    merge_checkpoints(paths[0], paths[1:], "fedavg", out)
+    merged = load_state(out)
+    for key, value in expected.items():
+        np.testing.assert_allclose(merged[key].double().numpy(), value, atol=1e-6)
+    assert pages.clean_file_mapping([torch.ones(4)], inode=1) is None
