@@ -195,3 +195,19 @@ def test_broken_plugins_are_one_clear_error(tmp_path, monkeypatch):
     with pytest.raises(PluginError, match="plugin 'nope' .*fedmerge.partitioners.* failed to load"):
         PARTITIONERS["iid"]
     assert "nope" not in sys.modules
+
+
+@pytest.mark.ray
+def test_plugins_reach_clients_in_ray_actors(plugin_file, tmp_path, cache_dir):
+    """Clients on Ray run in other processes: they load the experiment's plugin files themselves,
+    and give the same task vectors as in-process clients."""
+    from simulations.config import load_config
+    from simulations.experiment import run_experiment
+
+    overrides = ['engine="inprocess"', "num-clients=2", 'dataset="blobs"', 'partition="by_label"', 'model="tiny"',
+                 'strategies=["sign_mean"]', "local-steps=5", "pretrain-steps=10", f'cache-dir="{cache_dir}"']
+    inprocess = run_experiment(load_config(None, overrides, plugins=[plugin_file]), progress=False)
+    on_ray = run_experiment(load_config(None, [*overrides, 'engine="ray"'], plugins=[plugin_file]), progress=False)
+    assert on_ray.results["timing"]["engine"] == "ray" and not on_ray.results["failures"]
+    for key, value in inprocess.merged["sign_mean"].items():
+        assert torch.equal(value, on_ray.merged["sign_mean"][key]), key
