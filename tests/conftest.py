@@ -44,3 +44,28 @@ def small_config(cache_dir):
         strategies=("fedavg", "fednova", "median", "tsv", "task_arithmetic"), engine="inprocess",
         pretrain_steps=30, cache_dir=cache_dir, seed=3,
     )
+
+
+@pytest.fixture
+def write_unreadable_checkpoints():
+    """``write(directory, good)``: files a hostile or careless user might hand over (see below)."""
+    return _write_unreadable_checkpoints
+
+
+def _write_unreadable_checkpoints(directory, good) -> None:
+    """Files a hostile or careless user might hand over, beside the good checkpoint ``good``:
+    truncated, empty, text, not a checkpoint, and pickles whose ``__reduce__`` would run code."""
+    import pickle
+
+    data = good.read_bytes()
+    (directory / "truncated.safetensors").write_bytes(data[: len(data) // 2])
+    (directory / "empty.safetensors").write_bytes(b"")
+    (directory / "text.safetensors").write_text("not a checkpoint")
+    (directory / "notes.txt").write_text("hello")
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    (directory / "evil.pt").write_bytes(pickle.dumps({"fc.weight": Evil()}))
+    (directory / "evil.safetensors").write_bytes(pickle.dumps({"fc.weight": Evil()}))

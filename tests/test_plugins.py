@@ -82,6 +82,15 @@ def plugin_file(tmp_path):
     return path
 
 
+def install_entry_points(where, monkeypatch, name: str, entry_points: str) -> None:
+    """An installed distribution named ``name`` with these entry points, as pip would leave it."""
+    dist = where / f"{name.replace('-', '_')}-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(entry_points)
+    monkeypatch.syspath_prepend(str(where))
+
+
 def numpy_sign_mean(task_vectors, tau):
     out = {}
     for key in task_vectors[0]:
@@ -164,11 +173,8 @@ def test_an_entry_point_rule_is_a_plain_function(tmp_path, monkeypatch):
             return {k: factor * sum(w * tv[k] for w, tv in zip(p, task_vectors)) for k in task_vectors[0]}
         scaled_mean.natural_scale = "mean"
     '''))
-    dist = tmp_path / "outside_rules-0.1.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: outside-rules\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[fedmerge.methods]\nscaled_mean = outside_rules:scaled_mean\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
+    install_entry_points(tmp_path, monkeypatch, "outside-rules",
+                         "[fedmerge.methods]\nscaled_mean = outside_rules:scaled_mean\n")
     METHODS._entry_points_loaded = False
     tvs = [{"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([3.0, -2.0])}]
     torch.testing.assert_close(merge("scaled_mean", tvs, factor=2.0)["w"], torch.tensor([4.0, 0.0]))
@@ -186,11 +192,7 @@ def test_broken_plugins_are_one_clear_error(tmp_path, monkeypatch):
     assert result.exit_code == 2
     assert "broken.py failed to load: ModuleNotFoundError" in " ".join(result.output.split()).replace("/ ", "/")
     assert "Traceback" not in result.output
-    dist = tmp_path / "bad-0.1.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: bad\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[fedmerge.partitioners]\nnope = missing_module:split\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
+    install_entry_points(tmp_path, monkeypatch, "bad", "[fedmerge.partitioners]\nnope = missing_module:split\n")
     PARTITIONERS._entry_points_loaded = False
     with pytest.raises(PluginError, match="plugin 'nope' .*fedmerge.partitioners.* failed to load"):
         PARTITIONERS["iid"]

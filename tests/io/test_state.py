@@ -3,7 +3,6 @@ CheckpointError naming the file for anything unreadable, without running pickled
 
 from __future__ import annotations
 
-import pickle
 
 import pytest
 import torch
@@ -68,23 +67,12 @@ def test_save_state_is_atomic_on_failure(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def ckpts(tmp_path):
+def ckpts(tmp_path, write_unreadable_checkpoints):
     """A good checkpoint and unreadable ones: truncated, empty, text, not a checkpoint, pickles."""
     d = tmp_path / "ckpt"
     d.mkdir()
     save_file({"fc.weight": torch.zeros(4, 3), "fc.bias": torch.zeros(4)}, str(d / "good.safetensors"))
-    good = (d / "good.safetensors").read_bytes()
-    (d / "truncated.safetensors").write_bytes(good[: len(good) // 2])
-    (d / "empty.safetensors").write_bytes(b"")
-    (d / "text.safetensors").write_text("not a checkpoint")
-    (d / "notes.txt").write_text("hello")
-
-    class Evil:
-        def __reduce__(self):
-            return (print, ("pwned",))
-
-    (d / "evil.pt").write_bytes(pickle.dumps({"fc.weight": Evil()}))
-    (d / "evil.safetensors").write_bytes(pickle.dumps({"fc.weight": Evil()}))
+    write_unreadable_checkpoints(d, d / "good.safetensors")
     return d
 
 

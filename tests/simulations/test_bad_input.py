@@ -11,7 +11,6 @@ NaN/Inf tensors). The same checks below the CLI live with their packages:
 
 from __future__ import annotations
 
-import pickle
 
 import pytest
 import torch
@@ -146,24 +145,13 @@ BASE = {"fc.weight": torch.zeros(4, 3), "fc.bias": torch.zeros(4)}
 
 
 @pytest.fixture
-def ckpts(tmp_path):
+def ckpts(tmp_path, write_unreadable_checkpoints):
     d = tmp_path / "ckpt"
     d.mkdir()
     save_file(BASE, str(d / "base.safetensors"))
     for i in range(2):
         save_file({k: v + i + 1 for k, v in BASE.items()}, str(d / f"ft{i}.safetensors"))
-    good = (d / "ft0.safetensors").read_bytes()
-    (d / "truncated.safetensors").write_bytes(good[: len(good) // 2])
-    (d / "empty.safetensors").write_bytes(b"")
-    (d / "text.safetensors").write_text("not a checkpoint")
-    (d / "notes.txt").write_text("hello")
-
-    class Evil:
-        def __reduce__(self):
-            return (print, ("pwned",))
-
-    (d / "evil.pt").write_bytes(pickle.dumps({"fc.weight": Evil()}))
-    (d / "evil.safetensors").write_bytes(pickle.dumps({"fc.weight": Evil()}))
+    write_unreadable_checkpoints(d, d / "ft0.safetensors")
     save_file({"fc.weight": torch.zeros(5, 3), "fc.bias": torch.zeros(5)}, str(d / "wide.safetensors"))
     save_file({"fc.weight": torch.zeros(4, 3)}, str(d / "missing_key.safetensors"))
     save_file({**BASE, "extra": torch.zeros(1)}, str(d / "extra_key.safetensors"))
