@@ -374,7 +374,7 @@ def bench_sim(quick: bool) -> list[list]:
                                           pretrain_steps=30, cache_dir=cache, seed=0)
                 results = run_experiment(config, progress=False).results
                 timing, own = results["timing"], sum(c["train_seconds"] for c in results["clients"])
-                workers = 1 if engine == "inprocess" else min(n, usable_cpus() // config.client_cpus)
+                workers = 1 if engine == "inprocess" else min(n, usable_cpus() // config.run.client_cpus)
                 overhead = (workers * timing["clients"] - own) / n
                 rows.append([engine, n, *(f"{v:.2f}" for v in (timing.get("wait_for_nodes", 0.0) + timing.get("query", 0.0),
                                                                 timing["clients"], own)),

@@ -47,7 +47,7 @@ def merge_checkpoints(
     """Merge fine-tuned checkpoints into θ0 + scale·τ_merged and write it to ``out`` (safetensors).
 
     A ``base`` that is a Hugging Face Hub id or ``save_pretrained`` directory merges CLIP image
-    encoders instead (:func:`fedmerge.clip.merge_pretrained`) and ``out`` is a new directory.
+    encoders instead (:func:`merge_pretrained`) and ``out`` is a new directory.
     ``on_read`` is called once per tensor read from disk (a progress hook). Returns a summary:
     method, scale, number of models, merged and copied tensor names.
     """

@@ -35,6 +35,7 @@ class Registry(Generic[T]):
         self._adapt = adapt or (lambda name, obj: obj)  # type: ignore[assignment,return-value]
         self._entries: dict[str, T] = {}
         self._entry_points_loaded = False
+        self._loaded_from: dict[str, str] = {}  # entry-point name -> its target, once loaded
 
     # -- adding --------------------------------------------------------------------------------
     def add(self, name: str, entry: T) -> T:
@@ -51,13 +52,17 @@ class Registry(Generic[T]):
         return self.add(name, self._adapt(name, obj))  # type: ignore[arg-type]
 
     def load_entry_points(self) -> None:
-        """Read the ``group`` entry points once; a plugin that fails to load is named in the error."""
+        """Read the ``group`` entry points once. A plugin that fails to load, or that takes a name
+        already registered (a built-in's included), is one error naming it, raised again on every
+        lookup until it is fixed: a registry is never left silently partial."""
         if self._entry_points_loaded:
             return
-        self._entry_points_loaded = True
         for ep in importlib.metadata.entry_points(group=self.group):
+            if self._loaded_from.get(ep.name) == ep.value:
+                continue  # loaded by an earlier pass that a later plugin interrupted
             if ep.name in self._entries:
-                continue
+                raise PluginError(f"plugin {ep.name!r} ({self.group} = {ep.value!r}): a {self.kind} of that "
+                                  "name is already registered")
             try:
                 obj = ep.load()
             except Exception as exc:  # a broken plugin: whatever it raised, name it in one line
@@ -67,6 +72,8 @@ class Registry(Generic[T]):
                 self.add_object(ep.name, obj)
             except PluginError as exc:
                 raise PluginError(f"plugin {ep.name!r} ({self.group} = {ep.value!r}): {exc}") from None
+            self._loaded_from[ep.name] = ep.value
+        self._entry_points_loaded = True
 
     # -- reading -------------------------------------------------------------------------------
     def __getitem__(self, name: str) -> T:

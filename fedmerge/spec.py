@@ -76,8 +76,8 @@ _CHOICE = "choose from "
 class SpecError(ConfigError):
     """A bad setting: ``key`` (hyphenated; None for a sentence about several keys) and what is wrong."""
 
-    def __init__(self, key: str | None, detail: str, joiner: str = " ") -> None:
-        self.key, self.detail, self.joiner = key, detail, joiner
+    def __init__(self, key: str | None, detail: str, joiner: str = " ", location: tuple[str, ...] = ()) -> None:
+        self.key, self.detail, self.joiner, self.location = key, detail, joiner, location
         super().__init__(f"{key}{joiner}{detail}" if key else detail)
 
 
@@ -89,20 +89,20 @@ def config_error(exc: ValidationError, rename: Callable[[tuple[str, ...]], str] 
     error = exc.errors()[0]
     loc = tuple(hyphenate(str(part)) for part in error["loc"] if not isinstance(part, int))
     inner = error.get("ctx", {}).get("error")
-    if isinstance(inner, SpecError):  # raised by a nested spec: its key lies one level down
-        loc = (*loc, inner.key) if inner.key else ()
-        return SpecError(rename(loc) if loc else None, inner.detail, inner.joiner)
+    if isinstance(inner, SpecError):  # raised by a nested spec: its field lies one level down
+        loc = (*loc, *inner.location) if inner.key else ()
+        return SpecError(rename(loc) if loc else None, inner.detail, inner.joiner, loc)
     key = rename(loc) if loc else None
     message = error["msg"].removeprefix("Value error, ")
     if message.startswith("!"):
         return SpecError(None, message[1:])
     if message.startswith(_CHOICE):
-        return SpecError(key, f"{error.get('input')!r} is not known; {message}", joiner="=")
+        return SpecError(key, f"{error.get('input')!r} is not known; {message}", joiner="=", location=loc)
     if error["type"] == "extra_forbidden":
-        return SpecError(None, f"unknown config key {key!r}")
+        return SpecError(None, f"unknown config key {'.'.join(loc)!r}")
     if error["type"] == "missing":
-        return SpecError(key, "is required")
-    return SpecError(key, f"{message}, got {error.get('input')!r}")
+        return SpecError(key, "is required", location=loc)
+    return SpecError(key, f"{message}, got {error.get('input')!r}", location=loc)
 
 
 # -- value types ------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 from fedmerge.errors import FederationError, FedmergeError
 
@@ -100,10 +100,11 @@ def methods(
         print(methods_table(), end="")
         return
 
-    table = Table("method", "scale", "options", "what it computes", "reference")
+    table = Table(Column("method", no_wrap=True), "scale", "weights", "options", "what it computes", "reference")
     for name, entry in METHODS.items():
-        table.add_row(name, entry.natural_scale, ", ".join(o.describe() for o in entry.options) or "—",
-                      entry.formula or entry.summary, entry.citation or "—")
+        table.add_row(name, entry.natural_scale, "used" if entry.uses_weights else "ignored",
+                      ", ".join(o.describe() for o in entry.options) or "—", entry.formula or entry.summary,
+                      entry.citation or "—")
     console.print(table)
 
 
@@ -183,20 +184,25 @@ def evaluate(
     workers: Annotated[int, typer.Option("--workers", help="DataLoader processes decoding images.")] = 0,
     cache_dir: Annotated[Path | None, typer.Option("--cache-dir", help="Where zero-shot heads are cached (default ~/.cache/fedmerge).")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write the table as JSON here.")] = None,
+    plugin: Annotated[list[Path], typer.Option("--plugin", help="A Python file that registers merging rules (repeatable).")] = [],
 ) -> None:
     """Score existing CLIP checkpoints without fine-tuning: zero-shot, fine-tuned, every merge (papers' table)."""
     from fedmerge.evaluation.checkpoints import evaluate_checkpoints
     from fedmerge.io import write_text_atomic
     from fedmerge.merging import METHODS
     from simulations.clip_report import print_task_table
-    from simulations.config import default_cache_dir
+    from simulations.config import default_cache_dir, load_plugins
     from simulations.results import to_json
 
     with user_errors("interrupted; nothing was written"):
+        load_plugins([str(p) for p in plugin])
         task_list = [t.strip() for t in tasks.split(",") if t.strip()]
         method_list = [m.strip() for m in methods.split(",") if m.strip()]
-        for m in method_list:
-            METHODS.check(m)
+        for m in method_list:  # before any checkpoint is read: unknown rules, rules needing options
+            missing = sorted(METHODS[m].required)
+            if missing:
+                raise FedmergeError(f"{m} needs option {missing[0]!r}, which fedmerge evaluate cannot set; "
+                                    "merge with `fedmerge merge --option` and score it with --merged")
         scales: dict[str, float] = {}
         for text in scale:
             name, sep, value = text.rpartition("=")

@@ -108,8 +108,17 @@ class MergingSpec(Spec):
             try:  # types and ranges, from the rule's registry entry
                 METHODS[method].check_options(options, num_clients=1)
             except MergeError as exc:
-                raise ValueError(f"!method-options.{method}: {exc}") from None
+                raise ValueError(f"!method-options.{method}.{str(exc).removeprefix(method + ': ')}") from None
         return value
+
+    @model_validator(mode="after")
+    def _required_options_given(self) -> MergingSpec:
+        for method in self.strategies:
+            entry = METHODS[method]
+            missing = sorted(entry.required - entry.per_client - set(self.method_options.get(method, {})))
+            if missing:
+                raise ValueError(f"!{method} needs option {missing[0]!r}: set method-options.{method}.{missing[0]}")
+        return self
 
     @model_validator(mode="after")
     def _scale_per_strategy(self) -> MergingSpec:
@@ -202,13 +211,18 @@ KEYS: dict[str, tuple[str, str, str]] = {
     "plugins": ("run", "plugins", "Python files that register rules, datasets, partitioners or models"),
 }
 _KEY_OF = {(section, field): key for key, (section, field, _) in KEYS.items()}
+# Renamed since earlier releases; still read, so that a saved config.toml repeats its run.
+RENAMED_KEYS = {"task-kinds": "transforms"}
+RENAMED_VALUES = {("partition", "tasks"): "transforms"}
 
 
 def _route(values: Mapping[str, Any]) -> dict[str, Any]:
     """Flat keys (hyphenated or underscored) and nested section tables → one nested dict."""
     nested: dict[str, Any] = {}
     for raw_key, value in values.items():
-        key = hyphenate(raw_key)
+        key = RENAMED_KEYS.get(hyphenate(raw_key), hyphenate(raw_key))
+        if isinstance(value, str):
+            value = RENAMED_VALUES.get((key, value), value)
         if key in SECTIONS and isinstance(value, Spec):
             nested[key] = {**value.model_dump(), **nested.get(key, {})}
         elif key in SECTIONS and isinstance(value, Mapping):
@@ -252,7 +266,10 @@ class ExperimentConfig(Spec):
         nested = _route(values)
         run = nested.get("run", {})
         if "plugins" in run:
-            run["plugins"] = load_plugins(run["plugins"])
+            try:
+                run["plugins"] = load_plugins(run["plugins"])
+            except ConfigError as exc:
+                raise ValueError(f"!{exc}") from None
         return nested
 
     @field_validator("model")
@@ -283,7 +300,7 @@ class ExperimentConfig(Spec):
         """Build and validate from flat hyphenated keys (or section tables), as files, ``--set`` and
         Flower's run config write them; unknown keys (underscored ones included) are an error."""
         for key in values:
-            if key not in KEYS and key not in SECTIONS:
+            if key not in KEYS and key not in SECTIONS and key not in RENAMED_KEYS:
                 raise ConfigError(f"unknown config key {key!r}; known keys: {', '.join(sorted(KEYS))}")
         return cls(**dict(values))
 
@@ -341,9 +358,17 @@ def config_table() -> str:
     defaults = ExperimentConfig().to_dict()
     rows = ["| key | default | what it sets |", "|---|---|---|"]
     for key, (_, _, doc) in KEYS.items():
-        shown = tomli_w.dumps({"v": defaults[key]})[4:].strip()
-        rows.append(f"| `{key}` | `{shown}` | {doc} |")
+        rows.append(f"| `{key}` | `{_inline_toml(defaults[key])}` | {doc} |")
     return "\n".join(rows) + "\n"
+
+
+def _inline_toml(value: Any) -> str:
+    """A value as one line of TOML (inline arrays and tables), for the README's table."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_inline_toml(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_inline_toml(v) for v in value) + "]"
+    return tomli_w.dumps({"v": value})[4:].strip()
 
 
 def load_plugins(plugins: Any) -> tuple[str, ...]:
@@ -403,20 +428,22 @@ def load_config(preset: str | os.PathLike | None = None, overrides: Sequence[str
     are added to them."""
     path = Path(preset if preset is not None else DEFAULT_PRESET)
     values = read_toml(path)
-    values["plugins"] = [str(path.parent / p) for p in _as_list(values.get("plugins", []), "plugins")]
+    values["plugins"] = plugin_files(values.get("plugins", []), path.parent)
     for text in overrides:
         key, value = parse_override(text)
         values[key] = value
-    values["plugins"] = [*_as_list(values["plugins"], "plugins"), *map(str, plugins)]
+    values["plugins"] = [*plugin_files(values["plugins"], "."), *map(str, plugins)]
     return ExperimentConfig.from_mapping(values)
 
 
-def _as_list(value: Any, key: str) -> list[str]:
+def plugin_files(value: Any, relative_to: str | os.PathLike) -> list[str]:
+    """The ``plugins`` of a file (a list, or one comma-separated string), as paths relative to the
+    directory of the file that names them."""
     if isinstance(value, str):
-        return [v.strip() for v in value.split(",") if v.strip()]
-    if not isinstance(value, list):
-        raise ConfigError(f"{key} must be a list, got {value!r}")
-    return value
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"plugins must be a list of Python files, got {value!r}")
+    return [str(Path(relative_to) / Path(v).expanduser()) for v in value]
 
 
 def write_toml(config: ExperimentConfig, path: str | os.PathLike) -> None:

@@ -5,7 +5,7 @@ bundled digits). Tutorial: ``docs/equivalence.md``.
 
 1. :func:`one_shot`: the clients once through a one-shot Flower round whose strategy is FedAvg with
    server learning rate η (θ0 + η Σ p_i Δ_i), and once fine-tuned alone without Flower
-   (:func:`fedmerge.local.local_update`) and merged by Task Arithmetic: λ = η/N for uniform p_i,
+   (:func:`fedmerge.train.local.local_update`) and merged by Task Arithmetic: λ = η/N for uniform p_i,
    per-client λ_i = η p_i for p_i ∝ num-examples, and λ_i = η (Σ_j p_j K_j) p_i / K_i for FedNova.
    The two ways must give the same weights to ``ONE_SHOT_TOLERANCE``.
 2. :func:`multi_round`: R rounds of FedAvg through Flower, each client taking one full-batch plain SGD

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from torch import Tensor
 
@@ -124,4 +125,6 @@ def print_table(results: dict[str, Any], console: Console) -> None:
                       _pct(r["normalized_accuracy"]), style=style, end_section=(i == 1))
     console.print(table)
     for f in results["failures"]:
-        console.print(f"[yellow]left out:[/] client {f['partition_id']} (node {f['node_id']}): {f['reason']}")
+        console.print(f"[yellow]left out:[/] client {f['partition_id']} (node {f['node_id']}): {escape(f['reason'])}")
+    for method, reason in results.get("method_failures", {}).items():
+        console.print(f"[yellow]no result:[/] {method}: {escape(reason)}")

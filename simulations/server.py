@@ -157,6 +157,7 @@ def evaluate(config: ExperimentConfig, data, base, strategy: OneShotMerge, progr
         "clients": clients,
         "failures": [{"partition_id": f.partition_id, "node_id": f.node_id, "reason": f.reason}
                      for f in strategy.failures],
+        "method_failures": dict(strategy.method_failures),  # rules that produced no merged vector, and why
         "byzantine": config.byzantine_clients(),  # partition ids told to attack (see fedmerge.attacks)
         "strategies": strategies,
     }

@@ -34,7 +34,7 @@ from rich.console import Console
 
 from fedmerge.errors import ConfigError
 from fedmerge.io import atomic_path, write_text_atomic
-from simulations.config import PRESETS_DIR, ExperimentConfig, read_toml
+from simulations.config import PRESETS_DIR, ExperimentConfig, plugin_files, read_toml
 from simulations.experiment import run_experiment
 from simulations.plots import plot_sweep
 from simulations.progress import progress_bar
@@ -71,11 +71,11 @@ class SweepSpec:
         preset_path = shipped if shipped.is_file() else path.parent / preset
         preset_values = read_toml(preset_path)
         overrides = dict(raw.get("set", {}))
-        plugin_files = [*(str(preset_path.parent / p) for p in preset_values.pop("plugins", [])),
-                        *(str(path.parent / p) for p in [*raw.get("plugins", []), *overrides.pop("plugins", [])]),
-                        *map(str, plugins)]
+        files = [*plugin_files(preset_values.pop("plugins", []), preset_path.parent),
+                 *plugin_files(raw.get("plugins", []), path.parent),
+                 *plugin_files(overrides.pop("plugins", []), path.parent), *map(str, plugins)]
         base = {**preset_values, "engine": "inprocess", "cache-task-vectors": True, **overrides,
-                "plugins": plugin_files}
+                "plugins": files}
         grid = raw.get("grid", {})
         if not isinstance(grid, dict) or not grid:
             raise ConfigError(f"{path}: [grid] must list at least one config key with a list of values")

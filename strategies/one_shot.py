@@ -103,6 +103,9 @@ class OneShotMerge(Strategy):
             bad = sorted(set(opts) - set(METHODS[m].settable))
             if bad:
                 raise MergeError(f"{m}: option {bad[0]!r} cannot be set here")
+            missing = sorted(METHODS[m].required - METHODS[m].per_client - set(opts))
+            if missing:  # found now, not after every client has trained
+                raise MergeError(f"{m}: required option {missing[0]!r} is missing")
         if min_train_nodes < 1 or min_available_nodes < 1:
             raise FederationError("min_train_nodes and min_available_nodes must be at least 1")
         self.min_train_nodes = min_train_nodes
@@ -138,6 +141,7 @@ class OneShotMerge(Strategy):
         self.failures: list[ClientFailure] = []
         self.merged: dict[str, dict[str, Tensor]] = {}
         self.merge_seconds: dict[str, float] = {}
+        self.method_failures: dict[str, str] = {}  # rule -> why it produced no merged vector
         self.timing: dict[str, float] = {}  # seconds: wait-for-nodes, query, clients (until aggregation)
         self._sent_at = time.perf_counter()
 
@@ -252,9 +256,16 @@ class OneShotMerge(Strategy):
         for m in self.methods:
             task_vectors, weights, options = self.merge_inputs(m)
             t0 = time.perf_counter()
-            self.merged[m] = merge(m, task_vectors, weights, **options)
+            try:
+                self.merged[m] = merge(m, task_vectors, weights, **options)
+            except MergeError as exc:  # e.g. an overflow: this rule's result is lost, not the others'
+                self.method_failures[m] = str(exc)
+                log(WARNING, "Merging rule %s failed: %s", m, exc)
+                continue
             self.merge_seconds[m] = time.perf_counter() - t0
-        first = self.methods[0]
+        if not self.merged:
+            raise FederationError("every merging rule failed: " + "; ".join(self.method_failures.values()))
+        first = next(iter(self.merged))
         model = apply(self.base, self.merged[first], self.scale[first])
         return ArrayRecord(model), MetricRecord({"num-merged": len(self.reports), "num-failed": len(self.failures)})
 

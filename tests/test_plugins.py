@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from fedmerge import merge
 from fedmerge.data import DATASETS, PARTITIONERS
+from fedmerge.errors import ConfigError as ConfigErrorType
 from fedmerge.errors import PluginError
 from fedmerge.io import load_state, save_state
 from fedmerge.merging import METHODS
@@ -213,3 +214,59 @@ def test_plugins_reach_clients_in_ray_actors(plugin_file, tmp_path, cache_dir):
     assert on_ray.results["timing"]["engine"] == "ray" and not on_ray.results["failures"]
     for key, value in inprocess.merged["sign_mean"].items():
         assert torch.equal(value, on_ray.merged["sign_mean"][key]), key
+
+
+def test_plugin_rule_options_keep_their_types_and_their_one_default():
+    from fedmerge.merging import Option, rule
+
+    @rule("typed_rule")
+    def typed_rule(task_vectors, weights=None, *, normalize: bool = False, mode: str = "a", steps: int = 3):
+        return {k: task_vectors[0][k] * (steps if normalize else 1) for k in task_vectors[0]}
+
+    tvs = [{"w": torch.ones(2)}]
+    assert [o.describe() for o in METHODS["typed_rule"].options] == ["normalize=False", "mode='a'", "steps=3"]
+    torch.testing.assert_close(merge("typed_rule", tvs, normalize=True, mode="b", steps=2)["w"], torch.full((2,), 2.0))
+    for bad, needle in (({"normalize": 1}, "true or false"), ({"mode": 3}, "a string"), ({"steps": 2.7}, "integer")):
+        with pytest.raises(Exception, match=f"typed_rule: {next(iter(bad))} must be .*{needle}"):
+            merge("typed_rule", tvs, **bad)
+    with pytest.raises(PluginError, match="declares default 0.5 but the function's is 0.0"):
+        @rule("two_defaults", options=[Option("tau", default=0.5)])
+        def two_defaults(task_vectors, weights=None, *, tau=0.0):
+            return dict(task_vectors[0])
+
+
+def test_rule_outputs_are_checked_and_required_options_are_asked_for_before_training():
+    from fedmerge.errors import MergeError
+    from fedmerge.merging import rule
+    from simulations.config import ExperimentConfig
+    from strategies import OneShotMerge
+
+    @rule("bad_output")
+    def bad_output(task_vectors, weights=None):
+        return {k: [0.0] for k in task_vectors[0]}
+
+    @rule("needs_tau")
+    def needs_tau(task_vectors, weights=None, *, tau):
+        return dict(task_vectors[0])
+
+    with pytest.raises(MergeError, match="merged tensor 'w' is list, not a floating tensor of shape"):
+        merge("bad_output", [{"w": torch.ones(2)}])
+    with pytest.raises(ConfigErrorType, match="needs_tau needs option 'tau'"):
+        ExperimentConfig(strategies=["needs_tau"])
+    with pytest.raises(MergeError, match="required option 'tau' is missing"):
+        OneShotMerge(["needs_tau"])
+
+
+def test_entry_points_never_leave_a_registry_partial_nor_shadow_a_builtin(tmp_path, monkeypatch):
+    (tmp_path / "ep_rules.py").write_text("def epmean(task_vectors, weights=None):\n    return dict(task_vectors[0])\n")
+    install_entry_points(tmp_path, monkeypatch, "ep-rules",
+                         "[fedmerge.methods]\nbroken = no_such_module:x\nepmean = ep_rules:epmean\n")
+    METHODS._entry_points_loaded = False
+    for _ in range(2):  # the failure is reported on every lookup, not once and then forgotten
+        with pytest.raises(PluginError, match="plugin 'broken'"):
+            METHODS["epmean"]
+    (tmp_path / "other").mkdir()
+    install_entry_points(tmp_path / "other", monkeypatch, "clash", "[fedmerge.datasets]\ndigits = clash:load\n")
+    DATASETS._entry_points_loaded = False
+    with pytest.raises(PluginError, match="plugin 'digits'.*already registered"):
+        DATASETS["digits"]

@@ -50,7 +50,7 @@ class Split:
 
 def iterate_batches(data, index_batches: list[Tensor]):
     """``(x, y)`` for each index batch of ``data``: a :class:`Split` (tensors in memory) or any split with
-    ``batch(index)``, e.g. :class:`fedmerge.image_tasks.ImageSplit`, decoded by ``data.workers`` processes."""
+    ``batch(index)``, e.g. :class:`fedmerge.data.image_tasks.ImageSplit`, decoded by ``data.workers`` processes."""
     if isinstance(data, Split) or not getattr(data, "workers", 0):
         for index in index_batches:
             yield data.batch(index)

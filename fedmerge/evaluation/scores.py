@@ -43,11 +43,11 @@ class Evaluator:
     def __init__(self, model: nn.Module):
         self.model = model
 
-    def accuracy(self, state: Mapping[str, Tensor], data: Split) -> float:
+    def accuracy(self, state: Mapping[str, Tensor], data: Examples) -> float:
         self.model.load_state_dict(state)
         return score(self.model, data).accuracy
 
-    def accuracies(self, state: Mapping[str, Tensor], splits: Sequence[Split]) -> list[float]:
+    def accuracies(self, state: Mapping[str, Tensor], splits: Sequence[Examples]) -> list[float]:
         self.model.load_state_dict(state)
         return [score(self.model, s).accuracy for s in splits]
 

@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from fedmerge.errors import MergeError, PluginError
@@ -71,13 +72,20 @@ class Option:
             return per_client_values(self.name, value, num_clients, positive=True)
         if value is None and not self.required and self.default is None:
             return None  # derived from the inputs
+        if self.kind is bool:
+            if not isinstance(value, bool):
+                raise MergeError(f"{method}: {self.name} must be true or false, got {value!r}")
+            return value
         if self.kind in (int, float):
+            what = "an integer" if self.kind is int else "a number"
             try:
-                if isinstance(value, bool):
+                if isinstance(value, (bool, str)):
                     raise TypeError
-                number = self.kind(value)
-            except (TypeError, ValueError):
-                what = "an integer" if self.kind is int else "a number"
+                number = float(value)
+                if self.kind is int and not number.is_integer():
+                    raise ValueError
+                number = self.kind(number)
+            except (TypeError, ValueError, OverflowError):
                 raise MergeError(f"{method}: {self.name} must be {what}, got {value!r}") from None
             inside = ((self.low < number if self.low_open else self.low <= number)
                       and (number < self.high if self.high_open else number <= self.high))
@@ -85,7 +93,8 @@ class Option:
                 raise MergeError(f"{method}: {self.name} must lie in {self.interval()}, got {number}")
             return number
         if not isinstance(value, self.kind):
-            raise MergeError(f"{method}: {self.name} must be {self.kind.__name__}, got {value!r}")
+            what = "a string" if self.kind is str else self.kind.__name__
+            raise MergeError(f"{method}: {self.name} must be {what}, got {value!r}")
         return value
 
     def tuning_values(self, task_vectors: TaskVectors) -> list[Any]:
@@ -99,8 +108,9 @@ class Option:
         """``name=default`` with its range, for tables."""
         if self.per_client:
             return f"{self.name} (per client)"
-        default = "required" if self.required else ("derived" if self.default is None else f"{self.default:g}"
-                                                    if isinstance(self.default, (int, float)) else repr(self.default))
+        numeric = isinstance(self.default, (int, float)) and not isinstance(self.default, bool)
+        default = ("required" if self.required else "derived" if self.default is None
+                   else f"{self.default:g}" if numeric else repr(self.default))
         bounds = "" if (math.isinf(self.low) and math.isinf(self.high)) else f" in {self.interval()}"
         return f"{self.name}={default}{bounds}"
 
@@ -179,20 +189,25 @@ class MergeMethod:
     def __call__(self, task_vectors: TaskVectors, weights: Sequence[float] | None = None,
                  **options: Any) -> dict[str, Tensor]:
         """Validate, then merge: see :func:`merge`."""
-        validate_task_vectors(task_vectors)
+        shapes = validate_task_vectors(task_vectors)
         n = len(task_vectors)
         p = None if weights is None else normalised_weights(weights, n)
         checked = self.check_options(options, n)
         merged = self.function(list(task_vectors), p, **checked)
-        _check_output(self.name, merged, list(task_vectors[0]))
+        _check_output(self.name, merged, shapes)
         return merged
 
 
-def _check_output(method: str, merged: Any, names: Sequence[str]) -> None:
-    """A rule's result holds the inputs' tensor names and only finite values (never a silent inf)."""
-    if not isinstance(merged, Mapping) or set(merged) != set(names):
+def _check_output(method: str, merged: Any, shapes: Mapping[str, Any]) -> None:
+    """A rule's result holds a floating tensor of the input's shape for every name, all finite (an
+    overflow is an error, never a silent inf)."""
+    if not isinstance(merged, Mapping) or set(merged) != set(shapes):
         raise MergeError(f"{method}: the rule returned {type(merged).__name__} without the task vectors' tensors")
     for key, t in merged.items():
+        if not torch.is_tensor(t) or not t.is_floating_point() or t.shape != shapes[key]:
+            what = f"{t.dtype} {tuple(t.shape)}" if torch.is_tensor(t) else type(t).__name__
+            raise MergeError(f"{method}: merged tensor {key!r} is {what}, not a floating tensor of shape "
+                             f"{tuple(shapes[key])}")
         if not all_finite(t):
             raise MergeError(f"{method}: merged tensor {key!r} is not finite (the merge overflowed)")
 
@@ -232,9 +247,13 @@ def method_from_function(name: str, function: RuleFunction, *, natural_scale: st
             if p.default is inspect.Parameter.empty:
                 declared[p.name] = Option(p.name, required=True)
             else:
-                numeric = isinstance(p.default, (int, float)) and not isinstance(p.default, bool)
-                kind = type(p.default) if numeric else float
+                kind = type(p.default) if isinstance(p.default, (bool, int, float, str)) else float
                 declared[p.name] = Option(p.name, default=p.default, kind=kind)
+    for p in params[2:]:  # one default per option: the declared one must be the function's
+        option = declared.get(p.name)
+        if option is not None and p.default is not inspect.Parameter.empty and option.default != p.default:
+            raise PluginError(f"merging rule {name!r}: option {p.name!r} declares default {option.default!r} "
+                              f"but the function's is {p.default!r}")
     return MergeMethod(name, function, natural_scale=natural_scale, options=tuple(declared.values()),
                        uses_weights=uses_weights, citation=citation, formula=formula)
 

@@ -49,8 +49,9 @@ def all_finite(t: Tensor) -> bool:
     return bool(torch.isfinite(total)) or bool(torch.isfinite(t if t.element_size() > 1 else t.float()).all())
 
 
-def validate_task_vectors(task_vectors: TaskVectors) -> None:
-    """Check that there is at least one task vector and that all agree with the first."""
+def validate_task_vectors(task_vectors: TaskVectors) -> dict[str, torch.Size]:
+    """Check that there is at least one task vector and that all agree with the first; returns the
+    tensors' shapes (read once here, so that a rule's output can be checked without reading again)."""
     if isinstance(task_vectors, Mapping) or not isinstance(task_vectors, Sequence):
         raise MergeError("task_vectors must be a sequence of task vectors (one mapping per client)")
     if len(task_vectors) == 0:
@@ -60,10 +61,13 @@ def validate_task_vectors(task_vectors: TaskVectors) -> None:
         raise MergeError("client 0: task vector is empty or not a mapping")
     for i, tv in enumerate(task_vectors):
         _check_names(tv, first, f"client {i}")
+    shapes = {}
     for key in first:  # key by key, as the rules read them: lazy task vectors share the base's read
         ref = first[key]
         for i, tv in enumerate(task_vectors):
             _check_tensor(ref if i == 0 else tv[key], ref, f"client {i}", key)
+        shapes[key] = ref.shape
+    return shapes
 
 
 def per_client_values(name: str, values: Any, n: int, *, positive: bool) -> list[float]:

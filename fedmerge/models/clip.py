@@ -89,7 +89,7 @@ class ClipClassifier(nn.Module):
 
     def forward(self, pixel_values: Tensor, head: Tensor | None = None) -> Tensor:
         if head is None:
-            raise ConfigError("a CLIP classifier needs a task head: use a task dataset (fedmerge.image_tasks)")
+            raise ConfigError("a CLIP classifier needs a task head: use a task dataset (fedmerge.data.image_tasks)")
         return self.embed(pixel_values) @ head.to(pixel_values.device).T
 
 

@@ -97,7 +97,7 @@ def test_bad_files(tmp_path):
 
 
 def test_method_option_values_are_checked_before_any_training():
-    with pytest.raises(ConfigError, match=r"method-options.fedgma: fedgma: rho must lie in \[0.0, 1.0\], got 2.0"):
+    with pytest.raises(ConfigError, match=r"^method-options.fedgma.rho must lie in \[0.0, 1.0\], got 2.0$"):
         ExperimentConfig(strategies=("fedgma",), method_options={"fedgma": {"rho": 2.0}})
 
 
@@ -134,3 +134,8 @@ def test_a_config_round_trips_through_its_file(tmp_path):
                                 "method-options={fedgma={rho=0.3}}", 'strategies=["fedavg", "tsv", "fedgma"]'])
     write_toml(config, tmp_path / "config.toml")
     assert load_config(tmp_path / "config.toml") == config
+
+
+def test_configs_saved_before_the_transforms_rename_still_load():
+    old = ExperimentConfig.from_mapping({"partition": "tasks", "task-kinds": ["rotation", "flip"]})
+    assert old.data.partition == "transforms" and old.data.transforms == ("rotation", "flip")

@@ -127,3 +127,19 @@ def test_fedavg_merge_equals_flowers_own_fedavg_on_the_real_client(small_config)
     ours_state = ours.arrays.to_torch_state_dict()
     for k, v in base.items():
         torch.testing.assert_close(ours_state[k], v + mean_tv[k].to(v.dtype), atol=1e-6, rtol=0)
+
+
+def test_a_rule_that_fails_is_recorded_and_the_others_still_merge():
+    from fedmerge.merging import METHODS, rule
+
+    @rule("always_overflows")
+    def always_overflows(task_vectors, weights=None):
+        return {k: torch.full_like(v, float("inf")) for k, v in task_vectors[0].items()}
+
+    try:
+        strategy = OneShotMerge(("always_overflows", "fedavg"), min_available_nodes=2, weighted_by_key=None)
+        result = run(strategy, make_app(), nodes=2)
+        assert "not finite" in strategy.method_failures["always_overflows"] and set(strategy.merged) == {"fedavg"}
+        torch.testing.assert_close(result.arrays.to_torch_state_dict()["b"], torch.full((3,), 1.5))
+    finally:
+        METHODS._entries.pop("always_overflows")
