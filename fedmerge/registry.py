@@ -15,11 +15,14 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from fedmerge.errors import ConfigError, FedmergeError, PluginError
 
 T = TypeVar("T")
+
+
+_ALL: list[Registry[Any]] = []  # every registry, so that a failed plugin file can be undone in all
 
 
 class Registry(Generic[T]):
@@ -35,6 +38,7 @@ class Registry(Generic[T]):
         self._adapt = adapt or (lambda name, obj: obj)  # type: ignore[assignment,return-value]
         self._entries: dict[str, T] = {}
         self._entry_points_loaded = False
+        _ALL.append(self)
         self._loaded_from: dict[str, str] = {}  # entry-point name -> its target, once loaded
 
     # -- adding --------------------------------------------------------------------------------
@@ -127,11 +131,14 @@ def load_plugin_file(path: str | os.PathLike) -> None:
         raise PluginError(f"plugin {path}: cannot be imported")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
+    before = [(registry, set(registry._entries)) for registry in _ALL]
     try:
         spec.loader.exec_module(module)
-    except PluginError as exc:
+    except Exception as exc:  # a broken plugin file: name it, whatever it raised, and undo what it added
         del sys.modules[name]
-        raise PluginError(f"plugin {path}: {exc}") from None
-    except Exception as exc:  # a broken plugin file: name it, whatever it raised
-        del sys.modules[name]
+        for registry, names in before:
+            for added in set(registry._entries) - names:
+                del registry._entries[added]
+        if isinstance(exc, PluginError):
+            raise PluginError(f"plugin {path}: {exc}") from None
         raise PluginError(f"plugin {path} failed to load: {type(exc).__name__}: {exc}") from None

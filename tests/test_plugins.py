@@ -12,6 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import fedmerge
 from fedmerge import merge
 from fedmerge.data import DATASETS, PARTITIONERS
 from fedmerge.errors import ConfigError as ConfigErrorType
@@ -270,3 +271,20 @@ def test_entry_points_never_leave_a_registry_partial_nor_shadow_a_builtin(tmp_pa
     DATASETS._entry_points_loaded = False
     with pytest.raises(PluginError, match="plugin 'digits'.*already registered"):
         DATASETS["digits"]
+
+
+def test_a_plugin_file_that_fails_halfway_registers_nothing(tmp_path):
+    half = tmp_path / "half.py"
+    half.write_text(textwrap.dedent('''
+        from fedmerge.merging import rule
+
+        @rule("first_ok")
+        def first_ok(task_vectors, weights=None):
+            return dict(task_vectors[0])
+
+        raise RuntimeError("second half broken")
+    '''))
+    for _ in range(2):  # fixing nothing and trying again gives the same one error, not "registered twice"
+        with pytest.raises(PluginError, match="half.py failed to load: RuntimeError: second half broken"):
+            fedmerge.load_plugin_file(half)
+        assert "first_ok" not in METHODS
