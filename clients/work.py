@@ -21,14 +21,14 @@ def fine_tune(msg: Message, pid: int, num_partitions: int) -> Message:
     """Partition ``pid`` of ``num_partitions`` fine-tunes θ0 from ``msg`` and replies τ_i (see the
     message contract in :mod:`clients.app`)."""
     started = time.perf_counter()  # after the imports: a worker's first import is the engine's cost
-    config: ConfigRecord = msg.content["config"]
+    config: ConfigRecord = msg.content.config_records["config"]
     for plugin in filter(None, str(config.get("plugins", "")).split(",")):
         load_plugin_file(plugin)  # datasets, partitioners and models of the experiment's plugins
     spec = DataSpec.from_config(config)
     if spec.num_clients != num_partitions:
         raise ValueError(f"server expects {spec.num_clients} clients, this node is one of {num_partitions}")
     data = load_federated(spec)
-    base = msg.content["arrays"].to_torch_state_dict()
+    base = msg.content.array_records["arrays"].to_torch_state_dict()
     update = local_update(
         str(config["model"]), base, data.clients[pid], TrainPlan.from_config(config),
         seed=spec.seed, input_shape=data.input_shape, num_classes=data.num_classes,
@@ -44,7 +44,9 @@ def fine_tune(msg: Message, pid: int, num_partitions: int) -> Message:
     })
     task_vector = dict(update.task_vector)
     if config.get("byzantine", False):  # an attacker, by the experiment's design: it lies about τ_i only
-        task_vector = attack(str(config["byzantine-mode"]), task_vector, scale=float(config["byzantine-scale"]),
-                             std=float(config["byzantine-std"]), seed=client_seed(spec.seed, pid))
+        scale, std = config["byzantine-scale"], config["byzantine-std"]
+        assert isinstance(scale, (int, float)) and isinstance(std, (int, float))  # the server sends numbers
+        task_vector = attack(str(config["byzantine-mode"]), task_vector, scale=float(scale), std=float(std),
+                             seed=client_seed(spec.seed, pid))
     metrics["train-seconds"] = time.perf_counter() - started
     return Message(RecordDict({"arrays": ArrayRecord(task_vector), "metrics": metrics}), reply_to=msg)

@@ -21,7 +21,7 @@ console = Console()
 err_console = Console(stderr=True)
 
 
-def _fail(exc: Exception, code: int) -> typer.Exit:
+def _fail(exc: BaseException, code: int) -> typer.Exit:
     err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
     return typer.Exit(code)
 

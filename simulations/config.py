@@ -59,7 +59,8 @@ def _scale_value(key: str, value: Any) -> float | str:
 
 def _scale(value: Any) -> float | str | dict[str, float | str]:
     if isinstance(value, str) and "=" in value:  # flat run configs: "fedavg=1,tsv=0.25"
-        value = {m.strip(): v.strip() for m, _, v in (item.partition("=") for item in value.split(",") if item.strip())}
+        pairs = (item.partition("=") for item in value.split(",") if item.strip())
+        value = {m.strip(): v.strip() for m, _, v in pairs}
     if isinstance(value, Mapping):
         for method in value:
             if method not in METHODS:
@@ -68,12 +69,17 @@ def _scale(value: Any) -> float | str | dict[str, float | str]:
     return _scale_value("scale", value)
 
 
+# Mean-like rules sit at the scale of one task vector (λ = 1 is one FedAvg round with server learning
+# rate 1); TSV-Merge keeps every client's singular values, so λ ≈ 2/N suits the default 8 clients.
+DEFAULT_SCALE: dict[str, float | str] = {"fedavg": 1.0, "fednova": 1.0, "median": 1.0, "tsv": 0.25}
+
+
 class MergingSpec(Spec):
     """Which rules merge the clients' task vectors, with which λ and options, weighting and bound."""
 
     strategies: Names = ("fedavg", "fednova", "median", "tsv")
     scale: Annotated[float | str | dict[str, float | str], BeforeValidator(_scale)] = Field(
-        default_factory=lambda: {"fedavg": 1.0, "fednova": 1.0, "median": 1.0, "tsv": 0.25})
+        default_factory=lambda: dict(DEFAULT_SCALE))
     method_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
     weighting: Annotated[Str, one_of(WEIGHTINGS)] = "num-examples"
     max_update_norm: NonNegative = 0.0

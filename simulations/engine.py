@@ -14,6 +14,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -155,14 +156,14 @@ class ProgressGrid(Grid):
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
         self.on_send(messages)
-        sequential = isinstance(self.grid, InProcessGrid)
-        if sequential:  # it applies the timeout to each client's own run time (see InProcessGrid)
-            self.grid.reply_timeout, timeout = timeout, None
+        sequential = self.grid if isinstance(self.grid, InProcessGrid) else None
+        if sequential is not None:  # it applies the timeout to each client's own run time (see InProcessGrid)
+            sequential.reply_timeout, timeout = timeout, None
         pending = set(self.grid.push_messages(messages))
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
         while pending and (deadline is None or time.monotonic() < deadline):
-            if sequential and self.grid.idle(pending):
+            if sequential is not None and sequential.idle(pending):
                 break
             got = list(self.grid.pull_messages(pending))
             for reply in got:
@@ -184,7 +185,7 @@ def run_ray(server_app: ServerApp, client_app: ClientApp, num_nodes: int, num_cp
     """Flower's simulation runtime on Ray, quiet: Ray's and Flower's INFO logs stay out of the terminal."""
     from flwr.simulation import run_simulation
 
-    backend_config = {
+    backend_config: dict[str, dict[str, Any]] = {
         "client_resources": {"num_cpus": num_cpus, "num_gpus": num_gpus},
         "init_args": {"logging_level": logging.ERROR, "log_to_driver": False, "configure_logging": True,
                       "_node_ip_address": "127.0.0.1",  # local simulation: Ray's traffic stays on loopback

@@ -25,7 +25,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
@@ -87,7 +87,8 @@ def max_abs_diff(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> float:
 def weighted_task_arithmetic(base: Mapping[str, Tensor], task_vectors: Sequence[Mapping[str, Tensor]],
                              coefficients: Sequence[float]) -> dict[str, Tensor]:
     """θ0 + Σ_i λ_i τ_i: Task Arithmetic with one coefficient per task, written as task-vector arithmetic."""
-    return apply(base, sum(c * TaskVector(t) for c, t in zip(coefficients, task_vectors)), 1.0)
+    total = cast(TaskVector, sum(c * TaskVector(t) for c, t in zip(coefficients, task_vectors)))
+    return apply(base, total, 1.0)
 
 
 def fednova_coefficients(p: Sequence[float], local_steps: Sequence[int], eta: float) -> list[float]:
@@ -168,7 +169,9 @@ def one_shot(config: ExperimentConfig, eta: float = SERVER_LR,
 
 def client_union(data: FederatedData) -> Split:
     """Every client's training split, concatenated: the data centralized training would see."""
-    return Split(torch.cat([c.train.x for c in data.clients]), torch.cat([c.train.y for c in data.clients]))
+    splits = [c.train for c in data.clients]
+    assert all(isinstance(s, Split) for s in splits), "the lesson runs on in-memory datasets"
+    return Split(torch.cat([s.x for s in splits]), torch.cat([s.y for s in splits]))  # type: ignore[attr-defined]
 
 
 def federated_trajectory(config: ExperimentConfig, base: Mapping[str, Tensor], plan: TrainPlan, rounds: int,

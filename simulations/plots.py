@@ -30,7 +30,7 @@ def _numeric(values: Sequence[Any]) -> bool:
 def _axis(values: Sequence[Any]) -> tuple[list[Any], bool]:
     """Sorted distinct values, and whether a log axis suits them (positive, spanning ≥ 20×)."""
     distinct = sorted(set(values)) if _numeric(values) else list(dict.fromkeys(map(str, values)))
-    log = _numeric(distinct) and min(distinct) > 0 and max(distinct) / min(distinct) >= 20
+    log = _numeric(distinct) and min(distinct) > 0 and max(distinct) / min(distinct) >= 20  # type: ignore[operator]
     return distinct, log
 
 

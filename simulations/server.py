@@ -25,14 +25,14 @@ from simulations.config import TUNE, ExperimentConfig
 from simulations.engine import ProgressGrid
 from simulations.progress import RunProgress
 from simulations.results import ServerOutput, default_out_dir, write_results
-from strategies import OneShotMerge
+from strategies import ClientReport, OneShotMerge
 
 
 def build_strategy(config: ExperimentConfig) -> OneShotMerge:
     return OneShotMerge(
         config.strategies,
         # a "tune" scale is chosen after the round, in evaluate(); 1.0 stands in for it until then
-        scale={m: 1.0 if config.scale_of(m) == TUNE else config.scale_of(m) for m in config.strategies},
+        scale={m: _fixed_scale(config.scale_of(m)) for m in config.strategies},
         method_options=config.merging.method_options,
         min_train_nodes=config.run.min_clients,
         min_available_nodes=config.num_clients,
@@ -41,6 +41,17 @@ def build_strategy(config: ExperimentConfig) -> OneShotMerge:
         node_wait_timeout=max(120.0, config.run.timeout),
         max_update_norm=config.merging.max_update_norm or None,
     )
+
+
+def _fixed_scale(scale: float | str) -> float:
+    """λ for the round: the configured number, or 1.0 standing in for "tune" until it is chosen."""
+    return 1.0 if isinstance(scale, str) else scale
+
+
+def partition(report: ClientReport) -> int:
+    """The report's partition id: the server gives every client a plan, so every report knows it."""
+    assert report.partition_id is not None
+    return report.partition_id
 
 
 def attack_plan(config: ExperimentConfig, partition_id: int) -> dict[str, Any]:
@@ -96,7 +107,7 @@ def run_server(grid: Grid, config: ExperimentConfig, progress: RunProgress) -> S
     results["measures"] = {"data": data_measures(data),
                            "task_vectors": task_vector_measures([r.task_vector for r in strategy.reports])}
     results["timing"] = timing
-    task_vectors = {r.partition_id: r.task_vector for r in strategy.reports}
+    task_vectors = {partition(r): r.task_vector for r in strategy.reports}
     return ServerOutput(results, base, dict(strategy.merged), task_vectors)
 
 
@@ -104,7 +115,7 @@ def evaluate(config: ExperimentConfig, data, base, strategy: OneShotMerge, progr
     """Score θ0, every client's θ_i and every θ0 + λ·τ_merged on the global and local test splits."""
     evaluator = Evaluator(build_model(config.model, data.input_shape, data.num_classes).to(device_for(config.model)))
     reports = strategy.reports
-    local_tests = [data.clients[r.partition_id].test for r in reports]
+    local_tests = [data.clients[partition(r)].test for r in reports]
     plans = config.client_plans()
 
     def global_accuracy(state) -> float:  # under partition="tasks": the mean over every client's task
@@ -123,7 +134,7 @@ def evaluate(config: ExperimentConfig, data, base, strategy: OneShotMerge, progr
         global_acc, own_acc = global_accuracy(theta_i), evaluator.accuracy(theta_i, test)
         progress.advance()
         own.append(own_acc)
-        plan = plans[r.partition_id]
+        plan = plans[partition(r)]
         clients.append({
             "partition_id": r.partition_id, "node_id": r.node_id, "task": data.clients[r.partition_id].task,
             **plan.model_dump(),  # the whole plan this client trained with
@@ -171,7 +182,7 @@ def tune_scales(config: ExperimentConfig, data, base, strategy: OneShotMerge, ev
     if not methods:
         return {}
     reports = strategy.reports
-    vals = [data.clients[r.partition_id].val for r in reports]
+    vals = [data.clients[partition(r)].val for r in reports]
     own = [evaluator.accuracy(apply(base, r.task_vector, 1.0), v) for r, v in zip(reports, vals)]
 
     def score(merged, scale: float) -> float:

@@ -60,7 +60,7 @@ class TaskVectorFedAvg(FedAvg):
         replies = list(replies)
         valid = [r for r in replies if not r.has_error()]
         if len(valid) < self.min_train_nodes:
-            reasons = "; ".join(r.error.reason for r in replies if r.has_error()) or "no replies"
+            reasons = "; ".join(str(r.error.reason) for r in replies if r.has_error()) or "no replies"
             raise FederationError(
                 f"round {server_round}: {len(valid)} valid replies, fewer than {self.min_train_nodes} ({reasons})"
             )

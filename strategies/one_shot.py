@@ -169,8 +169,10 @@ class OneShotMerge(Strategy):
                 for i in node_ids]
         found: dict[int, int] = {}
         for reply in grid.send_and_receive(msgs, timeout=self.node_wait_timeout):
-            if not reply.has_error() and PARTITION_KEY in reply.content.metric_records.get("metrics", {}):
-                found[reply.metadata.src_node_id] = int(reply.content["metrics"][PARTITION_KEY])
+            metrics: Mapping[str, Any] = {} if reply.has_error() else reply.content.metric_records.get("metrics", {})
+            pid = metrics.get(PARTITION_KEY)
+            if isinstance(pid, int):
+                found[reply.metadata.src_node_id] = pid
         return found
 
     def configure_train(
@@ -215,10 +217,11 @@ class OneShotMerge(Strategy):
         if missing:
             raise MergeError(f"reply metrics lack {missing[0]!r}")
         for k in self.required_metrics:
-            if not isinstance(metrics[k], (int, float)) or not metrics[k] > 0:
-                raise MergeError(f"reply metric {k!r} must be a positive number, got {metrics[k]!r}")
+            value = metrics[k]
+            if not isinstance(value, (int, float)) or not value > 0:
+                raise MergeError(f"reply metric {k!r} must be a positive number, got {value!r}")
         try:
-            tv = content[self.arrayrecord_key].to_torch_state_dict()
+            tv = content.array_records[self.arrayrecord_key].to_torch_state_dict()
         except Exception as exc:  # undecodable arrays (e.g. an unsupported dtype)
             raise MergeError(f"task vector cannot be decoded: {exc}") from None
         validate_task_vector(tv, floating_items(self.base), "task vector")
@@ -227,7 +230,7 @@ class OneShotMerge(Strategy):
             if not norm <= self.max_update_norm:
                 raise MergeError(f"task vector norm {norm:.4g} exceeds max-update-norm {self.max_update_norm:g}")
         pid = self.partition_of.get(nid, metrics.get(PARTITION_KEY))
-        return ClientReport(nid, None if pid is None else int(pid), metrics, tv)
+        return ClientReport(nid, int(pid) if isinstance(pid, (int, float)) else None, metrics, tv)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
