@@ -109,11 +109,6 @@ class Registry(Generic[T]):
     def items(self) -> list[tuple[str, T]]:
         return [(name, self._entries[name]) for name in self]
 
-    def values(self) -> list[T]:
-        return [self._entries[name] for name in self]
-
-    def get(self, name: str, default: T | None = None) -> T | None:
-        return self._entries.get(name, default) if name in self else default
 
 
 def load_plugin_file(path: str | os.PathLike) -> None:

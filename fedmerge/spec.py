@@ -162,6 +162,20 @@ NonNegative = Annotated[Float, check(lambda v: v >= 0, "must be >= 0")]
 Fraction = Annotated[Float, check(lambda v: 0 < v < 1, "must lie strictly between 0 and 1")]
 
 
+def known(check_name: Callable[[str], Any]) -> Callable[[str], str]:
+    """A validator asking ``check_name`` (a registry's ``check``, say) about a name; the
+    ``ConfigError`` it raises is passed on as a whole sentence (see :func:`config_error`)."""
+
+    def validate(value: str) -> str:
+        try:
+            check_name(value)
+        except ConfigError as exc:
+            raise ValueError(f"!{exc}") from None
+        return value
+
+    return validate
+
+
 def one_of(choices: tuple[str, ...]) -> AfterValidator:
     """A validator for a name among ``choices`` ("key='x' is not known; choose from a, b")."""
     return check(lambda v: v in choices, f"{_CHOICE}{', '.join(choices)}")

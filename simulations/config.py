@@ -26,9 +26,9 @@ from fedmerge.attacks import AttackSpec
 from fedmerge.data import DataSpec
 from fedmerge.errors import ConfigError, MergeError
 from fedmerge.merging import METHODS
-from fedmerge.models import check_model_name, split_name
+from fedmerge.models import family_of, split_name
 from fedmerge.registry import load_plugin_file
-from fedmerge.spec import Bool, Names, NonNegative, Positive, PositiveInt, Spec, Str, hyphenate, one_of
+from fedmerge.spec import Bool, Names, NonNegative, Positive, PositiveInt, Spec, Str, hyphenate, known, one_of
 from fedmerge.train import PretrainSpec, TrainingSpec, TrainPlan
 
 ENGINES = ("ray", "inprocess")
@@ -278,14 +278,7 @@ class ExperimentConfig(Spec):
                 raise ValueError(f"!{exc}") from None
         return nested
 
-    @field_validator("model")
-    @classmethod
-    def _known_model(cls, value: str) -> str:
-        try:
-            check_model_name(value)
-        except ConfigError as exc:
-            raise ValueError(f"!{exc}") from None
-        return value
+    _known_model = field_validator("model")(known(family_of))
 
     @model_validator(mode="after")
     def _check_together(self) -> ExperimentConfig:

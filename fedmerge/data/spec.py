@@ -16,8 +16,7 @@ from fedmerge.data.image_tasks import check_task
 from fedmerge.data.partitioners import PARTITIONERS
 from fedmerge.data.splits import MIN_CLIENT_EXAMPLES
 from fedmerge.data.transforms import TRANSFORM_KINDS
-from fedmerge.errors import ConfigError
-from fedmerge.spec import Fraction, Int, Names, Positive, PositiveInt, Spec, Str
+from fedmerge.spec import Fraction, Int, Names, Positive, PositiveInt, Spec, Str, known
 
 
 def _sizes(value: Any) -> float | tuple[int, ...]:
@@ -48,19 +47,6 @@ def _whole(value: Any) -> int:
     return int(value)
 
 
-def _known(check: Any) -> Any:
-    """A validator that asks a registry (or task check) about a name; its error is a whole sentence."""
-
-    def validate(value: str) -> str:
-        try:
-            check(value)
-        except ConfigError as exc:
-            raise ValueError(f"!{exc}") from None
-        return value
-
-    return validate
-
-
 class DataSpec(Spec):
     """Everything that determines every split. ``encoder`` and ``cache_dir`` are set by the
     experiment under ``tasks`` (the CLIP model whose heads and preprocessing the tasks use)."""
@@ -82,8 +68,8 @@ class DataSpec(Spec):
     encoder: Str = ""
     cache_dir: Str = ""
 
-    _check_partition = field_validator("partition")(_known(PARTITIONERS.check))
-    _check_dataset = field_validator("dataset")(_known(DATASETS.check))
+    _check_partition = field_validator("partition")(known(PARTITIONERS.check))
+    _check_dataset = field_validator("dataset")(known(DATASETS.check))
 
     @field_validator("transforms")
     @classmethod
@@ -99,7 +85,7 @@ class DataSpec(Spec):
     @classmethod
     def _check_tasks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         for task in value:
-            _known(check_task)(task)
+            known(check_task)(task)
         return value
 
     @model_validator(mode="after")

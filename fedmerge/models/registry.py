@@ -94,10 +94,6 @@ def family_of(name: str) -> ModelFamily:
     return family
 
 
-def check_model_name(name: str) -> None:
-    family_of(name)
-
-
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, seed: int = 0) -> nn.Module:
     """A freshly initialised model; the same seed gives the same weights."""
     family = family_of(name)
