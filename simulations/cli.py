@@ -8,21 +8,21 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Column, Table
 
 from fedmerge.errors import FederationError, FedmergeError
+from simulations.progress import labelled, terminal
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
     help="fedmerge: one-shot model merging as federated learning, on Flower.",
 )
-console = Console()
-err_console = Console(stderr=True)
+console = terminal()
+err_console = terminal(stderr=True)
 
 
 def _fail(exc: BaseException, code: int) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+    err_console.print(labelled("error:", "bold red", str(exc)), highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 

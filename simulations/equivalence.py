@@ -33,6 +33,7 @@ from flwr.serverapp import Grid, ServerApp
 from rich.console import Console
 from rich.table import Table
 from torch import Tensor
+from rich.text import Text
 
 from fedmerge import TaskVector, apply, merge
 from fedmerge.data import FederatedData, Split, load_federated
@@ -419,7 +420,7 @@ def print_lesson(report: Mapping[str, Any], console: Console) -> None:
         t.add_column(col, justify="right" if "acc" in col or "Δ" in col else "left")
     for c in os_["checks"]:
         t.add_row(c["name"], c["formula"], f"{100 * c['flower_accuracy']:.2f}", f"{100 * c['offline_accuracy']:.2f}",
-                  f"{c['max_abs_diff']:.2e}", "[green]ok[/]" if c["passed"] else "[red]FAIL[/]")
+                  f"{c['max_abs_diff']:.2e}", Text("ok", "green") if c["passed"] else Text("FAIL", "red"))
     console.print(t)
     console.print(f"   every client's τ_i through Flower vs alone: max |Δ| = {os_['task_vector_max_abs_diff']:.2e}; "
                   f"K_i = {[c['local_steps'] for c in os_['clients']]}, n_i = {[c['num_examples'] for c in os_['clients']]}")

@@ -1,4 +1,9 @@
-"""Terminal progress: the one place rich progress bars are built, for runs, sweeps and merges."""
+"""The terminal: the one place consoles and progress bars are built, for runs, sweeps and merges.
+
+User text (config values, paths, error messages, plugin names) reaches the terminal as written:
+consoles built here never read rich markup or emoji codes in the strings they print, so ``[/]`` or
+``[grid]`` in a message is text, not a tag. Styled labels are :class:`rich.text.Text` spans
+(:func:`labelled`), never markup strings."""
 
 from __future__ import annotations
 
@@ -6,19 +11,32 @@ from typing import Any
 
 from rich.console import Console
 from rich.progress import (
+from rich.text import Text
     BarColumn, MofNCompleteColumn, Progress, ProgressColumn, SpinnerColumn, TextColumn, TimeElapsedColumn,
 )
 
 
 def progress_bar(console: Console | None = None, *, enabled: bool = True, unit: str | None = None,
+def terminal(stderr: bool = False) -> Console:
+    """A console that prints strings literally: no markup, no emoji codes."""
+    return Console(stderr=stderr, markup=False, emoji=False)
+
+
+def labelled(label: str, style: str, text: str) -> Text:
+    """``label`` in ``style``, then ``text`` as written (``labelled("error:", "bold red", str(exc))``)."""
+    return Text.assemble((label, style), " ", text)
+
+
                  transient: bool = False) -> Progress:
     """A rich progress display on stderr: spinner, description, bar, count and elapsed time.
 
     ``unit`` shows an open-ended count ("123 tensors read") instead of n/N; ``enabled=False``
     gives a display that prints nothing."""
-    count: ProgressColumn = MofNCompleteColumn() if unit is None else TextColumn(f"{{task.completed}} {unit}")
-    return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), count, TimeElapsedColumn(),
-                    console=console or Console(stderr=True), disable=not enabled, transient=transient)
+    count: ProgressColumn = (MofNCompleteColumn() if unit is None
+                             else TextColumn(f"{{task.completed}} {unit}", markup=False))
+    return Progress(SpinnerColumn(), TextColumn("{task.description}", markup=False), BarColumn(), count,
+                    TimeElapsedColumn(), console=console or terminal(stderr=True), disable=not enabled,
+                    transient=transient)
 
 
 class RunProgress:

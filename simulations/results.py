@@ -19,18 +19,19 @@ import csv
 import datetime as dt
 import json
 import math
+from collections.abc import Collection
 from pathlib import Path
 from dataclasses import dataclass
 from typing import Any
 
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 from torch import Tensor
 
 from fedmerge.errors import ConfigError
 from fedmerge.io import save_state, staged_directory
 from simulations.config import ExperimentConfig, write_toml
+from simulations.progress import labelled
 
 
 
@@ -57,18 +58,71 @@ def check_out_dir(out: Path) -> None:
         raise ConfigError(f"--out {out} already exists and is not empty; choose a new directory")
 
 
-def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Reference rows (base, mean of the clients' own models) then one row per strategy."""
+def own_models_row(results: dict[str, Any]) -> str:
+    """The name of the clients' own-models row: it covers honest clients only when some attacked."""
     clients = results["clients"]
+    honest = [c for c in clients if not c.get("byzantine")]
+    if len(honest) == len(clients):
+        return "clients' own models (mean)"
+    return f"clients' own models (mean of {len(honest)} honest)"
+
+
+def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Reference rows (base, mean of the honest clients' own models) then one row per strategy.
+
+    An attacker's own model is θ0 plus its attacked task vector: it is left out of the clients' row."""
+    clients = [c for c in results["clients"] if not c.get("byzantine")] or results["clients"]
     mean = lambda key: sum(c[key] for c in clients) / len(clients)
     rows = [
         {"row": "base (pre-trained)", "scale": None, **{k: results["base"][k] for k in CSV_COLUMNS[2:]}},
-        {"row": "clients' own models (mean)", "scale": None, "accuracy": mean("global_accuracy"),
+        {"row": own_models_row(results), "scale": None, "accuracy": mean("global_accuracy"),
          "client_accuracy": mean("accuracy"), "normalized_accuracy": 1.0},
     ]
     for name, r in results["strategies"].items():
         rows.append({"row": name, **{k: r[k] for k in CSV_COLUMNS[1:]}})
     return rows
+
+
+# The key that sets each shipped partitioner's heterogeneity (see the README's table of keys).
+PARTITION_KEYS = {"dirichlet": "alpha", "pathological": "classes-per-client", "shards": "shards-per-client",
+                  "sizes": "sizes", "transforms": "transforms"}
+
+
+def describe_setup(config: dict[str, Any], skip: Collection[str] = ()) -> str:
+    """What ran, in one line: model and data, the partition and its heterogeneity setting, local steps
+    (with their spread), learning rate and attackers. Keys in ``skip`` (a sweep's knobs) are left out."""
+    def shown(key: str) -> bool:
+        return key not in skip
+
+    def value(v: Any) -> str:
+        return ", ".join(map(str, v)) if isinstance(v, (list, tuple)) else f"{v:g}" if isinstance(v, float) else str(v)
+
+    parts = [f"model {config['model']}"]
+    if config.get("tasks"):
+        parts.append(f"tasks {value(config['tasks'])}")
+    else:
+        data = [f"{config['dataset']}" if shown("dataset") else "", f"partition {config['partition']}"
+                if shown("partition") else ""]
+        knob = PARTITION_KEYS.get(config["partition"])
+        if knob and shown(knob) and shown("partition"):
+            data.append(f"{knob} {value(config[knob])}")
+        parts.append(" ".join(d for d in data if d))
+    if shown("num-clients"):
+        parts.append(f"{config['num-clients']} clients")
+    if shown("local-steps"):
+        steps = f"local steps {value(config['local-steps'])}"
+        if config.get("local-steps-spread", 1.0) != 1.0 and shown("local-steps-spread"):
+            steps += f" (spread {value(config['local-steps-spread'])}×)"
+        parts.append(steps)
+    elif shown("local-steps-spread") and config.get("local-steps-spread", 1.0) != 1.0:
+        parts.append(f"local-steps spread {value(config['local-steps-spread'])}×")
+    if shown("lr"):
+        parts.append(f"lr {value(config['lr'])}")
+    if config.get("byzantine-fraction") and shown("byzantine-fraction"):
+        parts.append(f"byzantine-fraction {value(config['byzantine-fraction'])} ({config['byzantine-mode']})")
+    if shown("seed") and "seed" in config:
+        parts.append(f"seed {config['seed']}")
+    return " · ".join(p for p in parts if p)
 
 
 def to_json(value: Any) -> str:
@@ -110,6 +164,8 @@ def _pct(value: float | None) -> str:
 
 
 def print_table(results: dict[str, Any], console: Console) -> None:
+    """The run's table (base, clients' own models, every strategy), then what ran: the setup, the
+    attackers, the clients left out and the rules without a result. λ is marked where it was tuned."""
     table = Table(title=f"fedmerge: {results['config']['name']} ({len(results['clients'])} clients)")
     table.add_column("strategy")
     table.add_column("λ", justify="right")
@@ -121,10 +177,20 @@ def print_table(results: dict[str, Any], console: Console) -> None:
     for i, r in enumerate(rows):
         style = "dim" if i < 2 else ("bold green" if r["accuracy"] == best else None)
         scale = "" if r["scale"] is None else f"{r['scale']:g}"
+        if "tuning" in results["strategies"].get(r["row"], {}):
+            scale += " (tuned)"
         table.add_row(r["row"], scale, _pct(r["accuracy"]), _pct(r["client_accuracy"]),
                       _pct(r["normalized_accuracy"]), style=style, end_section=(i == 1))
     console.print(table)
+    console.print(labelled("setup:", "bold", describe_setup(results["config"])))
+    attackers = [c for c in results["clients"] if c.get("byzantine")]
+    if attackers:
+        mode = results["config"].get("byzantine-mode", "")
+        ids = ", ".join(str(c["partition_id"]) for c in sorted(attackers, key=lambda c: c["partition_id"]))
+        console.print(labelled("attackers:", "yellow", f"client {ids} ({mode}); their own models are left out "
+                                                       "of the clients' row"))
     for f in results["failures"]:
-        console.print(f"[yellow]left out:[/] client {f['partition_id']} (node {f['node_id']}): {escape(f['reason'])}")
+        console.print(labelled("left out:", "yellow",
+                               f"client {f['partition_id']} (node {f['node_id']}): {f['reason']}"))
     for method, reason in results.get("method_failures", {}).items():
-        console.print(f"[yellow]no result:[/] {method}: {escape(reason)}")
+        console.print(labelled("no result:", "yellow", f"{method}: {reason}"))

@@ -68,3 +68,27 @@ def test_existing_output_directory_is_refused_before_any_work(tmp_path, cache_di
     result = runner.invoke(app, ["run", *fast(cache_dir), "--out", str(tmp_path / "out")])
     assert result.exit_code == 2 and "already exists and is not empty" in result.output
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
+
+
+# -- user text is printed as written: never read as rich markup -------------------------------------------
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["run", "--set", 'model="[/]"'], "model='[/]'"),
+    (["run", "--set", "[x]"], "got '[x]'"),
+    (["run", "--set", 'name="[bold]x"', "--set", "alpha=0"], "alpha must be > 0"),
+    (["sweep", "/dev/null"], "[grid] must list at least one config key"),
+])
+def test_user_text_in_errors_is_not_markup(args, needle):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and "MarkupError" not in result.output
+    assert needle in result.output
+    assert len([line for line in result.output.splitlines() if line.strip()]) == 1
+
+
+def test_markup_in_a_run_name_is_printed_as_written(tmp_path, cache_dir):
+    result = runner.invoke(app, ["run", *fast(cache_dir), "--set", 'name="[red]x[/] :smile:"',
+                                 "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert "[red]x[/] :smile:" in result.output
