@@ -10,13 +10,12 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
-from rich.progress import (
 from rich.text import Text
+from rich.progress import (
     BarColumn, MofNCompleteColumn, Progress, ProgressColumn, SpinnerColumn, TextColumn, TimeElapsedColumn,
 )
 
 
-def progress_bar(console: Console | None = None, *, enabled: bool = True, unit: str | None = None,
 def terminal(stderr: bool = False) -> Console:
     """A console that prints strings literally: no markup, no emoji codes."""
     return Console(stderr=stderr, markup=False, emoji=False)
@@ -27,6 +26,7 @@ def labelled(label: str, style: str, text: str) -> Text:
     return Text.assemble((label, style), " ", text)
 
 
+def progress_bar(console: Console | None = None, *, enabled: bool = True, unit: str | None = None,
                  transient: bool = False) -> Progress:
     """A rich progress display on stderr: spinner, description, bar, count and elapsed time.
 
