@@ -2,6 +2,7 @@
 the one atomic writer everything else uses."""
 
 from fedmerge.io.atomic import atomic_path, staged_directory, write_text_atomic
-from fedmerge.io.state import load_state, save_state
+from fedmerge.io.state import load_state, load_verified, read_cache_entry, save_state, save_verified
 
-__all__ = ["atomic_path", "load_state", "save_state", "staged_directory", "write_text_atomic"]
+__all__ = ["atomic_path", "load_state", "load_verified", "read_cache_entry", "save_state", "save_verified",
+           "staged_directory", "write_text_atomic"]

@@ -1,18 +1,27 @@
-"""State dicts on disk: safetensors (written atomically) and weights-only PyTorch files."""
+"""State dicts on disk: safetensors (written atomically) and weights-only PyTorch files, and verified
+cache entries: safetensors files that carry a digest of their own content, checked on every read."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TypeVar
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from fedmerge.errors import CheckpointError
 from fedmerge.io.atomic import atomic_path
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+DIGEST_KEY = "fedmerge.sha256"  # metadata entry of a verified file: sha256 of its tensors and other metadata
 
 
 def save_state(tensors: Mapping[str, Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
@@ -44,3 +53,80 @@ def load_state(path: str | os.PathLike, *, mmap: bool = False) -> dict[str, Tens
     if not isinstance(state, Mapping) or not all(torch.is_tensor(v) for v in state.values()):
         raise CheckpointError(f"{path}: does not hold a state dict of tensors")
     return dict(state)
+
+
+def all_finite(t: Tensor) -> bool:
+    """Whether every entry is finite: the sum is (NaN and ±Inf propagate), or, if the sum of finite
+    values overflowed, the elementwise check says so. One pass without a mask."""
+    total = t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
+    return bool(torch.isfinite(total)) or bool(torch.isfinite(t if t.element_size() > 1 else t.float()).all())
+
+
+def non_finite_tensor(tensors: Mapping[str, Tensor]) -> str | None:
+    """The name of the first floating tensor holding NaN or Inf, or None when all are finite."""
+    return next((k for k, t in tensors.items() if t.is_floating_point() and not all_finite(t)), None)
+
+
+def hash_tensor(h: hashlib._Hash, t: Tensor) -> None:
+    """Feed one tensor's dtype, shape and bytes into ``h``."""
+    t = t.detach().cpu().contiguous()
+    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+
+
+def state_digest(tensors: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None) -> str:
+    """sha256 over the tensors in name order (name, dtype, shape, bytes) and the other metadata."""
+    h = hashlib.sha256(json.dumps({k: v for k, v in (metadata or {}).items() if k != DIGEST_KEY},
+                                  sort_keys=True).encode())
+    for name in sorted(tensors):
+        h.update(f"{len(name)}:{name}".encode())
+        hash_tensor(h, tensors[name])
+    return h.hexdigest()
+
+
+def save_verified(tensors: Mapping[str, Tensor], path: str | os.PathLike,
+                  metadata: Mapping[str, str] | None = None) -> None:
+    """Write tensors atomically with their digest in the metadata, for ``load_verified``. Refuses
+    non-finite values: a verified file never holds them."""
+    if (bad := non_finite_tensor(tensors)) is not None:
+        raise CheckpointError(f"{path}: tensor {bad!r} contains NaN or Inf; not written")
+    meta = {**(metadata or {}), DIGEST_KEY: state_digest(tensors, metadata)}
+    save_state(tensors, path, metadata=meta)
+
+
+def load_verified(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The tensors and metadata written by ``save_verified``, or a CheckpointError saying why not:
+    unreadable, no digest (written otherwise), a digest that does not match, or non-finite values."""
+    try:
+        with safe_open(path, framework="pt") as fh:
+            metadata = dict(fh.metadata() or {})
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+    stored = metadata.pop(DIGEST_KEY, None)
+    if stored is None:
+        raise CheckpointError(f"{path}: carries no checksum")
+    if state_digest(tensors, metadata) != stored:
+        raise CheckpointError(f"{path}: content does not match its checksum")
+    if (bad := non_finite_tensor(tensors)) is not None:
+        raise CheckpointError(f"{path}: tensor {bad!r} contains NaN or Inf")
+    return tensors, metadata
+
+
+def read_cache_entry(path: str | os.PathLike, use: Callable[[dict[str, Tensor], dict[str, str]], T]) -> T | None:
+    """``use(tensors, metadata)`` of the verified cache entry at ``path``, or None when there is none to
+    use: an entry that fails verification, or that ``use`` rejects (it raises KeyError, ValueError or
+    RuntimeError, e.g. a state dict that no longer fits the model), is named in a warning and deleted,
+    so the caller recomputes and rewrites it."""
+    if not Path(path).is_file():
+        return None
+    try:
+        tensors, metadata = load_verified(path)
+        try:
+            return use(tensors, metadata)
+        except (KeyError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"{path}: does not fit ({type(exc).__name__}: {exc})") from None
+    except CheckpointError as exc:
+        log.warning("cache entry %s; discarded, recomputing it", exc)
+        Path(path).unlink(missing_ok=True)
+        return None

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from fedmerge.errors import CheckpointError, ConfigError
 from fedmerge.io.hub import read_state, resolve, transformers_module
-from fedmerge.io.state import load_state, save_state
+from fedmerge.io.state import read_cache_entry, save_verified
 
 ENCODER_PREFIXES = ("vision_model.", "visual_projection.")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -136,13 +136,13 @@ def zero_shot_head(source: str, classnames: Sequence[str], templates: Sequence[s
                    cache_dir: str | os.PathLike | None = None) -> Tensor:
     """The frozen head of one task, from the full CLIP model (text tower and tokenizer) at ``source``.
 
-    Cached in ``cache_dir/heads/KEY.safetensors``, KEY a digest of the model id, class names and
-    templates (each template a format string with ``{c}`` for the class name)."""
+    Cached in ``cache_dir/heads/KEY.safetensors`` (verified when read), KEY a digest of the model id,
+    class names and templates (each template a format string with ``{c}`` for the class name)."""
     path = None
     if cache_dir:
         path = Path(cache_dir) / "heads" / f"{head_key(source, classnames, templates)}.safetensors"
-        if path.is_file():
-            return load_state(path)["head"]
+        if (head := read_cache_entry(path, lambda tensors, _: tensors["head"])) is not None:
+            return head
     tf = transformers_module()
     directory = resolve(source)
     try:
@@ -161,7 +161,7 @@ def zero_shot_head(source: str, classnames: Sequence[str], templates: Sequence[s
     emb = torch.cat(feats).reshape(len(classnames), len(templates), -1)
     head = head_from_text_embeddings(emb, float(model.logit_scale.exp()))
     if path is not None:
-        save_state({"head": head}, path)
+        save_verified({"head": head}, path)
     return head
 
 

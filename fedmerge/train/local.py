@@ -2,7 +2,8 @@
 
 With a ``cache_dir``, updates are cached on disk (safetensors) under a key hashed from everything
 that determines them: the base weights, the client's data, its training plan and seed, the model
-and the torch version. A sweep that adds a strategy or re-plots never retrains.
+and the torch version. A sweep that adds a strategy or re-plots never retrains. Entries are verified
+when read (``fedmerge.io.state.read_cache_entry``): a damaged one is discarded and retrained.
 """
 
 from __future__ import annotations
@@ -14,12 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from fedmerge.data.splits import ClientData, Split
 from fedmerge.evaluation.scores import score
-from fedmerge.io.state import save_state
+from fedmerge.io.state import hash_tensor, non_finite_tensor, read_cache_entry, save_verified
 from fedmerge.models.registry import build_model, device_for
 from fedmerge.task_vector import TaskVector
 from fedmerge.train.loop import TrainPlan, single_thread, train
@@ -40,12 +40,6 @@ def client_seed(seed: int, partition_id: int) -> int:
     return seed * 100_003 + partition_id * 7_919 + 1
 
 
-def _hash_tensor(h: hashlib._Hash, t: Tensor) -> None:
-    t = t.detach().cpu().contiguous()
-    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-
-
 def update_key(model_name: str, base: Mapping[str, Tensor], client: ClientData, plan: TrainPlan, seed: int) -> str:
     """A digest of everything that determines a client's task vector."""
     h = hashlib.sha256(json.dumps({
@@ -54,25 +48,21 @@ def update_key(model_name: str, base: Mapping[str, Tensor], client: ClientData, 
     }, sort_keys=True).encode())
     for key in sorted(base):
         h.update(key.encode())
-        _hash_tensor(h, base[key])
+        hash_tensor(h, base[key])
     for split in (client.train, client.test):
         if not isinstance(split, Split):  # lazily read images (CLIP tasks): dataset, rows, preprocessing, head
             h.update(split.fingerprint().encode())  # type: ignore[attr-defined]
             continue
-        _hash_tensor(h, split.x)
-        _hash_tensor(h, split.y)
+        hash_tensor(h, split.x)
+        hash_tensor(h, split.y)
     return h.hexdigest()[:32]
 
 
 def _read_cached(path: Path) -> LocalUpdate | None:
-    try:
-        with safe_open(path, framework="pt") as fh:
-            meta = fh.metadata()
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-        return LocalUpdate(TaskVector(tensors), int(meta["num_examples"]), int(meta["local_steps"]),
-                           float(meta["train_loss"]), float(meta["accuracy"]), cached=True)
-    except (SafetensorError, OSError, KeyError, ValueError):
-        return None  # a damaged entry is recomputed and overwritten
+    """The cached update at ``path`` when it is there and verified (see ``read_cache_entry``)."""
+    return read_cache_entry(path, lambda tensors, meta: LocalUpdate(
+        TaskVector(tensors), int(meta["num_examples"]), int(meta["local_steps"]), float(meta["train_loss"]),
+        float(meta["accuracy"]), cached=True))
 
 
 def local_update(
@@ -83,13 +73,13 @@ def local_update(
     path = None
     if cache_dir:
         path = Path(cache_dir) / "task-vectors" / f"{update_key(model_name, base, client, plan, seed)}.safetensors"
-        if path.is_file() and (hit := _read_cached(path)) is not None:
+        if (hit := _read_cached(path)) is not None:
             return hit
     update = _fine_tune(model_name, base, client, plan, seed, input_shape, num_classes)
-    if path is not None:
+    if path is not None and non_finite_tensor(update.task_vector) is None:  # a diverged update is not kept
         meta = {"num_examples": str(update.num_examples), "local_steps": str(update.local_steps),
                 "train_loss": repr(update.train_loss), "accuracy": repr(update.accuracy)}
-        save_state(dict(update.task_vector), path, metadata=meta)
+        save_verified(dict(update.task_vector), path, metadata=meta)
     return update
 
 

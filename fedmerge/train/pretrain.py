@@ -8,8 +8,11 @@ import json
 from typing import Annotated
 from pathlib import Path
 
+from torch import Tensor
+
 from fedmerge.data.federated import FederatedData
-from fedmerge.io.state import load_state, save_state
+from fedmerge.errors import ConfigError
+from fedmerge.io.state import non_finite_tensor, read_cache_entry, save_verified
 from fedmerge.models.registry import build_model, pretrained_state
 from fedmerge.spec import Positive, PositiveInt, Spec, check
 from fedmerge.train.loop import TrainPlan, single_thread, train
@@ -42,14 +45,22 @@ def pretrained_base(spec: PretrainSpec, model_name: str, seed: int, data: Federa
         return state, True
     path = None if cache_dir is None else (
         Path(cache_dir) / f"base-{model_name}-{spec.cache_key(model_name, seed, data)}.safetensors")
+
+    def cached_model(tensors: dict[str, Tensor], _: object) -> dict[str, Tensor]:
+        model = build_model(model_name, data.input_shape, data.num_classes, seed=seed)
+        model.load_state_dict(tensors)  # raises RuntimeError for weights that no longer fit the model
+        return model.state_dict()
+
+    if path is not None and (cached := read_cache_entry(path, cached_model)) is not None:
+        return cached, True
     model = build_model(model_name, data.input_shape, data.num_classes, seed=seed)
-    if path is not None and path.is_file():
-        model.load_state_dict(load_state(path))
-        return model.state_dict(), True
     plan = TrainPlan(local_steps=spec.steps, lr=spec.lr, batch_size=spec.batch_size)
     with single_thread():
         train(model, data.pretrain, plan, seed=seed)
     state = model.state_dict()
+    if (bad := non_finite_tensor(state)) is not None:
+        raise ConfigError(f"the pre-trained base θ0 of {model_name} diverged: tensor {bad!r} is NaN or Inf after "
+                          f"{spec.steps} pre-training steps at lr {spec.lr:g}; lower {spec.key_name(('lr',))}")
     if path is not None:
-        save_state(state, path)
+        save_verified(state, path)
     return state, False

@@ -1,0 +1,128 @@
+"""The task-vector and pre-trained-base caches are verified when read: an entry whose values changed
+(header intact), that holds NaN, is truncated or carries no checksum is named, discarded and
+recomputed, and the run's result is the one it would have had without a cache."""
+
+from __future__ import annotations
+
+import json
+import logging
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from fedmerge import ConfigError, merge
+from fedmerge.data import DataSpec, load_federated
+from fedmerge.models import build_model
+from fedmerge.train import PretrainSpec, TrainPlan, pretrained_base
+from fedmerge.train.local import local_update
+
+DAMAGES = ["values", "nan", "truncated", "no-checksum"]
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_federated(DataSpec(num_clients=3, seed=0))
+
+
+def damage(path: Path, how: str) -> None:
+    """Change a safetensors file on disk the way a bad disk, an old version or a hand would: read
+    the header (8-byte little-endian length, JSON) and edit the raw float32 bytes behind it."""
+    raw = bytearray(path.read_bytes())
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    name = max((k for k in header if k != "__metadata__"), key=lambda k: np.prod(header[k]["shape"]))
+    assert header[name]["dtype"] == "F32"
+    start, end = (8 + n + o for o in header[name]["data_offsets"])
+    values = np.frombuffer(bytes(raw[start:end]), dtype="<f4").copy()
+    if how == "values":
+        values = -3.0 * values + 0.01  # same header, every number of one tensor changed
+    elif how == "nan":
+        values[len(values) // 2] = np.nan
+    elif how == "truncated":
+        path.write_bytes(bytes(raw[: len(raw) // 2]))
+        return
+    elif how == "no-checksum":  # as an older fedmerge wrote it: same tensors, metadata without a digest
+        meta = {k: v for k, v in header.get("__metadata__", {}).items() if "sha256" not in k}
+        save_file(load_file(path), str(path), metadata=meta)
+        return
+    raw[start:end] = values.astype("<f4").tobytes()
+    path.write_bytes(bytes(raw))
+
+
+def updates(data, base, cache_dir):
+    plan = TrainPlan(local_steps=8, lr=0.05)
+    return [local_update("mlp", base, client, plan, 0, data.input_shape, data.num_classes, cache_dir=cache_dir)
+            for client in data.clients]
+
+
+def warned_files(caplog) -> set[str]:
+    return {r.getMessage().split(" ")[2].rstrip(":") for r in caplog.records if r.levelno == logging.WARNING}
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+def test_damaged_task_vector_entries_are_recomputed(data, tmp_path, caplog, how):
+    base = build_model("mlp", data.input_shape, data.num_classes, seed=0).state_dict()
+    reference = updates(data, base, None)
+    updates(data, base, tmp_path)
+    entries = sorted((tmp_path / "task-vectors").iterdir())
+    assert len(entries) == len(data.clients)
+    for path in entries:
+        damage(path, how)
+    with caplog.at_level(logging.WARNING):
+        again = updates(data, base, tmp_path)
+    assert [u.cached for u in again] == [False] * len(entries)
+    assert warned_files(caplog) == {str(p) for p in entries}  # each bad entry named once
+    for method in ("ties", "fedavg"):
+        want = merge(method, [u.task_vector for u in reference])
+        got = merge(method, [u.task_vector for u in again])
+        assert all(torch.equal(want[k], got[k]) for k in want)
+    assert [u.accuracy for u in again] == [u.accuracy for u in reference]
+    third = updates(data, base, tmp_path)  # the rewritten entries are good again
+    assert all(u.cached for u in third)
+    assert all(torch.equal(a.task_vector[k], b.task_vector[k]) for a, b in zip(third, reference) for k in a.task_vector)
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+def test_damaged_base_entry_is_retrained(data, tmp_path, caplog, how):
+    spec = PretrainSpec(steps=20)
+    first, _ = pretrained_base(spec, "mlp", 0, data, tmp_path)
+    (path,) = tmp_path.glob("base-*.safetensors")
+    damage(path, how)
+    with caplog.at_level(logging.WARNING):
+        second, cached = pretrained_base(spec, "mlp", 0, data, tmp_path)
+    assert cached is False and warned_files(caplog) == {str(path)}
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    third, cached = pretrained_base(spec, "mlp", 0, data, tmp_path)
+    assert cached is True and all(torch.equal(first[k], third[k]) for k in first)
+
+
+def test_base_entry_that_no_longer_fits_the_model_is_retrained(data, tmp_path, caplog):
+    spec = PretrainSpec(steps=20)
+    first, _ = pretrained_base(spec, "mlp", 0, data, tmp_path)
+    (path,) = tmp_path.glob("base-*.safetensors")
+    from fedmerge.io.state import save_verified
+
+    save_verified({"renamed.weight": torch.zeros(2, 2)}, path)
+    with caplog.at_level(logging.WARNING):
+        second, cached = pretrained_base(spec, "mlp", 0, data, tmp_path)
+    assert cached is False and warned_files(caplog) == {str(path)}
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_a_diverged_pretraining_is_one_error_naming_the_base(data, tmp_path):
+    with pytest.raises(ConfigError, match=r"pre-trained base .* diverged.*pretrain-lr") as info:
+        pretrained_base(PretrainSpec(steps=20, lr=1e3), "mlp", 0, data, tmp_path)
+    assert "\n" not in str(info.value) and "client" not in str(info.value)
+    assert list(tmp_path.iterdir()) == []  # nothing cached
+
+
+def test_a_diverged_client_update_is_not_cached(data, tmp_path):
+    base = build_model("mlp", data.input_shape, data.num_classes, seed=0).state_dict()
+    plan = TrainPlan(local_steps=20, lr=1e6)
+    update = local_update("mlp", base, data.clients[0], plan, 0, data.input_shape, data.num_classes, cache_dir=tmp_path)
+    assert not all(torch.isfinite(t).all() for t in update.task_vector.values())  # it did diverge
+    assert not (tmp_path / "task-vectors").exists() or not any((tmp_path / "task-vectors").iterdir())
