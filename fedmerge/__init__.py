@@ -8,13 +8,39 @@ measures, tuning); ``offline`` merges checkpoints, ``attacks`` makes hostile cli
 holds the plugin machinery.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from fedmerge.errors import (
     CheckpointError, ConfigError, FederationError, FedmergeError, MergeError, PluginError,
 )
-from fedmerge.io.state import load_state, save_state
-from fedmerge.merging import METHODS, MergeMethod, Option, merge, rule
-from fedmerge.registry import load_plugin_file
-from fedmerge.task_vector import TaskVector, apply
+
+# The public verbs load torch; they are imported on first use, so that `import fedmerge.errors` (and a
+# command's --help) does not wait for it.
+_LAZY = {
+    "load_state": "fedmerge.io.state", "save_state": "fedmerge.io.state",
+    "METHODS": "fedmerge.merging", "MergeMethod": "fedmerge.merging", "Option": "fedmerge.merging",
+    "merge": "fedmerge.merging", "rule": "fedmerge.merging",
+    "load_plugin_file": "fedmerge.registry",
+    "TaskVector": "fedmerge.task_vector", "apply": "fedmerge.task_vector",
+}
+
+if TYPE_CHECKING:
+    from fedmerge.io.state import load_state, save_state
+    from fedmerge.merging import METHODS, MergeMethod, Option, merge, rule
+    from fedmerge.registry import load_plugin_file
+    from fedmerge.task_vector import TaskVector, apply
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'fedmerge' has no attribute {name!r}")
+
 
 __all__ = [
     "METHODS", "CheckpointError", "ConfigError", "FederationError", "FedmergeError", "MergeError", "MergeMethod",

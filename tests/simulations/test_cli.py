@@ -92,3 +92,13 @@ def test_markup_in_a_run_name_is_printed_as_written(tmp_path, cache_dir):
                                  "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
     assert "[red]x[/] :smile:" in result.output
+
+
+def test_the_command_starts_without_importing_torch():
+    """``fedmerge --help`` and every error before the work must not wait for torch to load."""
+    import subprocess
+    import sys
+
+    code = "import simulations.cli, sys; assert 'torch' not in sys.modules, 'torch imported'"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
