@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from fedmerge.errors import MergeError
+from fedmerge.io.state import all_finite
 
 TaskVectors = Sequence[Mapping[str, Tensor]]
 
@@ -40,13 +41,6 @@ def _check_tensor(t: Any, ref: Tensor, who: str, key: str) -> None:
         raise MergeError(f"{who}, tensor {key!r}: shape {tuple(t.shape)} != {tuple(ref.shape)}")
     if not all_finite(t):
         raise MergeError(f"{who}, tensor {key!r}: contains NaN or Inf")
-
-
-def all_finite(t: Tensor) -> bool:
-    """Whether every entry is finite: the sum is (NaN and ±Inf propagate), or, if the sum of finite
-    values overflowed, the elementwise check says so. One pass without a mask."""
-    total = t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
-    return bool(torch.isfinite(total)) or bool(torch.isfinite(t if t.element_size() > 1 else t.float()).all())
 
 
 def validate_task_vectors(task_vectors: TaskVectors) -> dict[str, torch.Size]:
