@@ -21,6 +21,11 @@ console = terminal()
 err_console = terminal(stderr=True)
 
 
+def _shipped(folder: str) -> str:
+    """Names of the TOML files shipped in ``simulations/<folder>`` (presets, sweeps), for --help."""
+    return ", ".join(sorted(p.stem for p in (Path(__file__).parent / folder).glob("*.toml")))
+
+
 def _fail(exc: BaseException, code: int) -> typer.Exit:
     err_console.print(labelled("error:", "bold red", str(exc)), highlight=False, soft_wrap=True)
     return typer.Exit(code)
@@ -40,15 +45,19 @@ def user_errors(on_interrupt: str = "interrupted; no results were written") -> I
         raise _fail(KeyboardInterrupt(on_interrupt), 130) from None
 
 
-@app.command()
+# Arguments' own help is lost between typer 0.20 and click 8.5, so each command's help describes them.
+@app.command(help="Run one experiment: pre-train, fine-tune every client, merge with every strategy, evaluate."
+             f"\n\nPRESET is a preset TOML file or the name of a shipped preset ({_shipped('presets')}); "
+             "without it, the default experiment runs.")
 def run(
-    preset: Annotated[Path | None, typer.Argument(help="Preset TOML (default: the shipped default.toml).")] = None,
+    preset: Annotated[Path | None, typer.Argument(help="A preset TOML file or a shipped preset's name.",
+                                                  show_default=False)] = None,
     set_: Annotated[list[str], typer.Option("--set", "-s", help="Override a config key: key=value (repeatable).")] = [],
     out: Annotated[Path | None, typer.Option("--out", "-o", help="New results directory (default: runs/NAME-TIME).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
     plugin: Annotated[list[Path], typer.Option("--plugin", help="A Python file that registers merging rules, datasets, partitioners or models (repeatable).")] = [],
 ) -> None:
-    """Run one experiment: pre-train, fine-tune every client, merge with every strategy, evaluate."""
+    """Run one experiment (its help, with PRESET's, is in the decorator)."""
     from simulations.config import load_config
     from simulations.experiment import run_experiment
     from simulations.results import default_out_dir, print_table
@@ -65,14 +74,15 @@ def run(
     console.print(f"results: {out_dir}/results.json  (timing: {results['timing']['total']:.1f} s)")
 
 
-@app.command()
+@app.command(help="Run a grid of config values × seeds; write a tidy results.csv and plots (resumable)."
+             f"\n\nSPEC is a sweep spec TOML file or the name of a shipped one ({_shipped('sweeps')}).")
 def sweep(
-    spec: Annotated[Path, typer.Argument(help="Sweep spec TOML (a path, or a shipped one: data-heterogeneity.toml).")],
+    spec: Annotated[Path, typer.Argument(help="A sweep spec TOML file or a shipped spec's name.")],
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Sweep directory; re-running resumes (default: runs/sweep-NAME).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     plugin: Annotated[list[Path], typer.Option("--plugin", help="A Python file that registers merging rules, datasets, partitioners or models (repeatable).")] = [],
 ) -> None:
-    """Run a grid of config values × seeds; write a tidy results.csv and plots (resumable)."""
+    """Run a sweep (its help, with SPEC's, is in the decorator)."""
     from simulations.sweep import SweepSpec, run_sweep
 
     with user_errors("interrupted; finished cells are kept, re-run to resume"):

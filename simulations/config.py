@@ -12,6 +12,7 @@ same object is saved with the results (``config.toml``, flat keys) so a run can 
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import tomllib
@@ -222,6 +223,14 @@ RENAMED_KEYS = {"task-kinds": "transforms"}
 RENAMED_VALUES = {("partition", "tasks"): "transforms"}
 
 
+def unknown_key(key: str) -> str:
+    """The error for a key that is not in :data:`KEYS`: the nearest key, else all of them."""
+    near = difflib.get_close_matches(hyphenate(key), KEYS, n=1, cutoff=0.6)
+    if near:
+        return f"unknown config key {key!r}; did you mean {near[0]!r}?"
+    return f"unknown config key {key!r}; known keys: {', '.join(sorted(KEYS))}"
+
+
 def _route(values: Mapping[str, Any]) -> dict[str, Any]:
     """Flat keys (hyphenated or underscored) and nested section tables → one nested dict."""
     nested: dict[str, Any] = {}
@@ -240,7 +249,7 @@ def _route(values: Mapping[str, Any]) -> dict[str, Any]:
             else:
                 nested[field] = value
         else:
-            raise ValueError(f"!unknown config key {raw_key!r}; known keys: {', '.join(sorted(KEYS))}")
+            raise ValueError(f"!{unknown_key(raw_key)}")
     return nested
 
 
@@ -300,7 +309,7 @@ class ExperimentConfig(Spec):
         Flower's run config write them; unknown keys (underscored ones included) are an error."""
         for key in values:
             if key not in KEYS and key not in SECTIONS and key not in RENAMED_KEYS:
-                raise ConfigError(f"unknown config key {key!r}; known keys: {', '.join(sorted(KEYS))}")
+                raise ConfigError(unknown_key(key))
         return cls(**dict(values))
 
     def replace(self, **overrides: Any) -> ExperimentConfig:
@@ -393,6 +402,19 @@ def default_cache_dir() -> Path:
 # ------------------------------------------------------------------------------------------------
 
 
+def find_shipped(name: str | os.PathLike, shipped: Path, what: str) -> Path:
+    """The file ``name`` names: a path that exists as given, else a file shipped in ``shipped``
+    (``default``, ``default.toml``). A name that is neither is one line listing the shipped ones."""
+    path = Path(name).expanduser()
+    if path.exists():
+        return path
+    for candidate in (shipped / path.name, shipped / f"{path.name}.toml"):
+        if path.parent == Path(".") and candidate.is_file():
+            return candidate
+    names = ", ".join(sorted(p.stem for p in shipped.glob("*.toml")))
+    raise ConfigError(f"{name}: no such {what} file; shipped {what}s: {names} (or give a path)")
+
+
 def read_toml(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     try:
@@ -421,11 +443,12 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 def load_config(preset: str | os.PathLike | None = None, overrides: Sequence[str] = (),
                 plugins: Sequence[str | os.PathLike] = ()) -> ExperimentConfig:
-    """Defaults ← preset (the shipped default when None) ← ``--set`` overrides, validated once.
+    """Defaults ← preset (a path, or a shipped preset's name; the default when None) ← ``--set``
+    overrides, validated once.
 
     A preset's ``plugins`` are paths relative to the preset file; ``plugins`` given here (``--plugin``)
     are added to them."""
-    path = Path(preset if preset is not None else DEFAULT_PRESET)
+    path = DEFAULT_PRESET if preset is None else find_shipped(preset, PRESETS_DIR, "preset")
     values = read_toml(path)
     values["plugins"] = plugin_files(values.get("plugins", []), path.parent)
     for text in overrides:

@@ -34,7 +34,7 @@ from rich.console import Console
 
 from fedmerge.errors import ConfigError
 from fedmerge.io import atomic_path, write_text_atomic
-from simulations.config import PRESETS_DIR, ExperimentConfig, plugin_files, read_toml
+from simulations.config import PRESETS_DIR, ExperimentConfig, find_shipped, plugin_files, read_toml
 from simulations.experiment import run_experiment
 from simulations.plots import plot_sweep
 from simulations.progress import progress_bar
@@ -59,16 +59,14 @@ class SweepSpec:
     @classmethod
     def load(cls, path: str | os.PathLike, plugins: Sequence[str | os.PathLike] = ()) -> SweepSpec:
         """Read a spec; ``plugins`` (files, e.g. from ``--plugin``) are added to the preset's and the spec's."""
-        path = Path(path)
-        if not path.is_file() and (SWEEPS_DIR / path).is_file():
-            path = SWEEPS_DIR / path  # a shipped spec by file name
+        path = find_shipped(path, SWEEPS_DIR, "sweep spec")
         raw = read_toml(path)
         unknown = sorted(set(raw) - SPEC_KEYS)
         if unknown:
             raise ConfigError(f"{path}: unknown sweep key {unknown[0]!r}; known: {', '.join(sorted(SPEC_KEYS))}")
-        preset = raw.get("preset", "default")
-        shipped = PRESETS_DIR / f"{preset}.toml"
-        preset_path = shipped if shipped.is_file() else path.parent / preset
+        preset = str(raw.get("preset", "default"))
+        local = path.parent / preset  # a path relative to the spec, else a shipped preset's name
+        preset_path = local if local.is_file() else find_shipped(preset, PRESETS_DIR, "preset")
         preset_values = read_toml(preset_path)
         overrides = dict(raw.get("set", {}))
         files = [*plugin_files(preset_values.pop("plugins", []), preset_path.parent),
