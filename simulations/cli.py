@@ -83,12 +83,13 @@ def sweep(
     plugin: Annotated[list[Path], typer.Option("--plugin", help="A Python file that registers merging rules, datasets, partitioners or models (repeatable).")] = [],
 ) -> None:
     """Run a sweep (its help, with SPEC's, is in the decorator)."""
-    from simulations.sweep import SweepSpec, run_sweep
+    from simulations.sweep import SweepSpec, print_sweep_summary, run_sweep
 
     with user_errors("interrupted; finished cells are kept, re-run to resume"):
         loaded = SweepSpec.load(spec, plugins=plugin)
         out_dir = out if out is not None else Path("runs") / f"sweep-{loaded.name}"
         run_sweep(loaded, out_dir, console=err_console, progress=not quiet)
+    print_sweep_summary(out_dir / "results.csv", list(loaded.grid), console, title=loaded.name)
     console.print(f"sweep: {out_dir}/results.csv and {', '.join(p.name for p in sorted(out_dir.glob('*.png')))}")
 
 

@@ -1,4 +1,9 @@
-"""Sweep plots (matplotlib, PNG): accuracy against each swept knob, and heatmaps for two knobs."""
+"""Sweep plots (matplotlib, PNG): accuracy against each swept knob, and heatmaps for two knobs.
+
+Each figure's title names the sweep and the settings it held fixed; the legend sits beside the axes,
+not on the data; normalized accuracy has a dotted line at 1.0 (the clients' own models). The dashed
+pre-trained base is the mean over the sweep's seeds: every seed pre-trains its own base, so it differs
+from the base of a single run with one seed."""
 
 from __future__ import annotations
 
@@ -34,12 +39,17 @@ def _axis(values: Sequence[Any]) -> tuple[list[Any], bool]:
     return distinct, log
 
 
-def plot_knob(rows: Sequence[dict[str, Any]], knob: str, path: Path) -> Path:
-    """Mean over seeds (and other knobs) per strategy, with the min–max band, for both metrics."""
+BASE_NOTE = "pre-trained base: mean over seeds (each seed pre-trains its own base)"
+
+
+def plot_knob(rows: Sequence[dict[str, Any]], knob: str, path: Path, title: str = "") -> Path:
+    """Mean over seeds (and other knobs) per strategy, with the min–max band, for both metrics;
+    ``title`` names the sweep and its fixed settings."""
     plt = pyplot()
     xs, log = _axis([r[knob] for r in rows])
     position = {x: (x if _numeric(xs) else i) for i, x in enumerate(xs)}
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(6 * len(METRICS), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(6 * len(METRICS) + 2, 4.6), squeeze=False,
+                             layout="constrained")
     for ax, (metric, label) in zip(axes[0], METRICS):
         by_strategy: dict[str, dict[Any, list[float]]] = defaultdict(lambda: defaultdict(list))
         base: dict[Any, list[float]] = defaultdict(list)
@@ -62,6 +72,8 @@ def plot_knob(rows: Sequence[dict[str, Any]], knob: str, path: Path) -> Path:
             keys = [x for x in xs if x in base]
             ax.plot([position[x] for x in keys], [sum(base[x]) / len(base[x]) for x in keys], "k--",
                     label="pre-trained base")
+        if metric == "normalized_accuracy":  # the clients' own models
+            ax.axhline(1.0, color="0.4", linestyle=":", linewidth=1)
         if log:
             ax.set_xscale("log")
         if not _numeric(xs):
@@ -69,16 +81,17 @@ def plot_knob(rows: Sequence[dict[str, Any]], knob: str, path: Path) -> Path:
         ax.set_xlabel(knob)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"{knob}: mean over seeds, band = min–max")
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right center", fontsize=8)
+    heading = f"{knob}: mean over seeds, band = min–max; {BASE_NOTE}"
+    fig.suptitle(f"{title}\n{heading}" if title else heading, fontsize=10)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return path
 
 
-def plot_heatmap(rows: Sequence[dict[str, Any]], knobs: Sequence[str], path: Path) -> Path:
+def plot_heatmap(rows: Sequence[dict[str, Any]], knobs: Sequence[str], path: Path, title: str = "") -> Path:
     """Mean test accuracy over seeds for every pair of values of two knobs, one panel per strategy."""
     plt = pyplot()
     kx, ky = knobs
@@ -104,14 +117,17 @@ def plot_heatmap(rows: Sequence[dict[str, Any]], knobs: Sequence[str], path: Pat
     for ax in list(axes.flat)[len(strategies):]:
         ax.axis("off")
     fig.colorbar(image, ax=axes, shrink=0.8, label="global test accuracy")
+    if title:
+        fig.suptitle(title, fontsize=10)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return path
 
 
-def plot_sweep(rows: Sequence[dict[str, Any]], knobs: Sequence[str], out: Path) -> list[Path]:
-    paths = [plot_knob(rows, knob, out / f"accuracy-vs-{knob}.png") for knob in knobs]
+def plot_sweep(rows: Sequence[dict[str, Any]], knobs: Sequence[str], out: Path, title: str = "") -> list[Path]:
+    """Every figure of a sweep; ``title`` names the sweep and its fixed settings."""
+    paths = [plot_knob(rows, knob, out / f"accuracy-vs-{knob}.png", title) for knob in knobs]
     if len(knobs) == 2:
-        paths.append(plot_heatmap(rows, knobs, out / f"heatmap-{knobs[0]}-{knobs[1]}.png"))
+        paths.append(plot_heatmap(rows, knobs, out / f"heatmap-{knobs[0]}-{knobs[1]}.png", title))
     return paths

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.table import Table
 
 from fedmerge.errors import ConfigError
 from fedmerge.io import atomic_path, write_text_atomic
@@ -38,6 +39,7 @@ from simulations.config import PRESETS_DIR, ExperimentConfig, find_shipped, plug
 from simulations.experiment import run_experiment
 from simulations.plots import plot_sweep
 from simulations.progress import progress_bar
+from simulations.results import describe_setup
 
 SWEEPS_DIR = Path(__file__).parent / "sweeps"
 SPEC_KEYS = {"name", "preset", "seeds", "set", "grid", "plugins"}
@@ -137,7 +139,7 @@ def run_sweep(spec: SweepSpec, out: Path, console: Console | None = None, progre
             rows.extend(tidy_rows(cell, results))
             bar.advance(task)
     write_csv(rows, list(spec.grid), out / "results.csv")
-    plot_sweep(rows, list(spec.grid), out)
+    plot_sweep(rows, list(spec.grid), out, title=sweep_title(spec))
     return out
 
 
@@ -168,3 +170,32 @@ def write_csv(rows: Sequence[dict[str, Any]], knobs: Sequence[str], path: Path) 
         writer.writeheader()
         for row in rows:
             writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
+
+def sweep_title(spec: SweepSpec) -> str:
+    """The sweep's name and the settings its cells share (the first cell's, less the swept knobs)."""
+    first = next(spec.cells()).config.to_dict()
+    seeds = f"{len(spec.seeds)} seeds" if len(spec.seeds) > 1 else f"seed {spec.seeds[0]}"
+    return f"{spec.name}: {describe_setup(first, skip={*spec.grid, 'seed'})} · {seeds}"
+
+
+def print_sweep_summary(csv_path: Path, knobs: Sequence[str], console: Console, title: str = "") -> None:
+    """The sweep's table: mean normalized accuracy (%) over seeds per strategy (rows) and per value of
+    the swept knobs (columns), read back from ``results.csv``."""
+    with csv_path.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    columns = list(dict.fromkeys(", ".join(f"{k}={r[k]}" for k in knobs) for r in rows))
+    cells: dict[tuple[str, str], list[float]] = {}
+    for r in rows:
+        if r["normalized_accuracy"] not in ("", None):
+            key = (r["strategy"], ", ".join(f"{k}={r[k]}" for k in knobs))
+            cells.setdefault(key, []).append(float(r["normalized_accuracy"]))
+    console.print(f"sweep {title}: mean normalized accuracy % over seeds" if title
+                  else "sweep: mean normalized accuracy % over seeds", soft_wrap=True)
+    table = Table()
+    table.add_column("strategy")
+    for column in columns:
+        table.add_column(column, justify="right")
+    for strategy in dict.fromkeys(r["strategy"] for r in rows):
+        values = [cells.get((strategy, c)) for c in columns]
+        table.add_row(strategy, *("—" if not v else f"{100 * sum(v) / len(v):.1f}" for v in values))
+    console.print(table)

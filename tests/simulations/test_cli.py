@@ -102,3 +102,25 @@ def test_the_command_starts_without_importing_torch():
     code = "import simulations.cli, sys; assert 'torch' not in sys.modules, 'torch imported'"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_sweep_ends_with_a_summary_table(tmp_path, cache_dir):
+    spec = tmp_path / "tiny.toml"
+    spec.write_text(f"""name = "tiny"
+seeds = [0]
+[set]
+num-clients = 3
+local-steps = 5
+pretrain-steps = 20
+strategies = ["fedavg", "median"]
+cache-dir = "{cache_dir}/sweep"
+[grid]
+alpha = [0.3, 3.0]
+""")
+    result = runner.invoke(app, ["sweep", str(spec), "--out", str(tmp_path / "out"), "-q"])
+    assert result.exit_code == 0, result.output
+    assert "sweep tiny: mean normalized accuracy % over seeds" in result.output
+    assert "alpha=0.3" in result.output and "alpha=3.0" in result.output
+    table_rows = [line for line in result.output.splitlines() if line.startswith("│ fedavg") or
+                  line.startswith("│ median")]
+    assert len(table_rows) == 2 and all(line.count("│") == 4 for line in table_rows)

@@ -58,3 +58,57 @@ def test_setup_line_leaves_out_swept_knobs():
     config = results_with()["config"]
     assert "alpha" not in describe_setup(config, skip={"alpha"})
     assert "local steps" not in describe_setup(config, skip={"local-steps"})
+
+
+# -- sweeps: a summary table and figures that say what they show ------------------------------------------
+
+
+def sweep_rows() -> list[dict]:
+    """Two strategies × two alphas × two seeds, normalized accuracies chosen by hand."""
+    rows = []
+    for alpha, seed, fedavg, median in [(0.1, 0, 0.5, 0.7), (0.1, 1, 0.7, 0.9), (10.0, 0, 0.95, 1.0),
+                                         (10.0, 1, 0.97, 1.02)]:
+        for strategy, norm in (("fedavg", fedavg), ("median", median)):
+            rows.append({"alpha": alpha, "seed": seed, "strategy": strategy, "accuracy": norm / 2,
+                         "normalized_accuracy": norm, "base_accuracy": 0.1 + seed / 10})
+    return rows
+
+
+def test_sweep_summary_table_is_the_mean_normalized_accuracy_per_strategy_and_value(tmp_path):
+    from simulations.sweep import print_sweep_summary, write_csv
+
+    path = tmp_path / "results.csv"
+    write_csv([{**r, "cell": "c"} for r in sweep_rows()], ["alpha"], path)
+    console = Console(file=io.StringIO(), width=200, markup=False)
+    print_sweep_summary(path, ["alpha"], console, title="tiny")
+    text = console.file.getvalue()
+    lines = {line.split("│")[1].strip(): line for line in text.splitlines() if line.count("│") > 2}
+    assert "alpha=0.1" in text and "alpha=10.0" in text and "tiny" in text
+    # mean over the two seeds, in percent: fedavg (0.5+0.7)/2, (0.95+0.97)/2; median (0.7+0.9)/2, (1.0+1.02)/2
+    assert [c.strip() for c in lines["fedavg"].split("│")[2:4]] == ["60.0", "96.0"]
+    assert [c.strip() for c in lines["median"].split("│")[2:4]] == ["80.0", "101.0"]
+
+
+def test_sweep_figure_has_legend_off_the_data_a_reference_line_and_a_title(tmp_path, monkeypatch):
+    from simulations import plots
+
+    figures = []
+    plt = plots.pyplot()
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the figure to inspect it
+    plots.plot_knob(sweep_rows(), "alpha", tmp_path / "a.png", title="data-heterogeneity: 8 clients, lr 0.1")
+    (fig,) = figures
+    fig.canvas.draw()
+    accuracy_ax, normalized_ax = fig.axes[:2]
+    legends = [ax.get_legend() for ax in fig.axes if ax.get_legend()] + list(fig.legends)
+    assert legends
+    renderer = fig.canvas.get_renderer()
+    for legend in legends:  # outside every axes' data area
+        box = legend.get_window_extent(renderer)
+        for ax in (accuracy_ax, normalized_ax):
+            assert not box.overlaps(ax.get_window_extent(renderer))
+    reference = [line for line in normalized_ax.get_lines() if list(line.get_ydata()) == [1.0, 1.0]]
+    assert reference and reference[0].get_linestyle() in (":", "--", "-.")
+    assert not [line for line in accuracy_ax.get_lines() if list(line.get_ydata()) == [1.0, 1.0]]
+    assert "data-heterogeneity: 8 clients, lr 0.1" in fig._suptitle.get_text()
+    assert "base changes with the seed" in fig._suptitle.get_text() or any(
+        "seed" in t.get_text() for t in fig.texts)
