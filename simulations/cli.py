@@ -27,7 +27,7 @@ def _shipped(folder: str) -> str:
 
 
 def _fail(exc: BaseException, code: int) -> typer.Exit:
-    err_console.print(labelled("error:", "bold red", str(exc)), highlight=False, soft_wrap=True)
+    err_console.print(labelled("error:", "bold red", str(exc)), highlight=False)
     return typer.Exit(code)
 
 

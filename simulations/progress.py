@@ -17,8 +17,9 @@ from rich.progress import (
 
 
 def terminal(stderr: bool = False) -> Console:
-    """A console that prints strings literally: no markup, no emoji codes."""
-    return Console(stderr=stderr, markup=False, emoji=False)
+    """A console that prints strings literally (no markup, no emoji codes) and never breaks a line of
+    text (an error or a path stays one line to copy); tables still fit the terminal."""
+    return Console(stderr=stderr, markup=False, emoji=False, soft_wrap=True)
 
 
 def labelled(label: str, style: str, text: str) -> Text:

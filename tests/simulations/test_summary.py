@@ -112,3 +112,23 @@ def test_sweep_figure_has_legend_off_the_data_a_reference_line_and_a_title(tmp_p
     assert "data-heterogeneity: 8 clients, lr 0.1" in fig._suptitle.get_text()
     assert "base changes with the seed" in fig._suptitle.get_text() or any(
         "seed" in t.get_text() for t in fig.texts)
+
+
+def test_the_flower_app_prints_the_table_and_where_the_results_are(tmp_path, cache_dir, capsys):
+    """`flwr run .` ends in ``flwr_main``: it prints what `fedmerge run` prints."""
+    from flwr.app import Context, RecordDict
+
+    import clients
+    from simulations.engine import InProcessGrid
+    from simulations.server import flwr_main
+
+    out = tmp_path / "flwr-out"
+    run_config = {"num-clients": 3, "local-steps": 5, "pretrain-steps": 20, "strategies": "fedavg,median",
+                  "cache-dir": cache_dir, "engine": "inprocess", "out": str(out)}
+    grid = InProcessGrid(clients.app, 3)
+    flwr_main(grid, Context(run_id=grid.run.run_id, node_id=0, node_config={}, state=RecordDict(),
+                            run_config=run_config))
+    printed = capsys.readouterr().out
+    assert (out / "results.json").is_file()
+    assert "clients' own models (mean)" in printed and "median" in printed and "setup:" in printed
+    assert f"results: {out}/results.json" in printed
