@@ -64,7 +64,8 @@ def merge_checkpoints(
     if any(out.resolve() == p.resolve() for p in inputs):
         raise CheckpointError(f"{out}: the output would overwrite one of the input checkpoints")
     if out.exists() and not overwrite:
-        raise CheckpointError(f"{out} already exists; choose a new file (or allow overwriting)")
+        raise CheckpointError(f"{out} already exists; choose a new file, or overwrite it with --force "
+                              "(overwrite=True)")
     # The base is read once per tensor name and pass: the moment to hand freed memory back.
     def on_base_read() -> None:  # the base is read once per tensor name and pass: trim the heap there
         release_free_heap()
@@ -96,7 +97,8 @@ def merge_pretrained(base: str, models: Sequence[str], method: str, out: str | o
     METHODS.check(method)
     out = Path(out)
     if out.exists() and (out.is_file() or any(out.iterdir())) and not overwrite:
-        raise CheckpointError(f"{out} already exists; choose a new directory (or allow overwriting)")
+        raise CheckpointError(f"{out} already exists; choose a new directory, or overwrite it with --force "
+                              "(overwrite=True)")
     theta0 = encoder_state(base)
     taus = [TaskVector.between(theta0, encoder_state(m, base=theta0)) for m in models]
     merged = merge(method, taus, weights, **dict(options or {}))

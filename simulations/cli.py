@@ -11,7 +11,7 @@ import typer
 from rich.table import Column, Table
 
 from fedmerge.errors import FederationError, FedmergeError
-from simulations.progress import labelled, terminal
+from simulations.progress import count, labelled, terminal
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -175,11 +175,12 @@ def merge(
             key, value = parse_override(text)
             options[key.replace("-", "_")] = value
         with progress_bar(err_console, enabled=not quiet, unit="tensors read", transient=True) as bar:
-            task = bar.add_task(f"Merging {len(models) + len(ctx.args)} models with {method}", total=None)
+            task = bar.add_task(f"Merging {count(len(models) + len(ctx.args), 'model')} with {method}", total=None)
             summary = merge_checkpoints(base, [*models, *map(Path, ctx.args)], method, out, scale=scale,
                                         options=options, overwrite=force, on_read=lambda: bar.advance(task))
-    console.print(f"merged {summary['models']} models with {method} (λ={scale:g}): {len(summary['merged'])} tensors "
-                  f"merged, {len(summary['copied'])} copied from the base -> {out}")
+    console.print(f"merged {count(summary['models'], 'model')} with {method} (λ={scale:g}): "
+                  f"{count(len(summary['merged']), 'tensor')} merged, {len(summary['copied'])} copied from the base "
+                  f"-> {out}")
 
 
 @app.command(context_settings={"allow_extra_args": True})

@@ -22,6 +22,11 @@ def terminal(stderr: bool = False) -> Console:
     return Console(stderr=stderr, markup=False, emoji=False, soft_wrap=True)
 
 
+def count(n: int, noun: str) -> str:
+    """``n`` and ``noun``, plural unless n is 1: "1 model", "3 models"."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def labelled(label: str, style: str, text: str) -> Text:
     """``label`` in ``style``, then ``text`` as written (``labelled("error:", "bold red", str(exc))``)."""
     return Text.assemble((label, style), " ", text)
@@ -31,12 +36,13 @@ def progress_bar(console: Console | None = None, *, enabled: bool = True, unit: 
                  transient: bool = False) -> Progress:
     """A rich progress display on stderr: spinner, description, bar, count and elapsed time.
 
-    ``unit`` shows an open-ended count ("123 tensors read") instead of n/N; ``enabled=False``
-    gives a display that prints nothing."""
+    ``unit`` shows an open-ended count ("123 tensors read") instead of n/N; ``enabled=False``, or
+    a console that is not a terminal (a pipe, a log file), gives a display that prints nothing."""
     count: ProgressColumn = (MofNCompleteColumn() if unit is None
                              else TextColumn(f"{{task.completed}} {unit}", markup=False))
+    console = console or terminal(stderr=True)
     return Progress(SpinnerColumn(), TextColumn("{task.description}", markup=False), BarColumn(), count,
-                    TimeElapsedColumn(), console=console or terminal(stderr=True), disable=not enabled,
+                    TimeElapsedColumn(), console=console, disable=not enabled or not console.is_terminal,
                     transient=transient)
 
 

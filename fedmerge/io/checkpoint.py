@@ -22,7 +22,7 @@ from torch import Tensor
 
 from fedmerge.errors import CheckpointError
 from fedmerge.io.pages import clean_file_mapping, drop_pages
-from fedmerge.io.state import load_state
+from fedmerge.io.state import all_finite, load_state
 from fedmerge.task_vector import compute_dtype
 
 _SAFETENSORS_DTYPES = {
@@ -66,6 +66,8 @@ class Checkpoint:
             return self._last[1]
         self._last = None
         tensor = self._read(key)
+        if tensor.is_floating_point() and not all_finite(tensor):  # named here, where the file is known
+            raise CheckpointError(f"{self.path}: tensor {key!r} contains NaN or Inf")
         self._last = (key, tensor)
         return tensor
 

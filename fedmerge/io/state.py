@@ -7,6 +7,9 @@ import hashlib
 import json
 import logging
 import os
+import pickle
+import re
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TypeVar
@@ -46,13 +49,29 @@ def load_state(path: str | os.PathLike, *, mmap: bool = False) -> dict[str, Tens
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        with warnings.catch_warnings():  # torch warns about pickle protocols on its way to failing
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # torch raises many types for bad pickles
-        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]  # torch's own message spans many lines
-        raise CheckpointError(f"{path}: not a safetensors file or a weights-only PyTorch state dict ({why})") from None
+        raise CheckpointError(f"{path}: {_unloadable(exc)}") from None
     if not isinstance(state, Mapping) or not all(torch.is_tensor(v) for v in state.values()):
         raise CheckpointError(f"{path}: does not hold a state dict of tensors")
     return dict(state)
+
+
+def _unloadable(exc: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, in one plain line (torch's own message
+    spans many lines, carries terminal colour codes and speaks of its loading options)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    if isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in text:
+        return ("not a weights-only checkpoint: it pickles Python objects besides tensors, which fedmerge never "
+                "unpickles; where you trust the file, convert it once with "
+                "safetensors.torch.save_file(torch.load(PATH, weights_only=False), 'model.safetensors')")
+    if "_use_new_zipfile_serialization" in text or "zip" in text.lower():
+        return ("not a safetensors file or a weights-only PyTorch state dict in torch.save's zip format "
+                "(re-save it with torch.save or safetensors.torch.save_file)")
+    why = (text.strip().splitlines() or [type(exc).__name__])[0]
+    return f"not a safetensors file or a weights-only PyTorch state dict ({why})"
 
 
 def all_finite(t: Tensor) -> bool:

@@ -124,3 +124,51 @@ alpha = [0.3, 3.0]
     table_rows = [line for line in result.output.splitlines() if line.startswith("│ fedavg") or
                   line.startswith("│ median")]
     assert len(table_rows) == 2 and all(line.count("│") == 4 for line in table_rows)
+
+
+# -- fedmerge merge: what it prints -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def checkpoints(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(3, 2)}, tmp_path / "base.safetensors")
+    save_file({"w": torch.ones(3, 2)}, tmp_path / "ft-a.safetensors")
+    save_file({"w": torch.tensor([[1.0, float("nan")], [0, 0], [0, 0]])}, tmp_path / "ft-nan.safetensors")
+    torch.save({"w": torch.ones(3, 2), "meta": {"note": object()}}, tmp_path / "pickled.pt")
+    return tmp_path
+
+
+def merge_args(d, *models, out="merged.safetensors"):
+    return ["merge", "--base", str(d / "base.safetensors"), "--models", *[str(d / m) for m in models],
+            "--method", "fedavg", "--out", str(d / out)]
+
+
+def test_merge_prints_one_line_with_the_right_plural(checkpoints):
+    result = runner.invoke(app, merge_args(checkpoints, "ft-a.safetensors"))
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[0].startswith("merged 1 model with fedavg")
+    assert "1 tensor merged, 0 copied" in result.output and "" not in result.output.splitlines()
+
+
+def test_existing_merge_output_points_to_force(checkpoints):
+    (checkpoints / "merged.safetensors").write_bytes(b"keep")
+    result = runner.invoke(app, merge_args(checkpoints, "ft-a.safetensors"))
+    assert result.exit_code == 2 and "already exists" in result.output and "--force" in result.output
+
+
+def test_a_non_finite_checkpoint_is_named_by_its_file(checkpoints):
+    result = runner.invoke(app, merge_args(checkpoints, "ft-a.safetensors", "ft-nan.safetensors"))
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "ft-nan.safetensors" in result.output and "'w'" in result.output
+    assert "client 1" not in result.output
+
+
+def test_a_pickled_pt_file_is_one_plain_line(checkpoints):
+    result = runner.invoke(app, merge_args(checkpoints, "ft-a.safetensors", "pickled.pt"))
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "\x1b[" not in result.output and "mmap" not in result.output
+    assert "pickled.pt" in lines[0] and "not a weights-only" in lines[0] and "safetensors" in lines[0]
