@@ -247,6 +247,8 @@ class OneShotMerge(Strategy):
         for nid in self.sent_to:
             if nid not in answered:
                 self.failures.append(ClientFailure(nid, self.partition_of.get(nid), "no reply before the timeout"))
+        # Replies arrive in any order: the failures are listed by partition, as the reports are merged.
+        self.failures.sort(key=lambda f: (f.partition_id if f.partition_id is not None else 1 << 30, f.node_id))
         for f in self.failures:
             log(WARNING, "Client node %s (partition %s) left out: %s", f.node_id, f.partition_id, f.reason)
         if len(self.reports) < self.min_train_nodes:

@@ -132,3 +132,17 @@ def test_the_flower_app_prints_the_table_and_where_the_results_are(tmp_path, cac
     assert (out / "results.json").is_file()
     assert "clients' own models (mean)" in printed and "median" in printed and "setup:" in printed
     assert f"results: {out}/results.json" in printed
+
+
+def test_failures_are_listed_by_partition_whatever_order_replies_come_in():
+    """Replies arrive in any order on Ray; the failures (results.json, logs, errors) are sorted."""
+    from strategies import OneShotMerge
+
+    strategy = OneShotMerge(("fedavg",), min_train_nodes=1, min_available_nodes=4)
+    strategy._reset()
+    strategy.partition_of = {13: 3, 11: 1, 12: 2, 10: 0}
+    strategy.sent_to = [13, 11, 12, 10]  # none replies before the timeout
+    strategy._sent_at = 0.0
+    with pytest.raises(Exception, match="partition 0: .*partition 1: .*partition 2: .*partition 3: "):
+        strategy.aggregate_train(1, [])
+    assert [f.partition_id for f in strategy.failures] == [0, 1, 2, 3]
