@@ -202,5 +202,13 @@ def run_ray(server_app: ServerApp, client_app: ClientApp, num_nodes: int, num_cp
 
 
 def quiet_flower_logs() -> None:
-    logging.getLogger("flwr").setLevel(logging.WARNING)
+    """Flower logs warnings and errors only, with colour codes only where they go to a terminal."""
+    from flwr.common.logger import ConsoleHandler
+
+    logger = logging.getLogger("flwr")
+    logger.setLevel(logging.WARNING)
+    for handler in logger.handlers:
+        if isinstance(handler, ConsoleHandler):
+            isatty = getattr(handler.stream, "isatty", None)
+            handler.colored = bool(isatty and isatty())
 

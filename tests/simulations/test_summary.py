@@ -146,3 +146,21 @@ def test_failures_are_listed_by_partition_whatever_order_replies_come_in():
     with pytest.raises(Exception, match="partition 0: .*partition 1: .*partition 2: .*partition 3: "):
         strategy.aggregate_train(1, [])
     assert [f.partition_id for f in strategy.failures] == [0, 1, 2, 3]
+
+
+def test_flower_warnings_carry_no_colour_codes_off_a_terminal():
+    import logging
+
+    from flwr.common.logger import ConsoleHandler
+
+    from simulations.engine import quiet_flower_logs
+
+    handler = next(h for h in logging.getLogger("flwr").handlers if isinstance(h, ConsoleHandler))
+    buffer = io.StringIO()  # not a terminal, as a pipe or a log file
+    before = handler.setStream(buffer)
+    try:
+        quiet_flower_logs()
+        logging.getLogger("flwr").warning("a client was left out")
+    finally:
+        handler.setStream(before)
+    assert "a client was left out" in buffer.getvalue() and "\x1b[" not in buffer.getvalue()
