@@ -183,16 +183,18 @@ def print_sweep_summary(csv_path: Path, knobs: Sequence[str], console: Console, 
     the swept knobs (columns), read back from ``results.csv``."""
     with csv_path.open(newline="") as fh:
         rows = list(csv.DictReader(fh))
-    columns = list(dict.fromkeys(", ".join(f"{k}={r[k]}" for k in knobs) for r in rows))
+    def column(r: dict[str, str]) -> str:  # one knob: its value; several: key=value, ...
+        return r[knobs[0]] if len(knobs) == 1 else ", ".join(f"{k}={r[k]}" for k in knobs)
+
+    columns = list(dict.fromkeys(column(r) for r in rows))
     cells: dict[tuple[str, str], list[float]] = {}
     for r in rows:
         if r["normalized_accuracy"] not in ("", None):
-            key = (r["strategy"], ", ".join(f"{k}={r[k]}" for k in knobs))
-            cells.setdefault(key, []).append(float(r["normalized_accuracy"]))
+            cells.setdefault((r["strategy"], column(r)), []).append(float(r["normalized_accuracy"]))
     console.print(f"sweep {title}: mean normalized accuracy % over seeds" if title
                   else "sweep: mean normalized accuracy % over seeds", soft_wrap=True)
     table = Table()
-    table.add_column("strategy")
+    table.add_column(f"strategy \\ {knobs[0]}" if len(knobs) == 1 else "strategy", no_wrap=True)
     for column in columns:
         table.add_column(column, justify="right")
     for strategy in dict.fromkeys(r["strategy"] for r in rows):

@@ -120,7 +120,7 @@ alpha = [0.3, 3.0]
     result = runner.invoke(app, ["sweep", str(spec), "--out", str(tmp_path / "out"), "-q"])
     assert result.exit_code == 0, result.output
     assert "sweep tiny: mean normalized accuracy % over seeds" in result.output
-    assert "alpha=0.3" in result.output and "alpha=3.0" in result.output
+    assert "strategy \\ alpha" in result.output and "0.3" in result.output and "3.0" in result.output
     table_rows = [line for line in result.output.splitlines() if line.startswith("│ fedavg") or
                   line.startswith("│ median")]
     assert len(table_rows) == 2 and all(line.count("│") == 4 for line in table_rows)

@@ -83,7 +83,7 @@ def test_sweep_summary_table_is_the_mean_normalized_accuracy_per_strategy_and_va
     print_sweep_summary(path, ["alpha"], console, title="tiny")
     text = console.file.getvalue()
     lines = {line.split("│")[1].strip(): line for line in text.splitlines() if line.count("│") > 2}
-    assert "alpha=0.1" in text and "alpha=10.0" in text and "tiny" in text
+    assert "strategy \\ alpha" in text and "0.1" in text and "10.0" in text and "tiny" in text
     # mean over the two seeds, in percent: fedavg (0.5+0.7)/2, (0.95+0.97)/2; median (0.7+0.9)/2, (1.0+1.02)/2
     assert [c.strip() for c in lines["fedavg"].split("│")[2:4]] == ["60.0", "96.0"]
     assert [c.strip() for c in lines["median"].split("│")[2:4]] == ["80.0", "101.0"]
