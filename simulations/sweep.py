@@ -13,7 +13,8 @@ A spec (TOML)::
 Cells run on the in-process engine unless the spec sets ``engine`` (no Ray start-up per cell) and
 cache client task vectors on disk, so adding a strategy or re-plotting never retrains. Each cell's
 results directory is written atomically; an interrupted sweep resumes where it stopped, because a
-cell whose directory exists is read back instead of run again.
+cell whose directory exists is read back instead of run again. A cell whose results cannot be read
+back whole (damaged, edited, half-deleted) is named and run again.
 """
 
 from __future__ import annotations
@@ -25,11 +26,13 @@ import json
 import math
 import os
 import re
+import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+from pydantic import BaseModel, Field, FiniteFloat, Strict, ValidationError
 from rich.console import Console
 from rich.table import Table
 
@@ -38,7 +41,7 @@ from fedmerge.io import atomic_path, write_text_atomic
 from simulations.config import PRESETS_DIR, ExperimentConfig, find_shipped, plugin_files, read_toml
 from simulations.experiment import run_experiment
 from simulations.plots import plot_sweep
-from simulations.progress import progress_bar
+from simulations.progress import labelled, progress_bar
 from simulations.results import describe_setup
 
 SWEEPS_DIR = Path(__file__).parent / "sweeps"
@@ -130,10 +133,14 @@ def run_sweep(spec: SweepSpec, out: Path, console: Console | None = None, progre
         task = bar.add_task(f"sweep {spec.name}", total=len(cells))
         for cell in cells:
             cell_dir = out / "cells" / cell.id
-            results_file = cell_dir / "results.json"
-            if results_file.is_file():
-                results = json.loads(results_file.read_text())  # done before: resume
-            else:
+            results = None
+            if cell_dir.exists():  # done before: resume
+                try:
+                    results = read_cell_results(cell, cell_dir)
+                except ValueError as exc:
+                    bar.console.print(labelled("running again:", "yellow", f"cell {cell.id}: {exc}"))
+                    shutil.rmtree(cell_dir)
+            if results is None:
                 bar.update(task, description=f"sweep {spec.name}: {cell.knobs} seed {cell.seed}")
                 results = run_experiment(cell.config, cell_dir, progress=False).results
             rows.extend(tidy_rows(cell, results))
@@ -141,6 +148,71 @@ def run_sweep(spec: SweepSpec, out: Path, console: Console | None = None, progre
     write_csv(rows, list(spec.grid), out / "results.csv")
     plot_sweep(rows, list(spec.grid), out, title=sweep_title(spec))
     return out
+
+
+Number = Annotated[FiniteFloat, Strict()]  # a JSON number (never text, a boolean or NaN)
+
+
+class _Client(BaseModel):
+    accuracy: Number
+    local_steps: Annotated[int, Strict()]
+
+
+class _Base(BaseModel):
+    accuracy: Number
+
+
+class _Strategy(BaseModel):
+    scale: Number
+    accuracy: Number
+    client_accuracy: Number | None
+    normalized_accuracy: Number | None  # null where the clients' own accuracy is zero
+
+
+class _DataMeasures(BaseModel):
+    label_skew: Number | None = None
+
+
+class _TaskVectorMeasures(BaseModel):
+    mean_cosine: Number | None = None
+    norm_cv: Number | None = None
+    interference_total: Number | None = None
+
+
+class _Measures(BaseModel):
+    data: _DataMeasures = _DataMeasures()
+    task_vectors: _TaskVectorMeasures = _TaskVectorMeasures()
+
+
+class _CellResults(BaseModel):
+    """The parts of a cell's results.json that its CSV rows are made of."""
+
+    base: _Base
+    clients: Annotated[list[_Client], Field(min_length=1)]
+    failures: list[Any]
+    strategies: dict[str, _Strategy]
+    method_failures: dict[str, str] = {}
+    measures: _Measures = _Measures()
+
+
+def read_cell_results(cell: Cell, cell_dir: Path) -> dict[str, Any]:
+    """The results a finished cell left in ``cell_dir``, or a ValueError saying why they cannot be
+    used: no results.json, not JSON, a missing or mistyped entry, a strategy of the cell missing."""
+    try:
+        results = json.loads((cell_dir / "results.json").read_bytes())
+    except FileNotFoundError:
+        raise ValueError("its directory holds no results.json") from None
+    except (OSError, ValueError) as exc:  # ValueError: JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"results.json is not readable JSON ({exc})") from None
+    try:
+        parsed = _CellResults.model_validate(results)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(map(str, first["loc"])) or "the top level"
+        raise ValueError(f"results.json: {where}: {first['msg']}") from None
+    if missing := [m for m in cell.config.strategies if m not in parsed.strategies and m not in parsed.method_failures]:
+        raise ValueError(f"results.json has no result for {', '.join(missing)}")
+    return results
 
 
 def tidy_rows(cell: Cell, results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -171,6 +243,7 @@ def write_csv(rows: Sequence[dict[str, Any]], knobs: Sequence[str], path: Path) 
         for row in rows:
             writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
 
+
 def sweep_title(spec: SweepSpec) -> str:
     """The sweep's name and the settings its cells share (the first cell's, less the swept knobs)."""
     first = next(spec.cells()).config.to_dict()
@@ -183,14 +256,15 @@ def print_sweep_summary(csv_path: Path, knobs: Sequence[str], console: Console, 
     the swept knobs (columns), read back from ``results.csv``."""
     with csv_path.open(newline="") as fh:
         rows = list(csv.DictReader(fh))
-    def column(r: dict[str, str]) -> str:  # one knob: its value; several: key=value, ...
+
+    def column_of(r: dict[str, str]) -> str:  # one knob: its value; several: key=value, ...
         return r[knobs[0]] if len(knobs) == 1 else ", ".join(f"{k}={r[k]}" for k in knobs)
 
-    columns = list(dict.fromkeys(column(r) for r in rows))
+    columns = list(dict.fromkeys(column_of(r) for r in rows))
     cells: dict[tuple[str, str], list[float]] = {}
     for r in rows:
         if r["normalized_accuracy"] not in ("", None):
-            cells.setdefault((r["strategy"], column(r)), []).append(float(r["normalized_accuracy"]))
+            cells.setdefault((r["strategy"], column_of(r)), []).append(float(r["normalized_accuracy"]))
     console.print(f"sweep {title}: mean normalized accuracy % over seeds" if title
                   else "sweep: mean normalized accuracy % over seeds", soft_wrap=True)
     table = Table()

@@ -65,6 +65,10 @@ def cosine_matrix(task_vectors: Sequence[Mapping[str, Tensor]]) -> list[list[flo
 
 
 def task_vector_measures(task_vectors: Sequence[Mapping[str, Tensor]]) -> dict[str, Any]:
+    """Norms, cosines and interference of the task vectors, taken over their tensors in name order:
+    the same numbers to the last digit whether the task vectors come from training (the model's
+    order) or from a cache file (safetensors sorts names)."""
+    task_vectors = [{key: tv[key] for key in sorted(tv)} for tv in task_vectors]
     norms = [l2_norm(tv) for tv in task_vectors]
     mean = sum(norms) / len(norms)
     std = math.sqrt(sum((x - mean) ** 2 for x in norms) / len(norms))

@@ -44,3 +44,15 @@ def test_norm_spread():
     m = task_vector_measures([{"w": torch.tensor([3.0, 4.0])}, {"w": torch.tensor([0.0, 1.0])}])
     assert m["norms"] == pytest.approx([5, 1]) and m["norm_mean"] == pytest.approx(3)
     assert m["norm_cv"] == pytest.approx(2 / 3)
+
+
+def test_measures_do_not_depend_on_the_order_of_tensor_names():
+    """A cached task vector comes back with its names sorted (safetensors), a trained one in the
+    model's order: the sweep's CSV must read the same to the last digit either way."""
+    g = torch.Generator().manual_seed(3)
+    names = [f"layer{i}.weight" for i in range(12)][::-1]  # not in sorted order
+    tvs = [{k: torch.randn(17, 13, generator=g) * 10 ** (i % 5) for i, k in enumerate(names)} for _ in range(3)]
+    reordered = [{k: tv[k] for k in sorted(tv)} for tv in tvs]
+    a, b = task_vector_measures(tvs), task_vector_measures(reordered)
+    for key in ("norms", "norm_cv", "mean_cosine", "interference_total"):
+        assert a[key] == b[key], key

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import json
+import shutil
 
 import pytest
 
@@ -103,3 +105,93 @@ def test_cell_ids_change_with_the_config(spec_file):
     b = [c.id for c in SweepSpec.load(spec_file('["fedavg"]')).cells()]
     assert len(set(a)) == 2 and not set(a) & set(b)
     assert sweep_module.CSV_COLUMNS[0] == "seed"
+
+
+@pytest.fixture(scope="module")
+def finished_sweep(tmp_path_factory):
+    """A finished two-cell sweep (its spec, its directory) that tests copy and then damage."""
+    root = tmp_path_factory.mktemp("finished-sweep")
+    spec = root / "spec.toml"
+    spec.write_text(f"""
+name = "tiny"
+seeds = [0]
+[set]
+num-clients = 3
+local-steps = 5
+pretrain-steps = 20
+strategies = ["fedavg", "median"]
+cache-dir = "{root / 'cache'}"
+[grid]
+alpha = [0.3, 3.0]
+""")
+    run_sweep(SweepSpec.load(spec), root / "out", progress=False)
+    return spec, root / "out"
+
+
+def _drop(key_path):
+    def edit(results):
+        *parents, last = key_path
+        node = results
+        for k in parents:
+            node = node[k]
+        del node[last]
+        return json.dumps(results)
+    return edit
+
+
+def _set(key_path, value):
+    def edit(results):
+        *parents, last = key_path
+        node = results
+        for k in parents:
+            node = node[k]
+        node[last] = value
+        return json.dumps(results)
+    return edit
+
+
+DAMAGED_RESULTS = {
+    "invalid JSON": lambda text: "{not json",
+    "truncated": lambda text: text[: len(text) // 2],
+    "empty": lambda text: "",
+    "not an object": lambda text: "[1, 2]",
+    "no strategies": lambda text: _drop(["strategies"])(json.loads(text)),
+    "no base accuracy": lambda text: _drop(["base", "accuracy"])(json.loads(text)),
+    "a strategy missing": lambda text: _drop(["strategies", "median"])(json.loads(text)),
+    "accuracy as text": lambda text: _set(["strategies", "fedavg", "accuracy"], "0.9")(json.loads(text)),
+    "clients not a list": lambda text: _set(["clients"], {"0": 1})(json.loads(text)),
+    "no clients": lambda text: _set(["clients"], [])(json.loads(text)),
+    "NaN accuracy": lambda text: text.replace('"accuracy": ', '"accuracy": NaN, "x": ', 1),
+    "not UTF-8": lambda text: "\udcff",
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGED_RESULTS))
+def test_resume_reruns_a_cell_whose_results_are_damaged(finished_sweep, tmp_path, monkeypatch, capsys, damage):
+    spec_path, finished = finished_sweep
+    out = tmp_path / "out"
+    shutil.copytree(finished, out)
+    cells = sorted((out / "cells").iterdir())
+    results_file = cells[0] / "results.json"
+    text = DAMAGED_RESULTS[damage](results_file.read_text())
+    results_file.write_bytes(text.encode("utf-8", "surrogateescape"))
+    real, ran = sweep_module.run_experiment, []
+    monkeypatch.setattr(sweep_module, "run_experiment", lambda config, out=None, **kw: ran.append(out.name) or
+                        real(config, out, **kw))
+    capsys.readouterr()
+    run_sweep(SweepSpec.load(spec_path), out, progress=False)
+    assert ran == [cells[0].name]  # that cell, and only that one, ran again
+    told = capsys.readouterr().err
+    assert told.count(cells[0].name) == 1 and cells[1].name not in told
+    assert (out / "results.csv").read_bytes() == (finished / "results.csv").read_bytes()
+    assert json.loads(results_file.read_text())["strategies"].keys() == {"fedavg", "median"}
+
+
+def test_resume_reruns_a_cell_directory_without_results(finished_sweep, tmp_path, monkeypatch):
+    spec_path, finished = finished_sweep
+    out = tmp_path / "out"
+    shutil.copytree(finished, out)
+    cell = sorted((out / "cells").iterdir())[1]
+    (cell / "results.json").unlink()
+    run_sweep(SweepSpec.load(spec_path), out, progress=False)
+    assert (out / "results.csv").read_bytes() == (finished / "results.csv").read_bytes()
