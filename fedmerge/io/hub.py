@@ -20,6 +20,9 @@ from fedmerge.errors import CheckpointError, ConfigError
 from fedmerge.io.state import load_state
 
 _HUB_FILES = ["*.json", "*.txt", "*.safetensors"]
+# Repos from before safetensors (openai/clip-vit-base-patch32's main branch among them) hold only
+# PyTorch pickles: fetched only where a repo has no safetensors, and read with weights_only=True.
+_HUB_BIN_FILES = ["pytorch_model*.bin", "pytorch_model*.bin.index.json"]
 
 
 def transformers_module() -> Any:
@@ -55,7 +58,10 @@ def resolve(source: str | os.PathLike) -> Path:
         raise CheckpointError(f"{text}: no such model directory (and not a Hub id like openai/clip-vit-base-patch32)")
     offline = hub_offline()
     try:
-        return Path(snapshot_download(text, allow_patterns=_HUB_FILES, local_files_only=offline))
+        directory = Path(snapshot_download(text, allow_patterns=_HUB_FILES, local_files_only=offline))
+        if not has_weights(directory):  # no safetensors in the repo (or the cache): its .bin weights
+            directory = Path(snapshot_download(text, allow_patterns=_HUB_BIN_FILES, local_files_only=offline))
+        return directory
     except Exception as exc:  # not cached, no network, unknown repo: one line saying what to fetch
         why = "it is not in the local Hugging Face cache and the Hub is offline" if offline else f"{type(exc).__name__}"
         raise CheckpointError(
@@ -63,6 +69,11 @@ def resolve(source: str | os.PathLike) -> Path:
             f"`hf download {text}` (into ~/.cache/huggingface, or set HF_HOME) "
             "or pass a local save_pretrained directory"
         ) from None
+
+
+def has_weights(directory: Path) -> bool:
+    """Whether a checkpoint directory holds model weights (safetensors, or else PyTorch .bin files)."""
+    return any(directory.glob("*.safetensors")) or any(directory.glob("pytorch_model*.bin"))
 
 
 def read_state(directory: Path) -> dict[str, Tensor]:
