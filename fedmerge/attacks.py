@@ -51,11 +51,16 @@ def byzantine_clients(num_clients: int, fraction: float, seed: int) -> list[int]
     """The partition ids of the byzantine clients, sorted: ⌈fraction·n⌉ of a seed-drawn permutation."""
     if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1:
         raise ConfigError(f"num-clients must be a positive integer, got {num_clients!r}")
-    fraction = AttackSpec(fraction=fraction).fraction
-    count = math.ceil(fraction * num_clients - 1e-9)
+    count = byzantine_count(num_clients, fraction)
     order = list(range(num_clients))
     random.Random(f"{seed}:byzantine").shuffle(order)
     return sorted(order[:count])
+
+
+def byzantine_count(num_clients: int, fraction: float) -> int:
+    """How many of ``num_clients`` clients attack: ⌈fraction·n⌉ (a hair below, so that 0.3·10 is 3)."""
+    fraction = AttackSpec(fraction=fraction).fraction
+    return math.ceil(fraction * num_clients - 1e-9)
 
 
 def attack(mode: str, task_vector: Mapping[str, Tensor], *, scale: float = -1.0, std: float = 1.0,

@@ -4,7 +4,9 @@ A :class:`Spec` is a frozen pydantic model whose fields are written with hyphens
 and Flower messages (``num_clients`` is ``num-clients``). It is validated once, when it is built;
 any bad value is one :class:`~fedmerge.errors.ConfigError` line naming the key and the value.
 The annotated types below (``Int``, ``Float``, ``Positive``, ``Fraction``, ...) carry the checks
-and their wording, so every spec says "must be > 0, got -1" the same way.
+and their wording, so every spec says "must be > 0, got -1" the same way. Every ``Float`` is finite;
+the named ranges (``Seed``, ``LearningRate``, ...) hold what the code downstream can use, with room
+to spare for any real experiment.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Annotated, Any, TypeVar
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, TypeAdapter, ValidationError
 
 from fedmerge.errors import ConfigError
 
@@ -160,6 +162,48 @@ NonNegativeInt = Annotated[Int, check(lambda v: v >= 0, "must be an integer >= 0
 Positive = Annotated[Float, check(lambda v: v > 0, "must be > 0")]
 NonNegative = Annotated[Float, check(lambda v: v >= 0, "must be >= 0")]
 Fraction = Annotated[Float, check(lambda v: 0 < v < 1, "must lie strictly between 0 and 1")]
+
+
+def _shown(number: float) -> str:
+    return str(int(number)) if float(number).is_integer() else repr(number)
+
+
+def within(low: float, high: float, *, open_low: bool = False) -> AfterValidator:
+    """A validator for ``low <= v <= high`` (``low < v`` when ``open_low``): "must lie in (0, 10]"."""
+    interval = f"{'(' if open_low else '['}{_shown(low)}, {_shown(high)}]"
+    return check(lambda v: (low < v if open_low else low <= v) and v <= high, f"must lie in {interval}")
+
+
+# Seeds: numpy's SeedSequence takes integers >= 0 and torch's manual_seed at most 2**64 - 1; clients
+# shuffle with seed * 100_003 + partition_id * 7_919 + 1 (fedmerge.train.local.client_seed), and
+# Flower's messages carry signed 64-bit integers. Seeds up to 2**32 - 1 (numpy's classic range) keep
+# every derived seed below 2**63 for up to a billion clients.
+MAX_SEED = 2**32 - 1
+Seed = Annotated[Int, check(lambda v: 0 <= v <= MAX_SEED, f"must be an integer in [0, {MAX_SEED}]")]
+# Optimizer settings: a step larger than 10 times the gradient, or weight decay above 100, diverges on
+# every model here (and on any published recipe); such values are typos, not experiments.
+LearningRate = Annotated[Float, within(0, 10, open_low=True)]
+WeightDecay = Annotated[Float, within(0, 100)]
+# A Dirichlet concentration of 1e6 already splits labels evenly to three digits; near float's limit
+# numpy's Dirichlet draws collapse to zeros.
+Concentration = Annotated[Float, within(0, 1e6, open_low=True)]
+# Factors applied to weights (λ, the scale attack) and noise added to them: large enough to break any
+# model, small enough that float32 weights stay finite.
+MAX_FACTOR = 1e6
+Factor = Annotated[Float, within(-MAX_FACTOR, MAX_FACTOR)]
+Noise = Annotated[Float, within(0, MAX_FACTOR)]
+# Waits: Python's thread waits refuse more than threading.TIMEOUT_MAX (about 292 years on Linux, far
+# less elsewhere); ten million seconds is 115 days.
+Seconds = Annotated[Float, within(0, 1e7, open_low=True)]
+
+
+def conform(kind: Any, value: Any) -> Any:
+    """``value`` checked as the annotated type ``kind`` (one of the above); a bad one raises
+    ``ValueError("must ...")`` with the type's wording, for values that sit inside lists or ranges."""
+    try:
+        return TypeAdapter(kind).validate_python(value)
+    except ValidationError as exc:
+        raise ValueError(exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
 
 
 def known(check_name: Callable[[str], Any]) -> Callable[[str], str]:

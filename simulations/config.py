@@ -21,15 +21,17 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import tomli_w
+import torch
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 
-from fedmerge.attacks import AttackSpec
+from fedmerge.attacks import AttackSpec, byzantine_count
 from fedmerge.data import DataSpec
 from fedmerge.errors import ConfigError, MergeError
 from fedmerge.merging import METHODS
 from fedmerge.models import family_of, split_name
 from fedmerge.registry import load_plugin_file
-from fedmerge.spec import Bool, Names, NonNegative, Positive, PositiveInt, Spec, Str, hyphenate, known, one_of
+from fedmerge.spec import (MAX_SEED, Bool, Concentration, Factor, LearningRate, Names, NonNegative, Noise, PositiveInt,
+                           Seconds, Seed, Spec, Str, conform, hyphenate, known, one_of)
 from fedmerge.train import PretrainSpec, TrainingSpec, TrainPlan
 
 ENGINES = ("ray", "inprocess")
@@ -45,7 +47,7 @@ DEFAULT_PRESET = PRESETS_DIR / "default.toml"
 
 
 def _scale_value(key: str, value: Any) -> float | str:
-    """A scale is a finite number or ``"tune"`` (λ searched on validation data)."""
+    """A scale is a finite number in [-1e6, 1e6] or ``"tune"`` (λ searched on validation data)."""
     if isinstance(value, str) and value.strip() == TUNE:
         return TUNE
     if isinstance(value, str):
@@ -55,7 +57,10 @@ def _scale_value(key: str, value: Any) -> float | str:
             raise ValueError(f"!{key} must be a number or \"{TUNE}\", got {value!r}") from None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"!{key} must be a finite number or \"{TUNE}\", got {value!r}")
-    return float(value)
+    try:
+        return float(conform(Factor, value))
+    except ValueError as exc:
+        raise ValueError(f"!{key} {exc} (or be \"{TUNE}\"), got {value!r}") from None
 
 
 def _scale(value: Any) -> float | str | dict[str, float | str]:
@@ -145,7 +150,7 @@ class RunSpec(Spec):
 
     engine: Annotated[Str, one_of(ENGINES)] = "ray"
     min_clients: PositiveInt = 2
-    timeout: Positive = 600.0
+    timeout: Seconds = 600.0
     client_cpus: PositiveInt = 1
     client_gpus: NonNegative = 0.0
     cache_dir: Str = ""
@@ -169,7 +174,8 @@ KEYS: dict[str, tuple[str, str, str]] = {
     "dataset": ("data", "dataset", "dataset of the pool (digits: scikit-learn's bundled handwritten digits)"),
     "partition": ("data", "partition", "how the pool is split: iid, dirichlet, pathological, shards, sizes, "
                                        "transforms, or a plugin's"),
-    "alpha": ("data", "alpha", "Dirichlet concentration under partition = dirichlet (small: strong label skew)"),
+    "alpha": ("data", "alpha", "Dirichlet concentration under partition = dirichlet, in (0, 1e6] (small: strong "
+                               "label skew)"),
     "classes-per-client": ("data", "classes_per_client", "labels per client under partition = pathological"),
     "shards-per-client": ("data", "shards_per_client", "label-sorted shards per client under partition = shards"),
     "sizes": ("data", "sizes", "under partition = sizes: per-client sizes [n1, n2, ...] or a power-law exponent"),
@@ -181,31 +187,34 @@ KEYS: dict[str, tuple[str, str, str]] = {
                                             "drawn from the seed"),
     "local-steps-spread": ("train", "local_steps_spread", "K_i spread log-evenly so that max/min equals this, "
                                                           "around a geometric mean local-steps (1: off)"),
-    "lr": ("train", "lr", "client learning rate (per client: value, list or \"MIN:MAX\")"),
+    "lr": ("train", "lr", "client learning rate in (0, 10] (per client: value, list or \"MIN:MAX\")"),
     "batch-size": ("train", "batch_size", "client batch size (per client)"),
     "optimizer": ("train", "optimizer", "client optimizer: sgd, adam or adamw (per client)"),
-    "weight-decay": ("train", "weight_decay", "client weight decay (per client)"),
+    "weight-decay": ("train", "weight_decay", "client weight decay in [0, 100] (per client)"),
     "warmup-steps": ("train", "warmup_steps", "linear learning-rate warm-up steps (per client)"),
     "lr-schedule": ("train", "lr_schedule", "after warm-up: constant or cosine (per client)"),
     "grad-clip": ("train", "grad_clip", "clip each gradient's global L2 norm to this; 0: off (per client)"),
     "strategies": ("merging", "strategies", "merging rules applied to the same task vectors (`fedmerge methods`)"),
-    "scale": ("merging", "scale", "λ in θ0 + λ·τ_merged: one number, a table per rule, or \"tune\" (chosen on "
-                                  "validation splits)"),
+    "scale": ("merging", "scale", "λ in θ0 + λ·τ_merged, in [-1e6, 1e6]: one number, a table per rule, or \"tune\" "
+                                  "(chosen on validation splits)"),
     "method-options": ("merging", "method_options", "options per rule, e.g. {fedgma = {rho = 0.4}}"),
     "weighting": ("merging", "weighting", "client weights p_i: num-examples or uniform"),
     "max-update-norm": ("merging", "max_update_norm", "reject task vectors with a larger L2 norm; 0: no bound"),
-    "seed": ("data", "seed", "drives data splits, initialisation, client shuffling and MIN:MAX draws"),
+    "seed": ("data", "seed", f"drives data splits, initialisation, client shuffling and MIN:MAX draws; an integer "
+                             f"in [0, {MAX_SEED}] (2^32 − 1: derived per-client seeds stay valid for numpy and torch)"),
     "engine": ("run", "engine", "ray (Flower's simulation engine) or inprocess (same apps, one process)"),
     "min-clients": ("run", "min_clients", "fewest valid replies to merge"),
-    "timeout": ("run", "timeout", "seconds to wait for the clients' replies"),
-    "client-cpus": ("run", "client_cpus", "CPUs per client on Ray"),
-    "client-gpus": ("run", "client_gpus", "GPUs per client on Ray"),
-    "byzantine-fraction": ("attack", "fraction", "fraction of clients that attack (seed-drawn)"),
+    "timeout": ("run", "timeout", "seconds to wait for the clients' replies, at most 1e7"),
+    "client-cpus": ("run", "client_cpus", "CPUs per client on Ray, at most the machine's"),
+    "client-gpus": ("run", "client_gpus", "GPUs per client on Ray: a share of one GPU or whole GPUs, at most those "
+                                          "visible"),
+    "byzantine-fraction": ("attack", "fraction", "fraction of clients that attack (seed-drawn), in [0, 1); at least "
+                                                 "one client must stay honest"),
     "byzantine-mode": ("attack", "mode", "attack: sign-flip, scale, gaussian or random"),
-    "byzantine-scale": ("attack", "scale", "factor of the scale attack"),
-    "byzantine-std": ("attack", "std", "noise of the gaussian attack"),
+    "byzantine-scale": ("attack", "scale", "factor of the scale attack, in [-1e6, 1e6]"),
+    "byzantine-std": ("attack", "std", "noise (standard deviation) of the gaussian attack, in [0, 1e6]"),
     "pretrain-steps": ("pretrain", "steps", "SGD steps that pre-train θ0 on a split no client sees"),
-    "pretrain-lr": ("pretrain", "lr", "learning rate of pre-training"),
+    "pretrain-lr": ("pretrain", "lr", "learning rate of pre-training, in (0, 10]"),
     "pretrain-batch-size": ("pretrain", "batch_size", "batch size of pre-training"),
     "pretrain-fraction": ("data", "pretrain_fraction", "share of the dataset kept for pre-training"),
     "test-fraction": ("data", "test_fraction", "share of the dataset kept as the global test split"),
@@ -218,6 +227,10 @@ KEYS: dict[str, tuple[str, str, str]] = {
     "plugins": ("run", "plugins", "Python files that register rules, datasets, partitioners or models"),
 }
 _KEY_OF = {(section, field): key for key, (section, field, _) in KEYS.items()}
+# Keys whose library spec takes a wider range than an experiment can run with: checked against the
+# ranges of fedmerge.spec (see there why each range is what it is).
+NARROWER: dict[str, Any] = {"seed": Seed, "alpha": Concentration, "pretrain-lr": LearningRate,
+                            "byzantine-scale": Factor, "byzantine-std": Noise}
 # Renamed since earlier releases; still read, so that a saved config.toml repeats its run.
 RENAMED_KEYS = {"task-kinds": "transforms"}
 RENAMED_VALUES = {("partition", "tasks"): "transforms"}
@@ -291,6 +304,21 @@ class ExperimentConfig(Spec):
 
     @model_validator(mode="after")
     def _check_together(self) -> ExperimentConfig:
+        for key, kind in NARROWER.items():
+            section, field, _ = KEYS[key]
+            value = getattr(getattr(self, section), field)
+            try:
+                conform(kind, value)
+            except ValueError as exc:
+                raise ValueError(f"!{key} {exc}, got {value!r}") from None
+        n = self.num_clients
+        attackers = byzantine_count(n, self.attack.fraction)
+        if attackers >= n:
+            raise ValueError(f"!byzantine-fraction={self.attack.fraction:g} makes all num-clients={n} clients "
+                             f"attackers (⌈{self.attack.fraction:g} · {n}⌉ = {attackers}); keep at least one honest "
+                             f"client: byzantine-fraction <= {(n - 1) / n:g}")
+        if self.run.engine == "ray":
+            check_resources(self.run.client_cpus, self.run.client_gpus)
         if self.data.tasks and split_name(self.model)[0] != "clip":
             raise ValueError(f"!tasks need a CLIP model (model = \"clip:HUB_ID_OR_DIR\"), got model={self.model!r}")
         if not self.run.min_clients <= self.num_clients:
@@ -390,6 +418,28 @@ def load_plugins(plugins: Any) -> tuple[str, ...]:
     for path in paths:
         load_plugin_file(path)
     return paths
+
+
+def machine_resources() -> tuple[int, int]:
+    """(CPUs this process may run on, CUDA GPUs it sees): all that Ray can give to clients here."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return cpus, torch.cuda.device_count()
+
+
+def check_resources(client_cpus: int, client_gpus: float) -> None:
+    """Refuse per-client resources that Ray could never grant on this machine (it would start, then
+    fail every client): more CPUs or GPUs than the machine has, or a GPU share Ray cannot split."""
+    cpus, gpus = machine_resources()
+    if client_cpus > cpus:
+        raise ValueError(f"!client-cpus={client_cpus} is more than the {cpus} CPUs of this machine; "
+                         f"use client-cpus <= {cpus} (or engine = \"inprocess\")")
+    if client_gpus > gpus:
+        seen, fix = ("no CUDA GPU is", "client-gpus = 0") if gpus == 0 else (f"only {gpus} CUDA GPUs are",
+                                                                            f"client-gpus <= {gpus}")
+        raise ValueError(f"!client-gpus={client_gpus:g} but {seen} visible on this machine; use {fix}")
+    if client_gpus > 1 and not float(client_gpus).is_integer():
+        raise ValueError(f"!client-gpus={client_gpus:g}: Ray gives a client a share of one GPU or whole GPUs; "
+                         "use a value <= 1 or an integer")
 
 
 def default_cache_dir() -> Path:

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 from pydantic import BeforeValidator, model_validator
 
 from fedmerge.errors import ConfigError
-from fedmerge.spec import Float, Spec, check
+from fedmerge.spec import Float, LearningRate, Spec, WeightDecay, check, conform
 from fedmerge.train.loop import TrainPlan
 
 PerClient = int | float | str | list[Any]
@@ -31,36 +31,45 @@ def _number(key: str, text: str) -> int | float:
             raise ValueError(f"!{key}: {text!r} is not a number") from None
 
 
-def _per_client(key: str, kind: type) -> BeforeValidator:
-    """Normalise a per-client value: scalar, list, "a,b,c" (flat configs) or "MIN:MAX" (numbers)."""
+def _per_client(key: str, kind: type, limits: Any = None) -> BeforeValidator:
+    """Normalise a per-client value: scalar, list, "a,b,c" (flat configs) or "MIN:MAX" (numbers).
+    ``limits`` (an annotated type of :mod:`fedmerge.spec`) checks every value, both ends of a range."""
+
+    def scalar(value: Any) -> Any:
+        return _scalar(key, value, kind, limits)
 
     def convert(value: Any) -> PerClient:
         if isinstance(value, str) and "," in value:
             value = [v.strip() for v in value.split(",")]
             value = value if kind is str else [_number(key, v) for v in value]
         if isinstance(value, (list, tuple)):
-            return [_scalar(key, v, kind) for v in value]
+            return [scalar(v) for v in value]
         if isinstance(value, str) and kind is not str:
             if ":" not in value:
-                return _scalar(key, _number(key, value), kind)
+                return scalar(_number(key, value))
             lo_text, _, hi_text = value.partition(":")
-            lo, hi = _scalar(key, _number(key, lo_text), kind), _scalar(key, _number(key, hi_text), kind)
+            lo, hi = scalar(_number(key, lo_text)), scalar(_number(key, hi_text))
             if lo > hi:
                 raise ValueError(f"!{key} range {value!r} has MIN > MAX")
             return f"{lo}:{hi}"
-        return _scalar(key, value, kind)
+        return scalar(value)
 
     return BeforeValidator(convert)
 
 
-def _scalar(key: str, value: Any, kind: type) -> Any:
+def _scalar(key: str, value: Any, kind: type, limits: Any = None) -> Any:
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value)
     if kind is int and isinstance(value, float) and value.is_integer():
-        return int(value)
+        value = int(value)
     if not isinstance(value, kind) or isinstance(value, bool):
         what = {float: "a number", int: "an integer"}.get(kind, "a string")
         raise ValueError(f"!{key} must be {what}, got {value!r}")
+    if limits is not None:
+        try:
+            conform(limits, value)
+        except ValueError as exc:
+            raise ValueError(f"!{key} {exc}, got {value!r}") from None
     return value
 
 
@@ -69,10 +78,10 @@ class TrainingSpec(Spec):
 
     local_steps: Annotated[PerClient, _per_client("local-steps", int)] = "20:100"
     local_steps_spread: Annotated[Float, check(lambda v: v >= 1, "must be a finite number >= 1")] = 1.0
-    lr: Annotated[PerClient, _per_client("lr", float)] = 0.1
+    lr: Annotated[PerClient, _per_client("lr", float, LearningRate)] = 0.1
     batch_size: Annotated[PerClient, _per_client("batch-size", int)] = 32
     optimizer: Annotated[PerClient, _per_client("optimizer", str)] = "sgd"
-    weight_decay: Annotated[PerClient, _per_client("weight-decay", float)] = 0.0
+    weight_decay: Annotated[PerClient, _per_client("weight-decay", float, WeightDecay)] = 0.0
     warmup_steps: Annotated[PerClient, _per_client("warmup-steps", int)] = 0
     lr_schedule: Annotated[PerClient, _per_client("lr-schedule", str)] = "constant"
     grad_clip: Annotated[PerClient, _per_client("grad-clip", float)] = 0.0

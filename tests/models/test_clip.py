@@ -227,9 +227,11 @@ def test_bad_clip_settings_are_one_clear_error(values, needle):
         ExperimentConfig.from_mapping(values)
 
 
-def test_preset_parses_with_the_papers_recipe():
+def test_preset_parses_with_the_papers_recipe(monkeypatch):
+    import simulations.config
     from simulations.config import PRESETS_DIR, load_config
 
+    monkeypatch.setattr(simulations.config, "machine_resources", lambda: (8, 4))  # the GPU machine it is for
     config = load_config(PRESETS_DIR / "clip-vit-b32-8tasks.toml")
     assert config.data.tasks == ("Cars", "DTD", "EuroSAT", "GTSRB", "MNIST", "RESISC45", "SUN397", "SVHN")
     plan = config.client_plans()[0]

@@ -54,8 +54,8 @@ BAD_CONFIGS = [
     ("byzantine-mode=3", "byzantine-mode must be a string"),
     ("max-update-norm='big'", "max-update-norm must be a number"),
     # zero and negative values
-    ("timeout=0", "timeout must be > 0"),
-    ("timeout=-1", "timeout must be > 0"),
+    ("timeout=0", "timeout must lie in (0, 10000000], got 0"),
+    ("timeout=-1", "timeout must lie in (0, 10000000], got -1"),
     ("client-cpus=0", "client-cpus must be an integer >= 1, got 0"),
     ("client-gpus=-0.5", "client-gpus must be >= 0"),
     ("pretrain-steps=-5", "pretrain-steps must be an integer >= 1, got -5"),
@@ -63,7 +63,7 @@ BAD_CONFIGS = [
     ("min-clients=0", "min-clients must be an integer >= 1, got 0"),
     ("min-clients=99", "min-clients must lie in [1, num-clients="),
     ("batch-size=0", "batch-size must be an integer >= 1"),
-    ("weight-decay=-1", "weight-decay must be >= 0"),
+    ("weight-decay=-1", "weight-decay must lie in [0, 100], got -1"),
     ("max-update-norm=-1", "max-update-norm must be >= 0"),
     ("byzantine-fraction=-0.1", "byzantine-fraction must lie in [0, 1)"),
     ("byzantine-fraction=1", "byzantine-fraction must lie in [0, 1)"),
@@ -81,6 +81,27 @@ BAD_CONFIGS = [
     ("num-clients=1000000000", "num-clients"),
     ("local-steps=[5, 10, 100000000000000000000]", "local-steps must be at most 10,000,000"),
     ("pretrain-steps=1e12", "pretrain-steps must be at most 10,000,000"),
+    # seeds that numpy, torch or Flower's 64-bit messages refuse (directly or as derived client seeds)
+    ("seed=-1", "seed must be an integer in [0, 4294967295], got -1"),
+    ("seed=4611686018427387904", "seed must be an integer in [0, 4294967295], got 4611686018427387904"),
+    # non-finite and absurd numbers: refused before any training, not after it
+    ("lr=inf", "lr must be a finite number, got inf"),
+    ("lr=nan", "lr must be a finite number, got nan"),
+    ("lr=1e308", "lr must lie in (0, 10], got 1e+308"),
+    ("lr='0.01:1e308'", "lr must lie in (0, 10], got 1e+308"),
+    ("lr=[0.1, 11, 0.1]", "lr must lie in (0, 10], got 11.0"),
+    ("weight-decay=inf", "weight-decay must be a finite number, got inf"),
+    ("weight-decay=1e308", "weight-decay must lie in [0, 100], got 1e+308"),
+    ("pretrain-lr=1e308", "pretrain-lr must lie in (0, 10], got 1e+308"),
+    ("alpha=1e308", "alpha must lie in (0, 1000000], got 1e+308"),
+    ("scale=1e308", "scale must lie in [-1000000, 1000000]"),
+    ("scale={fedavg=-1e9}", "scale.fedavg must lie in [-1000000, 1000000]"),
+    ("byzantine-scale=1e308", "byzantine-scale must lie in [-1000000, 1000000], got 1e+308"),
+    ("byzantine-std=1e308", "byzantine-std must lie in [0, 1000000], got 1e+308"),
+    ("timeout=1e308", "timeout must lie in (0, 10000000], got 1e+308"),
+    # no honest client left
+    ("byzantine-fraction=0.9", "byzantine-fraction=0.9 makes all num-clients=3 clients attackers"),
+    ("byzantine-fraction=0.7", "keep at least one honest client: byzantine-fraction <= 0.666667"),
 ]
 
 
@@ -105,6 +126,33 @@ def test_bad_config_via_the_python_api(override, needle):
     with pytest.raises((ConfigError, MergeError)) as info:
         ExperimentConfig.from_mapping(values)
     assert needle in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("machine,override,needle", [
+    ((2, 0), "client-cpus=64", "client-cpus=64 is more than the 2 CPUs of this machine"),
+    ((2, 0), "client-gpus=0.5", "client-gpus=0.5 but no CUDA GPU is visible on this machine; use client-gpus = 0"),
+    ((16, 2), "client-gpus=3", "client-gpus=3 but only 2 CUDA GPUs are visible"),
+    ((16, 2), "client-gpus=1.5", "client-gpus=1.5: Ray gives a client a share of one GPU or whole GPUs"),
+])
+def test_client_resources_beyond_the_machine_via_the_cli(tmp_path, cache_dir, monkeypatch, machine, override, needle):
+    import simulations.config
+
+    monkeypatch.setattr(simulations.config, "machine_resources", lambda: machine)
+    out = tmp_path / "out"
+    args = ["run", *fast(cache_dir), "--set", "engine='ray'", "--set", override, "--out", str(out)]
+    assert_one_clear_error(runner.invoke(app, args), needle)
+    assert not out.exists()
+
+
+def test_client_resources_the_machine_has_are_accepted(monkeypatch):
+    import simulations.config
+
+    monkeypatch.setattr(simulations.config, "machine_resources", lambda: (4, 1))
+    values = {**read_toml(DEFAULT_PRESET), "engine": "ray"}
+    assert ExperimentConfig.from_mapping({**values, "client-cpus": 4, "client-gpus": 0.5}).run.client_gpus == 0.5
+    assert ExperimentConfig.from_mapping({**values, "client-gpus": 1}).run.client_gpus == 1
+    # the in-process engine runs clients in this process: Ray's per-client resources do not apply
+    assert ExperimentConfig.from_mapping({**values, "engine": "inprocess", "client-cpus": 64}).run.client_cpus == 64
 
 
 @pytest.mark.parametrize("text,needle", [

@@ -66,7 +66,7 @@ def test_effective_config_round_trips_through_toml(tmp_path):
     ({"local-steps": [1, 2]}, "local-steps has 2 entries but num-clients is 8"),
     ({"local-steps": "20:10"}, "MIN > MAX"),
     ({"local-steps": "a:b"}, "'a' is not a number"),
-    ({"lr": -0.1}, "lr must be > 0"),
+    ({"lr": -0.1}, r"lr must lie in \(0, 10\], got -0.1"),
     ({"optimizer": "rmsprop"}, "optimizer='rmsprop'"),
     ({"strategies": ["fedavg", "nope"]}, "strategies='nope' is not known"),
     ({"strategies": []}, "non-empty list"),
@@ -139,3 +139,35 @@ def test_a_config_round_trips_through_its_file(tmp_path):
 def test_configs_saved_before_the_transforms_rename_still_load():
     old = ExperimentConfig.from_mapping({"partition": "tasks", "task-kinds": ["rotation", "flip"]})
     assert old.data.partition == "transforms" and old.data.transforms == ("rotation", "flip")
+
+
+def test_the_seed_range_keeps_every_derived_seed_valid():
+    """At the largest seed, the seeds derived from it (each client's shuffling and attack noise, the
+    data splits' [seed, partition] streams) are accepted by torch and numpy and fit the signed 64-bit
+    integers of Flower's messages, even for a million clients; one more is refused."""
+    import numpy as np
+    import torch
+
+    from fedmerge.spec import MAX_SEED
+    from fedmerge.train.local import client_seed
+
+    assert MAX_SEED == 4294967295 == np.iinfo(np.uint32).max
+    config = ExperimentConfig.from_mapping({**read_toml(DEFAULT_PRESET), "seed": MAX_SEED})
+    assert config.seed == MAX_SEED and len(config.client_plans()) == config.num_clients
+    for pid in (0, config.num_clients - 1, 10**6):
+        derived = client_seed(MAX_SEED, pid)
+        assert 0 <= derived < 2**63
+        torch.Generator().manual_seed(derived)
+        np.random.default_rng(derived)
+        np.random.default_rng([MAX_SEED, pid])
+    with pytest.raises(ConfigError, match=r"^seed must be an integer in \[0, 4294967295\], got 4294967296$"):
+        ExperimentConfig.from_mapping({"seed": MAX_SEED + 1})
+
+
+def test_as_many_attackers_as_leave_one_honest_client():
+    config = ExperimentConfig.from_mapping({"num-clients": 8, "byzantine-fraction": 0.875})
+    assert len(config.byzantine_clients()) == 7
+    with pytest.raises(ConfigError, match=r"^byzantine-fraction=0.9 makes all num-clients=8 clients attackers"):
+        ExperimentConfig.from_mapping({"num-clients": 8, "byzantine-fraction": 0.9})
+    with pytest.raises(ConfigError, match="byzantine-fraction <= 0$"):
+        ExperimentConfig.from_mapping({"num-clients": 1, "min-clients": 1, "byzantine-fraction": 0.1})
