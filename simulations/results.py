@@ -11,6 +11,13 @@ accuracy of its own model on its local test split, global_accuracy, task_vector_
 train_seconds as the client measured it), ``failures``,
 ``strategies.<name>`` {scale, accuracy, client_accuracy, normalized_accuracy, client_accuracies,
 merge_seconds} and ``timing`` (seconds per stage). Accuracies are fractions in [0, 1].
+
+Normalized accuracy (:func:`fedmerge.evaluation.normalized_accuracy`) is the mean over clients of
+acc(model, client i's test split) / acc(client i's own model, same split), over the clients whose own
+model scores above chance (1 / number of classes): below chance the ratio says nothing but that the
+denominator is tiny. Where no client qualifies it is missing: ``null`` in results.json, empty in
+results.csv and "—" in the table, never a percentage in the thousands. The clients' own-models row is
+1 by definition, and missing exactly when every other normalized accuracy is.
 """
 
 from __future__ import annotations
@@ -73,14 +80,22 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     An attacker's own model is θ0 plus its attacked task vector: it is left out of the clients' row."""
     clients = [c for c in results["clients"] if not c.get("byzantine")] or results["clients"]
     mean = lambda key: sum(c[key] for c in clients) / len(clients)
+    defined = _number(results["base"]["normalized_accuracy"]) is not None  # some client beat chance
     rows = [
         {"row": "base (pre-trained)", "scale": None, **{k: results["base"][k] for k in CSV_COLUMNS[2:]}},
         {"row": own_models_row(results), "scale": None, "accuracy": mean("global_accuracy"),
-         "client_accuracy": mean("accuracy"), "normalized_accuracy": 1.0},
+         "client_accuracy": mean("accuracy"), "normalized_accuracy": 1.0 if defined else None},
     ]
     for name, r in results["strategies"].items():
         rows.append({"row": name, **{k: r[k] for k in CSV_COLUMNS[1:]}})
+    for row in rows:  # NaN (no client above chance) is missing, in the CSV as in the table
+        row["normalized_accuracy"] = _number(row["normalized_accuracy"])
     return rows
+
+
+def _number(value: Any) -> float | None:
+    """A finite number, or None for a missing one (None, NaN, ±inf)."""
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
 # The key that sets each shipped partitioner's heterogeneity (see the README's table of keys).

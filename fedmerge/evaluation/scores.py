@@ -52,9 +52,12 @@ class Evaluator:
         return [score(self.model, s).accuracy for s in splits]
 
 
-def normalized_accuracy(merged: Sequence[float], own: Sequence[float]) -> float:
+def normalized_accuracy(merged: Sequence[float], own: Sequence[float], chance: float = 0.0) -> float:
     """Mean over clients of acc(merged, split_i) / acc(θ_i, split_i) (TSV paper, Eq. 9).
 
-    A client whose own model scores 0 is left out (its ratio is undefined)."""
-    ratios = [m / o for m, o in zip(merged, own) if o > 0]
+    The ratio means "how much of what client i learned survives merging" only when θ_i learned
+    something: a client whose own model scores at or below ``chance`` (pass 1 / number of classes;
+    0 by default, so that an accuracy of 0 is always left out) is left out, and with no client left
+    the result is NaN (reported as missing), never a ratio over a near-zero denominator."""
+    ratios = [m / o for m, o in zip(merged, own) if o > chance and o > 0]
     return sum(ratios) / len(ratios) if ratios else float("nan")

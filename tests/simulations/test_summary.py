@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import io
+import json
+import math
 
+import numpy as np
 import pytest
 from rich.console import Console
 
@@ -52,6 +55,36 @@ def test_attackers_are_named_and_left_out_of_the_own_models_row():
     assert own["row"] == "clients' own models (mean of 3 honest)"
     assert own["accuracy"] == pytest.approx((0.5 + 0.4 + 0.7) / 3)  # client 2's attacked model left out
     assert own["client_accuracy"] == pytest.approx((0.8 + 0.6 + 0.9) / 3)
+
+
+def test_normalized_accuracy_leaves_out_clients_at_or_below_chance():
+    from fedmerge.evaluation import normalized_accuracy
+
+    merged, own = [0.5, 0.3, 0.45, 0.2], [0.8, 0.1, 0.9, 0.05]
+    keep = np.array(own) > 0.1  # ten classes: client 1 sits exactly at chance, client 3 below it
+    expected = float(np.mean(np.array(merged, dtype=np.float64)[keep] / np.array(own, dtype=np.float64)[keep]))
+    assert normalized_accuracy(merged, own, chance=0.1) == pytest.approx(expected, rel=1e-12)
+    assert math.isnan(normalized_accuracy([0.9, 0.5], [0.1, 0.02], chance=0.1))  # nobody learned: missing
+    assert math.isnan(normalized_accuracy([0.3], [0.0]))  # a zero denominator is never used
+
+
+def test_normalized_accuracy_without_any_client_above_chance_shows_as_missing(tmp_path):
+    from simulations.results import ServerOutput, write_results
+    from simulations.config import ExperimentConfig
+
+    results = results_with()
+    results["base"]["normalized_accuracy"] = float("nan")
+    results["strategies"]["fedavg"]["normalized_accuracy"] = float("nan")
+    rows = summary_rows(results)
+    assert [r["normalized_accuracy"] for r in rows] == [None, None, None]
+    normalized_column = [line.split("│")[-2].strip() for line in printed(results).splitlines() if line.count("│") > 4]
+    assert normalized_column == ["—", "—", "—"], normalized_column  # base, own models, fedavg
+    write_results(ServerOutput(results, {}, {}, {}), ExperimentConfig(), tmp_path / "run")
+    csv_rows = (tmp_path / "run" / "results.csv").read_text().splitlines()
+    assert all(line.endswith(",") for line in csv_rows[1:])  # the CSV's last column is empty
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["base"]["normalized_accuracy"] is None
+    # one client above chance: the own-models row is 1 by definition again
+    assert summary_rows(results_with())[1]["normalized_accuracy"] == 1.0
 
 
 def test_setup_line_leaves_out_swept_knobs():
