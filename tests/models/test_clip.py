@@ -238,3 +238,4 @@ def test_preset_parses_with_the_papers_recipe(monkeypatch):
     assert (plan.optimizer, plan.lr, plan.weight_decay, plan.batch_size) == ("adamw", 1e-5, 0.1, 128)
     assert (plan.warmup_steps, plan.lr_schedule, plan.grad_clip, plan.local_steps) == (500, "cosine", 1.0, 2000)
     assert config.run.client_gpus > 0 and config.model == "clip:openai/clip-vit-base-patch32"
+    assert config.scale_of("iso_c") == "tune"  # α chosen on validation data, as its authors do
