@@ -11,6 +11,11 @@ class MergeError(FedmergeError, ValueError):
     """Task vectors, weights or options that a merging method cannot accept."""
 
 
+class MergeOverflowError(MergeError):
+    """A merge, or θ0 + λ·τ_merged, whose values leave the range of their dtype: the inputs were
+    accepted, the result would not be finite."""
+
+
 class ConfigError(FedmergeError, ValueError):
     """An experiment setting that is unknown, of the wrong type or out of range."""
 

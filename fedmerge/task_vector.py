@@ -15,8 +15,8 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import Tensor
 
-from fedmerge.errors import MergeError
-from fedmerge.io.state import load_state, save_state
+from fedmerge.errors import MergeError, MergeOverflowError
+from fedmerge.io.state import all_finite, load_state, save_state
 
 StateDict = Mapping[str, Tensor]
 
@@ -29,6 +29,18 @@ def floating_items(state: StateDict) -> dict[str, Tensor]:
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Half-precision tensors are combined in float32 and written back in their own dtype."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def require_finite(t: Tensor, what: str, remedy: str) -> None:
+    """A ``MergeOverflowError`` unless every entry of the result ``t`` is finite.
+
+    Merging and :func:`apply` receive finite values only, so a non-finite result means its values
+    left the range of its dtype; the message says which dtype, and ``remedy`` what to do about it.
+    """
+    if not all_finite(t):
+        name = str(t.dtype).removeprefix("torch.")
+        raise MergeOverflowError(f"{what} is not finite: its values exceed the range of {name} "
+                                 f"(±{torch.finfo(t.dtype).max:.4g}); {remedy}")
 
 
 class TaskVector(Mapping[str, Tensor]):
@@ -129,17 +141,49 @@ def l2_norm(tensors: Mapping[str, Tensor]) -> float:
 
     Dot products of float64 copies of 64k-entry chunks: float64 accuracy and range at a fraction
     of the cost of squaring float64 copies (measurements: ``docs/performance.md``).
+    Where the squares leave float64's range (entries beyond ~1e154 or all below ~1e-154), the entries
+    are scaled by the power of two just above the largest |entry| first and the norm scaled back;
+    ``inf`` only for a norm beyond float64's range.
     """
+    total = _sum_of_squares(tensors, 0)
+    if total == 0 or math.isinf(total):
+        largest = max((float(t.detach().abs().max()) for t in tensors.values() if t.numel()), default=0.0)
+        if largest > 0:
+            exponent = math.frexp(largest)[1]
+            try:
+                return math.ldexp(math.sqrt(_sum_of_squares(tensors, -exponent)), exponent)
+            except OverflowError:  # the norm itself lies beyond float64's range
+                return math.inf
+    return math.sqrt(total)
+
+
+def times_power_of_two(x: Tensor, exponent: int) -> Tensor:
+    """x · 2^exponent: exact unless it leaves x's range, multiplied in steps whose factors x's dtype holds."""
+    limit = math.frexp(torch.finfo(x.dtype).max)[1] - 2  # 126 for float32, 1022 for float64
+    while exponent:
+        step = max(-limit, min(limit, exponent))
+        x = x * 2.0**step
+        exponent -= step
+    return x
+
+
+def _sum_of_squares(tensors: Mapping[str, Tensor], exponent: int) -> float:
+    """Σ (2^exponent · entry)² over every entry, in float64."""
     total = 0.0
     for t in tensors.values():
         for chunk in t.detach().reshape(-1).split(_NORM_CHUNK):
             chunk = chunk.double()
+            chunk = times_power_of_two(chunk, exponent)
             total += float(torch.dot(chunk, chunk))
-    return math.sqrt(total)
+    return total
 
 
 def apply(base: StateDict, merged: Mapping[str, Tensor], scale: float) -> dict[str, Tensor]:
-    """θ0 + scale · merged, as a new state dict; tensors absent from ``merged`` are copied from base."""
+    """θ0 + scale · merged, as a new state dict; tensors absent from ``merged`` are copied from base.
+
+    Computed in the compute dtype, and in float64 (scaled by powers of two where float64's range
+    does not suffice) for the entries where scale · merged leaves that range. A tensor whose result
+    leaves its own dtype's range is a ``MergeOverflowError`` naming it and the scale."""
     if not math.isfinite(scale):
         raise MergeError(f"scale must be finite, got {scale}")
     unknown = sorted(set(merged) - set(base))
@@ -152,7 +196,28 @@ def apply(base: StateDict, merged: Mapping[str, Tensor], scale: float) -> dict[s
             if m.shape != b.shape:
                 raise MergeError(f"tensor {k!r}: merged shape {tuple(m.shape)} != base {tuple(b.shape)}")
             dt = compute_dtype(b.dtype)
-            out[k] = (b.to(dt) + scale * m.to(dt)).to(b.dtype)
+            if abs(scale) <= torch.finfo(dt).max:
+                t = b.to(dt) + scale * m.to(dt)
+                if not all_finite(t):  # λ·τ may leave the range where θ0 + λ·τ does not
+                    t = torch.where(t.isfinite(), t, _wide_axpy(b, m, scale).to(dt))
+            else:
+                t = _wide_axpy(b, m, scale)
+            out[k] = t.to(b.dtype)
+            require_finite(out[k], f"θ0 + λ·τ_merged with λ = {scale:g}, tensor {k!r},", "use a smaller scale λ")
         else:
             out[k] = b.clone()
     return out
+
+
+def _wide_axpy(b: Tensor, m: Tensor, scale: float) -> Tensor:
+    """b + scale · m in float64, as 2^e (b 2^-e + (scale 2^-s)(m 2^-t) 2^(s+t-e)) where the plain
+    float64 one overflows: 2^s, 2^t, 2^e the powers of two just above |scale|, max |m| and both terms."""
+    b64, m64 = b.double(), m.double()
+    out = b64 + scale * m64
+    if all_finite(out):
+        return out
+    s = math.frexp(scale)[1]
+    t = math.frexp(float(m64.abs().max()))[1]
+    e = max(math.frexp(float(b64.abs().max()))[1], s + t)
+    term = times_power_of_two(times_power_of_two(m64, -t) * math.ldexp(scale, -s), s + t - e)
+    return times_power_of_two(times_power_of_two(b64, -e) + term, e)
