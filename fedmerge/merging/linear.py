@@ -9,8 +9,8 @@ import torch
 from torch import Tensor
 
 from fedmerge.merging.registry import Option, rule, uniform_if_none
-from fedmerge.merging.validation import TaskVectors
-from fedmerge.task_vector import compute_dtype, l2_norm
+from fedmerge.merging.validation import TaskVectors, all_finite
+from fedmerge.task_vector import compute_dtype, l2_norm, times_power_of_two
 
 FEDGMA_RHO_GRID: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(1, 10))
 CCLIP_RHO_POINTS = 5
@@ -19,16 +19,49 @@ CCLIP_RHO_POINTS = 5
 def linear_combination(
     task_vectors: TaskVectors, coefficients: Sequence[float], keys: Sequence[str] | None = None
 ) -> dict[str, Tensor]:
-    """Σ_i c_i τ_i over ``keys`` (all by default), one task vector at a time (no n × model stack)."""
+    """Σ_i c_i τ_i over ``keys`` (all by default), one task vector at a time (no n × model stack).
+
+    Accumulated in the compute dtype. Entries whose partial sums leave its range (or all of them,
+    where a coefficient is beyond it) are summed again in float64, with both the coefficients and
+    the tensors scaled by powers of two where float64's range does not suffice either: an entry is
+    non-finite only where the exact Σ_i c_i τ_i does not fit the tensor's own dtype.
+    """
     out: dict[str, Tensor] = {}
     for key in task_vectors[0] if keys is None else keys:
         ref = task_vectors[0][key]
         dt = compute_dtype(ref.dtype)
-        acc = torch.zeros(ref.shape, dtype=dt, device=ref.device)
-        for c, tv in zip(coefficients, task_vectors):
-            acc.add_(tv[key].to(dt), alpha=c)
+        if all(abs(c) <= torch.finfo(dt).max for c in coefficients):
+            acc = _accumulate(task_vectors, coefficients, key, dt)
+            if not all_finite(acc):
+                acc = torch.where(acc.isfinite(), acc, _accumulate_wide(task_vectors, coefficients, key).to(dt))
+        else:
+            acc = _accumulate_wide(task_vectors, coefficients, key)
         out[key] = acc.to(ref.dtype)
     return out
+
+
+def _accumulate(task_vectors: TaskVectors, coefficients: Sequence[float], key: str, dtype: torch.dtype) -> Tensor:
+    """Σ_i c_i τ_i[key] in ``dtype``."""
+    ref = task_vectors[0][key]
+    acc = torch.zeros(ref.shape, dtype=dtype, device=ref.device)
+    for c, tv in zip(coefficients, task_vectors):
+        acc.add_(tv[key].to(dtype), alpha=c)
+    return acc
+
+
+def _accumulate_wide(task_vectors: TaskVectors, coefficients: Sequence[float], key: str) -> Tensor:
+    """Σ_i c_i τ_i[key] in float64; where that overflows, as 2^(a+b) Σ_i (c_i 2^-a)(τ_i 2^-b), with
+    2^a and 2^b the powers of two just above the largest |c_i| and |τ_i| (every term at most 1)."""
+    acc = _accumulate(task_vectors, coefficients, key, torch.float64)
+    if all_finite(acc):
+        return acc
+    a = math.frexp(max(abs(c) for c in coefficients))[1]
+    largest = max(float(tv[key].abs().max()) for tv in task_vectors)
+    b = math.frexp(largest)[1]
+    scaled = torch.zeros_like(acc)
+    for c, tv in zip(coefficients, task_vectors):
+        scaled.add_(times_power_of_two(tv[key].double(), -b), alpha=math.ldexp(c, -a))
+    return times_power_of_two(scaled, a + b)
 
 
 @rule("task_arithmetic", natural_scale="sum", uses_weights=False,
@@ -63,8 +96,18 @@ def fednova(task_vectors: TaskVectors, p: Sequence[float] | None = None, *,
     learning rates, schedules or Adam, a_i differs and this is the step-count approximation that the
     one-shot FL paper uses."""
     p = uniform_if_none(p, len(task_vectors))
-    tau_eff = sum(pj * kj for pj, kj in zip(p, local_steps))
-    return linear_combination(task_vectors, [tau_eff * pi / ki for pi, ki in zip(p, local_steps)])
+    # The coefficients do not change when every K_j is scaled: by a power of two (exact), so that
+    # step counts near the top of the float range do not overflow τ_eff. Where a scaled K_i then
+    # underflows, as p_i Σ_j p_j (K_j / K_i) instead: infinite only if the coefficient is.
+    exponent = math.frexp(max(local_steps))[1]
+    scaled = [math.ldexp(kj, -exponent) for kj in local_steps]
+    if min(scaled) > 0:
+        tau_eff = sum(pj * kj for pj, kj in zip(p, scaled))
+        coefficients = [tau_eff * pi / ki for pi, ki in zip(p, scaled)]
+    else:
+        coefficients = [pi * sum(pj * (kj / ki) for pj, kj in zip(p, local_steps))
+                        for pi, ki in zip(p, local_steps)]
+    return linear_combination(task_vectors, coefficients)
 
 
 @rule("fedgma", natural_scale="mean",
@@ -102,6 +145,11 @@ def cclip(task_vectors: TaskVectors, p: Sequence[float] | None = None, *,
           rho: float | None = None) -> dict[str, Tensor]:
     """Centred clipping at θ0: Σ_i p_i τ_i · min(1, rho / ‖τ_i‖₂); rho defaults to the median norm."""
     norms = [l2_norm(tv) for tv in task_vectors]
+    if any(math.isinf(nrm) for nrm in norms):  # norms beyond float64's range: compare 2^-e τ_i and 2^-e rho
+        largest = max(float(t.abs().max()) for tv in task_vectors for t in tv.values() if t.numel())
+        e = math.frexp(largest)[1]
+        norms = [l2_norm({k: times_power_of_two(t.double(), -e) for k, t in tv.items()}) for tv in task_vectors]
+        rho = None if rho is None else math.ldexp(rho, -e)
     if rho is None:
         rho = float(torch.tensor(norms, dtype=torch.float64).quantile(0.5))
     factors = [1.0 if nrm == 0 else min(1.0, rho / nrm) for nrm in norms]

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from fedmerge.merging.linear import linear_combination
 from fedmerge.merging.registry import Option, rule
-from fedmerge.merging.validation import TaskVectors
+from fedmerge.merging.validation import TaskVectors, all_finite
 from fedmerge.task_vector import compute_dtype
 
 
@@ -61,6 +61,15 @@ def _order_statistics(task_vectors: TaskVectors, key: str, positions: Sequence[i
     return [rows[i] for i in positions]
 
 
+def _mean(values: Sequence[Tensor]) -> Tensor:
+    """The elementwise mean of ``values`` as a new tensor: Σ v / m, and Σ (v / m) for the entries
+    whose sum leaves the range (their mean cannot: no term exceeds the largest |v| / m)."""
+    m = len(values)
+    mean = sum(values[1:], values[0]) / m
+    if not all_finite(mean):
+        mean = torch.where(mean.isfinite(), mean, sum((v / m for v in values[1:]), values[0] / m))
+    return mean
+
 
 @rule("median", natural_scale="mean", uses_weights=False,
       citation="Yin et al., Byzantine-Robust Distributed Learning: Towards Optimal Statistical Rates, ICML 2018",
@@ -72,7 +81,7 @@ def median(task_vectors: TaskVectors, p: Sequence[float] | None = None) -> dict[
     out: dict[str, Tensor] = {}
     for key, ref in task_vectors[0].items():
         values = _order_statistics(task_vectors, key, middle)
-        mid = values[0] if n % 2 else (values[0] + values[1]) / 2
+        mid = values[0] if n % 2 else _mean(values)
         out[key] = mid.to(ref.dtype, copy=n == 1)  # one client: its own tensor, not to be shared
     return out
 
@@ -98,5 +107,5 @@ def trimmed_mean(task_vectors: TaskVectors, p: Sequence[float] | None = None, *,
     out: dict[str, Tensor] = {}
     for key, ref in task_vectors[0].items():
         kept = _order_statistics(task_vectors, key, range(cut, n - cut))
-        out[key] = (sum(kept[1:], kept[0]) / len(kept)).to(ref.dtype)
+        out[key] = _mean(kept).to(ref.dtype)
     return out

@@ -17,7 +17,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -25,10 +25,9 @@ import torch
 from torch import Tensor
 
 from fedmerge.errors import MergeError, PluginError
-from fedmerge.merging.validation import (
-    TaskVectors, all_finite, normalised_weights, per_client_values, validate_task_vectors,
-)
+from fedmerge.merging.validation import TaskVectors, normalised_weights, per_client_values, validate_task_vectors
 from fedmerge.registry import Registry
+from fedmerge.task_vector import require_finite
 
 RuleFunction = Callable[..., dict[str, Tensor]]
 Grid = Sequence[Any] | Callable[[TaskVectors], Sequence[Any]]
@@ -188,19 +187,46 @@ class MergeMethod:
     # -- merging -------------------------------------------------------------------------------
     def __call__(self, task_vectors: TaskVectors, weights: Sequence[float] | None = None,
                  **options: Any) -> dict[str, Tensor]:
-        """Validate, then merge: see :func:`merge`."""
+        """Validate, then merge: see :func:`merge`. Tensors without entries merge to tensors without
+        entries; the rule never sees them."""
         shapes = validate_task_vectors(task_vectors)
         n = len(task_vectors)
         p = None if weights is None else normalised_weights(weights, n)
         checked = self.check_options(options, n)
-        merged = self.function(list(task_vectors), p, **checked)
+        empty = [key for key, shape in shapes.items() if shape.numel() == 0]
+        if not empty:
+            merged = self.function(list(task_vectors), p, **checked)
+        else:
+            rest = [key for key in shapes if key not in empty]
+            merged = self.function([_Subset(tv, rest) for tv in task_vectors], p, **checked) if rest else {}
+            if isinstance(merged, Mapping):
+                merged = {**merged, **{key: task_vectors[0][key].new_empty(shapes[key]) for key in empty}}
         _check_output(self.name, merged, shapes)
         return merged
 
 
+class _Subset(Mapping[str, Tensor]):
+    """The tensors ``keys`` of a task vector, read from it on access (lazy task vectors stay lazy)."""
+
+    def __init__(self, task_vector: Mapping[str, Tensor], keys: Sequence[str]) -> None:
+        self._task_vector, self._keys = task_vector, list(keys)
+        self._key_set = frozenset(keys)
+
+    def __getitem__(self, key: str) -> Tensor:
+        if key not in self._key_set:
+            raise KeyError(key)
+        return self._task_vector[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
 def _check_output(method: str, merged: Any, shapes: Mapping[str, Any]) -> None:
     """A rule's result holds a floating tensor of the input's shape for every name, all finite (an
-    overflow is an error, never a silent inf)."""
+    overflow is a ``MergeOverflowError`` naming the dtype, never a silent inf)."""
     if not isinstance(merged, Mapping) or set(merged) != set(shapes):
         raise MergeError(f"{method}: the rule returned {type(merged).__name__} without the task vectors' tensors")
     for key, t in merged.items():
@@ -208,8 +234,10 @@ def _check_output(method: str, merged: Any, shapes: Mapping[str, Any]) -> None:
             what = f"{t.dtype} {tuple(t.shape)}" if torch.is_tensor(t) else type(t).__name__
             raise MergeError(f"{method}: merged tensor {key!r} is {what}, not a floating tensor of shape "
                              f"{tuple(shapes[key])}")
-        if not all_finite(t):
-            raise MergeError(f"{method}: merged tensor {key!r} is not finite (the merge overflowed)")
+        wider = "float32" if t.element_size() < 4 else "float64" if t.element_size() < 8 else None
+        remedy = (f"merge {wider} copies of the task vectors" if wider
+                  else "the task vectors' values are too large for this rule")
+        require_finite(t, f"{method}: merged tensor {key!r}", remedy)
 
 
 def _adapt(name: str, obj: object) -> MergeMethod:

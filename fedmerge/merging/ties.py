@@ -59,11 +59,16 @@ def ties(task_vectors: TaskVectors, p: Sequence[float] | None = None, *, k: floa
     Yadav et al., "TIES-Merging: Resolving Interference When Merging Models", NeurIPS 2023.
     1. Trim: τ̂_i keeps the entries of τ_i whose magnitude is at least its ⌈k·d⌉-th largest over the
        whole task vector (all tensors together, as in the paper; ties at the threshold are kept).
-    2. Elect: s = sign(Σ_i p_i τ̂_i) per coordinate (p uniform: the sign of the summed mass).
+    2. Elect: s = sign(Σ_i p_i τ̂_i) per coordinate (p uniform: the sign of the summed mass, Σ_i τ̂_i).
     3. Disjoint mean: Σ_{i: sign τ̂_i = s} p_i τ̂_i / Σ_{i: sign τ̂_i = s} p_i, 0 where no client agrees.
-    A coordinate whose summed mass is exactly 0 has no elected sign and merges to 0 (the reference
-    code breaks such ties by the model-wide majority sign). ``k`` in (0, 1] (default 0.2, the
-    paper's); k = 1 with agreeing signs is the weighted mean. Natural scale: "mean" (λ = 1 in the paper).
+    A coordinate whose summed mass is 0 has no elected sign and merges to 0 (the reference code
+    breaks such ties by the model-wide majority sign). The mass is summed in float64 from the
+    values as stored (in their own dtype), with the weights divided by the largest so that equal
+    weights add the values themselves; it counts as 0 when no larger than the bound on its rounding,
+    (n + 1) · eps(float64) · Σ_i p_i |τ̂_i| (see :func:`_elected_signs`). So stored values that cancel
+    merge to 0 in every dtype, and the rounding of the weights p_i never elects a sign. ``k`` in
+    (0, 1] (default 0.2, the paper's); k = 1 with agreeing signs is the weighted mean. Natural
+    scale: "mean" (λ = 1 in the paper).
     """
     p = uniform_if_none(p, len(task_vectors))
     thresholds = ties_thresholds(task_vectors, k)
@@ -74,10 +79,7 @@ def ties(task_vectors: TaskVectors, p: Sequence[float] | None = None, *, k: floa
         for tv, th in zip(task_vectors, thresholds):
             x = tv[key].to(dt)
             trimmed.append(torch.where(x.abs() >= th, x, 0.0))
-        elected = torch.zeros(ref.shape, dtype=dt)
-        for c, t in zip(p, trimmed):
-            elected.add_(t, alpha=c)
-        elected.sign_()
+        elected = _elected_signs(trimmed, p).to(dt)
         mass, total = torch.zeros_like(elected), torch.zeros_like(elected)
         for c, t in zip(p, trimmed):
             agree = (t * elected) > 0  # a kept entry of the elected sign (none where no sign was elected)
@@ -85,3 +87,23 @@ def ties(task_vectors: TaskVectors, p: Sequence[float] | None = None, *, k: floa
             total.add_(torch.where(agree, t, 0.0), alpha=c)
         out[key] = torch.where(mass > 0, total / mass.clamp_min(torch.finfo(dt).tiny), 0.0).to(ref.dtype)
     return out
+
+
+def _elected_signs(trimmed: Sequence[Tensor], p: Sequence[float]) -> Tensor:
+    """sign(Σ_i p_i τ̂_i) per coordinate, 0 where the sum is 0 to within its rounding, in float64.
+
+    The terms are scaled by 1 / max_j p_j, so that equal weights add the τ̂_i themselves (no
+    product rounds, and sums of a few float32 or lower values are exact in float64). A sum no larger
+    than its rounding bound, (n + 1)·eps·Σ_i p_i |τ̂_i| (n roundings of the sum and the products,
+    three of each p_i / max_j p_j), has no determined sign and elects none, so masses that cancel
+    merge to 0 in every dtype instead of taking the sign of a rounding residue.
+    """
+    largest = max(p)
+    mass = torch.zeros(trimmed[0].shape, dtype=torch.float64, device=trimmed[0].device)
+    spread = torch.zeros_like(mass)
+    for c, t in zip(p, trimmed):
+        t64 = t.double()
+        mass.add_(t64, alpha=c / largest)
+        spread.add_(t64.abs(), alpha=c / largest)
+    determined = mass.abs() > spread.mul_((len(trimmed) + 1) * torch.finfo(torch.float64).eps)
+    return torch.where(determined, mass.sign(), 0.0)

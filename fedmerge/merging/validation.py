@@ -82,11 +82,19 @@ def per_client_values(name: str, values: Any, n: int, *, positive: bool) -> list
 
 
 def normalised_weights(weights: Sequence[float] | None, n: int) -> list[float]:
-    """p_i = w_i / Σ_j w_j; uniform when ``weights`` is None."""
+    """p_i = w_i / Σ_j w_j; uniform when ``weights`` is None.
+
+    The weights are first scaled by the power of two that brings the largest to [0.5, 1): exact, so
+    ordinary weights give the same p_i as the plain formula, and weights near either end of the
+    float range neither overflow the sum nor underflow it.
+    """
     if weights is None:
         return [1.0 / n] * n
     w = per_client_values("weights", weights, n, positive=False)
-    total = sum(w)
-    if total <= 0:
+    largest = max(w)
+    if largest == 0:
         raise MergeError("weights sum to zero")
-    return [x / total for x in w]
+    exponent = math.frexp(largest)[1]
+    scaled = [math.ldexp(x, -exponent) for x in w]
+    total = sum(scaled)
+    return [x / total for x in scaled]

@@ -44,10 +44,17 @@ _FLAT_RATIO = 0.65  # θ_k/θ_⌈k/2⌉ above this after those blocks: flat (see
 _FLAT_TAIL = 0.1  # ... unless the spectrum beyond σ_k falls away (a rank a little above k)
 
 
-def rank_tolerance(dtype: torch.dtype, shape: Sequence[int]) -> float:
-    """Relative σ below which a triplet is numerical noise of a tensor stored in ``dtype``."""
-    dt = torch.float64 if dtype == torch.float64 else torch.float32
-    return max(shape) * torch.finfo(dt).eps
+def rank_tolerance(shape: Sequence[int]) -> float:
+    """Relative σ (σ_i / σ_1) at or below which a task's triplet is numerical noise: max(m, n) · eps(float32).
+
+    One rule for every input dtype. Task vectors come from training in float32 or lower, so a
+    float64 copy carries the same rounding noise, whose singular values lie near
+    max(m, n) · eps(float32) · σ_1; float64's eps would keep those triplets, with arbitrary singular
+    vectors, for float64 copies only, and TSV-M of tasks of rank below k would depend on the dtype
+    they were handed in. Triplets this small carry nothing of their task (keeping all k, as
+    FusionBench does, leaves the result to the SVD's arbitrary choice of basis for a zero σ).
+    """
+    return max(shape) * torch.finfo(torch.float32).eps
 
 
 def _orthonormal(y: Tensor) -> Tensor:
@@ -103,7 +110,7 @@ def _gram_top_k(a: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
         s[i], v[i] = lam.flip(-1)[:k].clamp_min(0).sqrt(), q.flip(-1)[:, :k]
         u[i] = (ai @ v[i]) / s[i].clamp_min(torch.finfo(torch.float64).tiny)
     relative = s / s[..., :1].clamp_min(torch.finfo(torch.float64).tiny)
-    unresolved = ((relative < _GRAM_MIN_RATIO) & (relative > rank_tolerance(a.dtype, (m, n)))).any(dim=-1)
+    unresolved = ((relative < _GRAM_MIN_RATIO) & (relative > rank_tolerance((m, n)))).any(dim=-1)
     unresolved = unresolved.nonzero().squeeze(-1)
     if len(unresolved):
         u[unresolved], s[unresolved], vh = _exact_top_k(a[unresolved], k)

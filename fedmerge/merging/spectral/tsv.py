@@ -10,13 +10,15 @@ default) needs only each task's top k triplets, from a checked block Krylov meth
 (:func:`~fedmerge.merging.spectral.linalg.top_singular_triplets`), and whitens the stacked bases from
 Gram eigendecompositions (Prop. 4.1 of the TSV paper). Layers whose stacked bases come out nearly
 singular (tasks sharing their top directions) are merged again from float64 triplets of AᵀA; layers
-of alike tasks take that path at once. Both paths drop triplets whose σ is numerically zero, so zero
-matrices, tasks of rank < k and duplicated tasks give well-defined results. Measurements behind
+of alike tasks take that path at once. Both paths drop triplets whose σ is numerically zero
+(σ ≤ max(m, n) · eps(float32) · σ_1 of their task, for every input dtype), so zero matrices, tasks of
+rank < k and duplicated tasks give well-defined results, the same for float32 and float64 copies. Measurements behind
 these choices and the constants below: ``docs/performance.md``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -29,9 +31,25 @@ from fedmerge.merging.spectral.linalg import (
     polar_by_whitening, polar_factor, rank_tolerance, top_singular_triplets,
 )
 from fedmerge.merging.validation import TaskVectors, validate_task_vectors
+from fedmerge.task_vector import times_power_of_two
 
+_UNSCALED_WITHIN = 32  # layers whose largest |entry| lies in [2^-32, 2^32] are merged as they are
 _REFINE_BELOW = 1e-4  # stacked bases with σ_min below this get float64 triplets (see _tsv_merge_batch)
 _ALIKE_TASKS = 0.3  # layers whose tasks' mean pairwise cosine exceeds this get float64 triplets at once
+
+
+def balancing_exponent(largest: float) -> int:
+    """The e by which a layer whose largest |entry| is ``largest`` is scaled, as 2^-e, before a rule
+    that is homogeneous (merge(c·Δ) = c·merge(Δ)) merges it, and its result scaled back by 2^e.
+
+    0 within [2^-32, 2^32], where singular values, their squares and Gram matrices stay well inside
+    float32's range, so ordinary task vectors are merged exactly as they are; elsewhere the power of
+    two that brings the largest entry to [0.5, 1). Powers of two scale without rounding, so a result
+    is non-finite only where the merged values themselves leave the dtype's range.
+    """
+    if largest == 0 or 2.0**-_UNSCALED_WITHIN <= largest <= 2.0**_UNSCALED_WITHIN:
+        return 0
+    return math.frexp(largest)[1]
 
 
 def _tsv_merge_batch(mats: Tensor, *, method: str = "fast") -> Tensor:
@@ -85,14 +103,15 @@ def _merge_triplets(dtype: torch.dtype, u: Tensor, s: Tensor, vh: Tensor, *, exa
                     float32_gram: bool = True) -> tuple[Tensor, Tensor]:
     """U⊥ diag(σ) V⊥ᵀ from every task's top-k triplets (L, T, …), and the stacked bases' smallest σ.
 
-    Triplets with σ ≤ max(m, n) · eps(``dtype``) · σ_1 of their task are dropped. ``exact``: polar
+    Triplets with σ ≤ max(m, n) · eps(float32) · σ_1 of their task are dropped, whatever ``dtype``
+    (see :func:`~fedmerge.merging.spectral.linalg.rank_tolerance`). ``exact``: polar
     factors by SVD, float64; otherwise by whitening, in float32 unless ``dtype`` is float64.
     ``float32_gram=False`` skips the float32 Gram eigendecomposition where the stacked bases are known
     to be ill conditioned (alike tasks), as it would be wasted.
     """
     num_layers, t, m, k = u.shape
     n = vh.shape[-1]
-    keep = s > rank_tolerance(dtype, (m, n)) * s[..., :1]  # numerically zero triplets carry nothing of their task
+    keep = s > rank_tolerance((m, n)) * s[..., :1]  # numerically zero triplets carry nothing of their task
     s_cat = (s * keep).reshape(num_layers, t * k)
     u_cat = (u * keep.unsqueeze(-2)).permute(0, 2, 1, 3).reshape(num_layers, m, t * k)
     v_cat = (vh * keep.unsqueeze(-1)).permute(0, 3, 1, 2).reshape(num_layers, n, t * k)
@@ -147,12 +166,17 @@ def tsv(task_vectors: TaskVectors, p: Sequence[float] | None = None) -> dict[str
             chunk = keys[i:i + step]
             mats = torch.empty(len(chunk), len(task_vectors), *shape,
                                dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+            exponents = []
             for i_layer, key in enumerate(chunk):  # one copy of the inputs, converted on the way
-                for i_task, tv in enumerate(task_vectors):
-                    mats[i_layer, i_task] = tv[key]
+                tensors = [tv[key] for tv in task_vectors]
+                # scaled before the conversion: a client's float64 values may lie beyond float32's range
+                e = balancing_exponent(max(float(t.abs().max()) for t in tensors))
+                for i_task, t in enumerate(tensors):
+                    mats[i_layer, i_task] = times_power_of_two(t.double(), -e) if e else t
+                exponents.append(e)
             merged = _tsv_merge_batch(mats)
-            for key, mat in zip(chunk, merged):
-                out[key] = mat.to(dtype)
+            for key, mat, e in zip(chunk, merged, exponents):
+                out[key] = times_power_of_two(mat.double(), e).to(dtype) if e else mat.to(dtype)
     return {key: out[key] for key in first}
 
 
@@ -175,13 +199,22 @@ def task_singular_vectors(matrices: Sequence[Tensor], k: int) -> tuple[Tensor, T
 
 
 def per_matrix(task_vectors: TaskVectors, p: Sequence[float] | None, merge_matrix: MatrixMerge) -> dict[str, Tensor]:
-    """``merge_matrix(matrices, p)`` on every 2-D tensor, the weighted mean Σ p_i τ_i on the others."""
+    """``merge_matrix(matrices, p)`` on every 2-D tensor, the weighted mean Σ p_i τ_i on the others.
+
+    ``merge_matrix`` must be homogeneous of degree 1: layers of very large or very small entries are
+    merged at unit scale (see :func:`balancing_exponent`)."""
     first = task_vectors[0]
     p = uniform_if_none(p, len(task_vectors))
     out = linear_combination(task_vectors, p, keys=[k for k, v in first.items() if v.dim() != 2])
     for key, ref in first.items():
         if ref.dim() == 2:
-            out[key] = merge_matrix([tv[key] for tv in task_vectors], p).to(ref.dtype)
+            matrices = [tv[key] for tv in task_vectors]
+            e = balancing_exponent(max(float(m.abs().max()) for m in matrices))
+            if e:  # every matrix rule here is homogeneous: merged at unit scale, scaled back
+                matrices = [times_power_of_two(m.double(), -e) for m in matrices]
+                out[key] = times_power_of_two(merge_matrix(matrices, p).double(), e).to(ref.dtype)
+            else:
+                out[key] = merge_matrix(matrices, p).to(ref.dtype)
     return {key: out[key] for key in first}
 
 
@@ -248,7 +281,7 @@ def singular_task_interference(matrices: Sequence[Tensor]) -> float:
     """
     shape = matrices[0].shape
     u, s, vh = task_singular_vectors(matrices, task_rank(shape, len(matrices)))
-    keep = s > rank_tolerance(matrices[0].dtype, shape) * s[:, :1]
+    keep = s > rank_tolerance(shape) * s[:, :1]
     if not bool(keep.any()):
         return 0.0
     u_cat = torch.cat([u[t][:, keep[t]] for t in range(len(matrices))], dim=1)
