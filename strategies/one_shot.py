@@ -75,6 +75,10 @@ class OneShotMerge(Strategy):
         like any other invalid reply; ``None`` sets no bound.
     arrayrecord_key, configrecord_key : str
         Record names in messages, as in Flower's built-in strategies.
+
+    A method whose merge fails, or whose model θ0 + λ · τ_merged is not finite (an overflow, e.g.
+    for a huge λ), is recorded in ``method_failures`` with the reason and left out of ``merged``;
+    the others are unaffected. Only when every method fails is it a ``FederationError``.
     """
 
     def __init__(
@@ -141,7 +145,7 @@ class OneShotMerge(Strategy):
         self.failures: list[ClientFailure] = []
         self.merged: dict[str, dict[str, Tensor]] = {}
         self.merge_seconds: dict[str, float] = {}
-        self.method_failures: dict[str, str] = {}  # rule -> why it produced no merged vector
+        self.method_failures: dict[str, str] = {}  # rule -> why it produced no merged vector (or model)
         self.timing: dict[str, float] = {}  # seconds: wait-for-nodes, query, clients (until aggregation)
         self._sent_at = time.perf_counter()
 
@@ -262,12 +266,14 @@ class OneShotMerge(Strategy):
             task_vectors, weights, options = self.merge_inputs(m)
             t0 = time.perf_counter()
             try:
-                self.merged[m] = merge(m, task_vectors, weights, **options)
+                merged = merge(m, task_vectors, weights, **options)
+                seconds = time.perf_counter() - t0
+                apply(self.base, merged, self.scale[m])  # the model θ0 + λ·τ_merged must be finite too
             except MergeError as exc:  # e.g. an overflow: this rule's result is lost, not the others'
                 self.method_failures[m] = str(exc)
                 log(WARNING, "Merging rule %s failed: %s", m, exc)
                 continue
-            self.merge_seconds[m] = time.perf_counter() - t0
+            self.merged[m], self.merge_seconds[m] = merged, seconds
         if not self.merged:
             raise FederationError("every merging rule failed: " + "; ".join(self.method_failures.values()))
         first = next(iter(self.merged))

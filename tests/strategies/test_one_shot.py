@@ -143,3 +143,18 @@ def test_a_rule_that_fails_is_recorded_and_the_others_still_merge():
         torch.testing.assert_close(result.arrays.to_torch_state_dict()["b"], torch.full((3,), 1.5))
     finally:
         METHODS._entries.pop("always_overflows")
+
+
+def test_a_method_whose_model_overflows_is_a_recorded_failure_not_a_non_finite_model():
+    # θ0 + λ·τ with λ = -1e308 and τ_i = i + 1 lies far beyond float32's range: the method is
+    # recorded as failed, naming the tensor and λ, and never handed on as a model.
+    strategy = OneShotMerge(("fedavg", "median"), scale={"fedavg": -1e308, "median": 0.5},
+                            min_available_nodes=2, weighted_by_key=None)
+    result = run(strategy, make_app(), nodes=2)
+    reason = strategy.method_failures["fedavg"]
+    assert "λ = -1e+308" in reason and "tensor 'w'" in reason and "float32" in reason
+    assert set(strategy.merged) == {"median"}
+    torch.testing.assert_close(result.arrays.to_torch_state_dict()["b"], torch.full((3,), 0.5 * 1.5))
+    strategy = OneShotMerge.single("fedavg", scale=-1e308, min_available_nodes=2, weighted_by_key=None)
+    with pytest.raises(FederationError, match="every merging rule failed: .*λ = -1e\\+308"):
+        run(strategy, make_app(), nodes=2)
