@@ -195,3 +195,24 @@ def test_a_checkpoint_replaced_during_the_merge_stops_it_before_writing(checkpoi
     with pytest.raises(CheckpointError, match=f"{paths[victim].name}: changed on disk during the merge"):
         merge_checkpoints(tmp / "base.safetensors", paths, "fedavg", out, on_read=replace_after_a_few_reads)
     assert not out.exists()
+
+
+def test_cli_merge_whose_model_overflows_is_one_clear_line_and_writes_nothing(tmp_path):
+    # θ0 + 10·τ with τ = 1e38 leaves float32's range: one error line naming the tensor and λ, exit
+    # code 2 (a value the user chose), and no file, where the merged model used to hold inf.
+    base = {"w": torch.ones(2, 2), "b": torch.zeros(2)}
+    save_state(base, tmp_path / "base.safetensors")
+    for i in range(2):
+        save_state({"w": torch.full((2, 2), 1e38), "b": torch.ones(2)}, tmp_path / f"ft{i}.safetensors")
+    models = [str(tmp_path / f"ft{i}.safetensors") for i in range(2)]
+    out = tmp_path / "o.safetensors"
+    result = invoke(tmp_path, "--models", *models, "--method", "fedavg", "--scale", "10", "--out", str(out))
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "Traceback" not in result.output
+    text = " ".join(result.output.split())
+    assert "λ = 10, tensor 'w'" in text and "float32" in text and "use a smaller scale" in text
+    assert not out.exists()
+    # the same models at λ = 1 merge to a finite model: θ0 + 1e38
+    assert invoke(tmp_path, "--models", *models, "--method", "fedavg", "--out", str(out)).exit_code == 0
+    assert torch.equal(load_state(out)["w"], torch.full((2, 2), 1.0 + 1e38))
