@@ -13,8 +13,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from fedmerge.attacks import attack
 from fedmerge.data import DataSpec, load_federated
 from fedmerge.registry import load_plugin_file
-from fedmerge.train import TrainPlan
+from fedmerge.train import TrainPlan, time_limit
 from fedmerge.train.local import client_seed, local_update
+
+
+def reply_deadline(msg: Message) -> float | None:
+    """When the server stops waiting for this message's reply: its creation time plus its TTL."""
+    meta = msg.metadata
+    return meta.created_at + meta.ttl if meta.created_at and meta.ttl else None
 
 
 def fine_tune(msg: Message, pid: int, num_partitions: int) -> Message:
@@ -29,11 +35,12 @@ def fine_tune(msg: Message, pid: int, num_partitions: int) -> Message:
         raise ValueError(f"server expects {spec.num_clients} clients, this node is one of {num_partitions}")
     data = load_federated(spec)
     base = msg.content.array_records["arrays"].to_torch_state_dict()
-    update = local_update(
-        str(config["model"]), base, data.clients[pid], TrainPlan.from_config(config),
-        seed=spec.seed, input_shape=data.input_shape, num_classes=data.num_classes,
-        cache_dir=str(config.get("task-vector-cache", "")) or None,
-    )
+    with time_limit(reply_deadline(msg)):  # a reply after the server stops waiting is wasted work
+        update = local_update(
+            str(config["model"]), base, data.clients[pid], TrainPlan.from_config(config),
+            seed=spec.seed, input_shape=data.input_shape, num_classes=data.num_classes,
+            cache_dir=str(config.get("task-vector-cache", "")) or None,
+        )
     metrics = MetricRecord({
         "num-examples": update.num_examples,
         "local-steps": update.local_steps,

@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
+from fedmerge.train import OutOfTime, time_limit
 from simulations.flower_private import Run, set_task_identity
 
 OFFLINE_ENV = {
@@ -30,11 +33,16 @@ OFFLINE_ENV = {
     "HF_DATASETS_OFFLINE": "1",
     "HF_HUB_OFFLINE": "1",
     "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+    # Ray on Linux swaps a node address of 127.0.0.1 for the machine's interface address; with this
+    # off it keeps loopback, so a local simulation's services, workers and connections stay on
+    # 127.0.0.1 (read when Ray is imported: it must be in the environment before that).
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
 }
 
 
 def set_offline_env() -> None:
-    """Flower and Ray must not reach the network at run time; a user's explicit setting wins."""
+    """Flower and Ray must not reach the network at run time, and a local Ray stays on the loopback
+    address; a user's explicit setting wins."""
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
 
@@ -49,10 +57,12 @@ class InProcessGrid(Grid):
     Clients run one after another here, but stand for clients that run in parallel, so a timeout
     (``reply_timeout``, set from ``send_and_receive``'s ``timeout``) applies to each client's own
     run time: a client that takes longer is treated as one whose reply never came (its reply is
-    dropped), as on a real deployment; the others are unaffected however long the round takes.
+    dropped and it is told to stop), as on a real deployment; the others are unaffected however
+    long the round takes. Ctrl-C stops the running client within one training step.
     """
 
     _ERROR_CODE_CLIENT_EXCEPTION = 1
+    _STOP_GRACE_SECONDS = 5.0
 
     def __init__(self, client_app: ClientApp, num_nodes: int, run_id: int = 1) -> None:
         set_task_identity(run_id)
@@ -67,6 +77,7 @@ class InProcessGrid(Grid):
         self._pending: dict[str, Message] = {}
         self._done: dict[str, Message] = {}
         self.reply_timeout: float | None = None
+        self._cancel = threading.Event()
 
     def set_run(self, run: Run) -> None:
         self._run = run
@@ -94,15 +105,37 @@ class InProcessGrid(Grid):
         return ids
 
     def _execute(self, mid: str) -> None:
+        """Run one client in a worker thread and wait at most ``reply_timeout`` for it. A client still
+        working then is dropped; its clock (``created_at`` + ``ttl``) has run out, so fedmerge's training
+        loop stops it at its next step (see ``fedmerge.train.time_limit``)."""
         msg = self._pending.pop(mid)
-        t0 = time.monotonic()
+        msg.metadata.created_at = time.time()  # it stands for a client running in parallel: its clock starts now
+        if self.reply_timeout is not None:
+            msg.metadata.ttl = self.reply_timeout
+        context = self.contexts[msg.metadata.dst_node_id]
+        outcome: list[Message] = []
+
+        def call() -> None:
+            with time_limit(cancel=self._cancel):
+                try:
+                    outcome.append(self.client_app(msg, context))
+                except OutOfTime:  # it gave up at the deadline: no reply, as on a real deployment
+                    pass
+                except Exception as exc:  # a crashing client is a failed reply, not a crashed server
+                    outcome.append(Message(Error(self._ERROR_CODE_CLIENT_EXCEPTION, f"{type(exc).__name__}: {exc}"),
+                                           reply_to=msg))
+
+        worker = threading.Thread(target=call, name=f"fedmerge-client-{msg.metadata.dst_node_id}", daemon=True)
+        worker.start()
         try:
-            reply = self.client_app(msg, self.contexts[msg.metadata.dst_node_id])
-        except Exception as exc:  # a crashing client is a failed reply, not a crashed server
-            reply = Message(Error(self._ERROR_CODE_CLIENT_EXCEPTION, f"{type(exc).__name__}: {exc}"), reply_to=msg)
-        if self.reply_timeout is not None and time.monotonic() - t0 > self.reply_timeout:
-            return  # too late: the server has stopped waiting for this client
-        self._done[mid] = reply
+            worker.join(self.reply_timeout)
+        except BaseException:  # Ctrl-C: tell the client to stop, give it a moment to do so, go on stopping
+            self._cancel.set()
+            worker.join(self._STOP_GRACE_SECONDS)
+            _wait_for_thread_exit(worker, self._STOP_GRACE_SECONDS)
+            raise
+        if outcome:  # else: too late, the server has stopped waiting for this client
+            self._done[mid] = outcome[0]
 
     def idle(self, message_ids: Iterable[str]) -> bool:
         """True when none of ``message_ids`` is left to run or to deliver (the rest were dropped)."""
@@ -128,7 +161,8 @@ class InProcessGrid(Grid):
 
 
 class ProgressGrid(Grid):
-    """Wraps a Grid; ``send_and_receive`` reports the messages it sends and each reply as it arrives."""
+    """Wraps a Grid; ``send_and_receive`` reports the messages it sends and each reply as it arrives,
+    and gives each message the round's timeout as its TTL, so clients know when to give up."""
 
     def __init__(self, grid: Grid, on_send: Callable[[list[Message]], None], on_reply: Callable[[Message], None],
                  poll_seconds: float = 0.05) -> None:
@@ -155,6 +189,9 @@ class ProgressGrid(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
+        if timeout is not None:  # a message expires when the server stops waiting for its reply
+            for msg in messages:
+                msg.metadata.ttl = timeout
         self.on_send(messages)
         sequential = self.grid if isinstance(self.grid, InProcessGrid) else None
         if sequential is not None:  # it applies the timeout to each client's own run time (see InProcessGrid)
@@ -173,6 +210,22 @@ class ProgressGrid(Grid):
             if not got:
                 time.sleep(self.poll_seconds)
         return replies
+
+
+def _wait_for_thread_exit(thread: threading.Thread, limit: float) -> None:
+    """Wait (at most ``limit`` seconds) until ``thread``'s OS thread is gone, not only its Python part.
+
+    A thread that ran torch still runs its C++ thread-local destructors after ``join`` returns; if the
+    process exits meanwhile, those race the library's static destructors and the C++ runtime aborts
+    the process. On Linux the thread is gone when its ``/proc/self/task`` entry is.
+    """
+    task = Path(f"/proc/self/task/{thread.native_id}")
+    if thread.native_id is None or not task.parent.is_dir():
+        time.sleep(min(limit, 0.2))
+        return
+    end = time.monotonic() + limit
+    while task.exists() and time.monotonic() < end:
+        time.sleep(0.01)
 
 
 def run_inprocess(server_app: ServerApp, client_app: ClientApp, num_nodes: int) -> None:

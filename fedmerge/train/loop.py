@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
+import threading
+import time
 from collections.abc import Iterator
 from typing import Annotated
 
@@ -11,6 +14,7 @@ import torch
 from pydantic import model_validator
 from torch import nn
 
+from fedmerge.errors import FederationError
 from fedmerge.data.splits import Examples, Split, iterate_batches
 from fedmerge.spec import NonNegative, NonNegativeInt, Positive, PositiveInt, Spec, Str, one_of
 from fedmerge.models.registry import forward
@@ -68,6 +72,39 @@ def single_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("fedmerge_train_deadline", default=None)
+_cancel: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar("fedmerge_train_cancel", default=None)
+
+
+class OutOfTime(FederationError):
+    """Training stopped early: its deadline passed or its run was cancelled."""
+
+
+@contextlib.contextmanager
+def time_limit(deadline: float | None = None, cancel: threading.Event | None = None) -> Iterator[None]:
+    """Training inside the block stops with :class:`OutOfTime` at the first optimizer step after
+    ``deadline`` (a ``time.time()`` instant) or after ``cancel`` is set: a client whose reply would
+    come too late gives up instead of working on for nobody. Nested blocks keep the outer limits."""
+    outer = _deadline.get()
+    if deadline is not None and outer is not None:
+        deadline = min(outer, deadline)
+    deadline_token = _deadline.set(deadline if deadline is not None else outer)
+    cancel_token = _cancel.set(cancel if cancel is not None else _cancel.get())
+    try:
+        yield
+    finally:
+        _cancel.reset(cancel_token)
+        _deadline.reset(deadline_token)
+
+
+def _check_time(step: int, total: int) -> None:
+    cancel, deadline = _cancel.get(), _deadline.get()
+    if cancel is not None and cancel.is_set():
+        raise OutOfTime(f"stopped after {step} of {total} steps: the run was cancelled")
+    if deadline is not None and time.time() > deadline:
+        raise OutOfTime(f"stopped after {step} of {total} steps: the server's reply deadline passed")
+
+
 def _optimizer(model: nn.Module, plan: TrainPlan) -> torch.optim.Optimizer:
     if plan.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), lr=plan.lr, weight_decay=plan.weight_decay)
@@ -91,7 +128,8 @@ def train(model: nn.Module, data: Examples, plan: TrainPlan, seed: int) -> None:
     """Fine-tune ``model`` in place for exactly ``plan.local_steps`` optimizer steps.
 
     ``data`` is a :class:`Split` or a split with ``batch`` (CLIP tasks, whose frozen head is passed to
-    the model); batches go to the model's device."""
+    the model); batches go to the model's device. Within :func:`time_limit`, stops with
+    :class:`OutOfTime` once the limit passes."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = _optimizer(model, plan)
     loss_fn = nn.CrossEntropyLoss()
@@ -102,6 +140,7 @@ def train(model: nn.Module, data: Examples, plan: TrainPlan, seed: int) -> None:
     else:
         steps = iterate_batches(data, list(batches(len(data), plan.batch_size, plan.local_steps, generator)))
     for step, (x, y) in enumerate(steps):
+        _check_time(step, plan.local_steps)
         if plan.scheduled:
             for group in optimizer.param_groups:
                 group["lr"] = plan.lr_at(step)
