@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
@@ -31,16 +32,26 @@ def _fail(exc: BaseException, code: int) -> typer.Exit:
     return typer.Exit(code)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every clean-up path runs (engines stop, nothing is left half-written)."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 @contextlib.contextmanager
 def user_errors(on_interrupt: str = "interrupted; no results were written") -> Iterator[None]:
     """One red ``error:`` line and an exit code instead of a traceback: 2 for bad input (config,
-    files, values), 1 for a federated round that cannot finish, 130 for Ctrl-C."""
+    files, values), 1 for a federated round that cannot finish, 130 for Ctrl-C, 143 for SIGTERM."""
     try:
         yield
     except FederationError as exc:
         raise _fail(exc, 1) from None
     except FedmergeError as exc:
         raise _fail(exc, 2) from None
+    except Terminated:
+        raise _fail(KeyboardInterrupt(f"terminated; {on_interrupt.removeprefix('interrupted; ')}"), 143) from None
     except KeyboardInterrupt:
         raise _fail(KeyboardInterrupt(on_interrupt), 130) from None
 
@@ -240,6 +251,7 @@ def evaluate(
 
 
 def main() -> None:
+    signal.signal(signal.SIGTERM, _raise_terminated)
     app()
 
 

@@ -21,6 +21,7 @@ The heterogeneity demos always run in-process: both engines give bit-identical w
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -32,8 +33,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from rich.console import Console
 from rich.table import Table
-from torch import Tensor
 from rich.text import Text
+from torch import Tensor
 
 from fedmerge import TaskVector, apply, merge
 from fedmerge.data import FederatedData, Split, load_federated
@@ -47,6 +48,7 @@ from fedmerge.train import TrainPlan, pretrained_base, single_thread, train
 from simulations.config import ExperimentConfig
 from simulations.experiment import run_engine, run_experiment
 from simulations.plots import pyplot
+from simulations.progress import RunProgress
 from simulations.results import staged_directory, to_json
 from simulations.results import ServerOutput
 from simulations.server import client_config
@@ -178,23 +180,29 @@ def client_union(data: FederatedData) -> Split:
 def federated_trajectory(config: ExperimentConfig, base: Mapping[str, Tensor], plan: TrainPlan, rounds: int,
                          eta: float) -> list[dict[str, Tensor]]:
     """θ_0 … θ_R of ``rounds`` FedAvg rounds through Flower, every client training with ``plan``."""
-    trajectory: list[dict[str, Tensor]] = []
+    return run_engine(functools.partial(fedavg_app, base=dict(base), plan=plan, rounds=rounds, eta=eta), config)
 
-    def record(server_round: int, arrays: ArrayRecord) -> None:
-        trajectory.append(arrays.to_torch_state_dict())
 
+def fedavg_app(config: ExperimentConfig, progress: RunProgress, deliver: Callable[[Any], None], *,
+               base: dict[str, Tensor], plan: TrainPlan, rounds: int, eta: float) -> ServerApp:
+    """A ServerApp running ``rounds`` rounds of task-vector FedAvg; it delivers θ_0 … θ_R."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        trajectory: list[dict[str, Tensor]] = []
+
+        def record(server_round: int, arrays: ArrayRecord) -> None:
+            trajectory.append(arrays.to_torch_state_dict())
+
         n = config.num_clients
         strategy = TaskVectorFedAvg(server_lr=eta, min_train_nodes=n, min_available_nodes=n)
         train_config = ConfigRecord({**client_config(config), **plan.to_config()})
         strategy.start(grid=grid, initial_arrays=ArrayRecord(dict(base)), num_rounds=rounds, timeout=config.run.timeout,
                        train_config=train_config, evaluate_fn=record)
+        deliver(trajectory)
 
-    run_engine(app, config)
-    return trajectory
+    return app
 
 
 def centralized_trajectory(config: ExperimentConfig, base: Mapping[str, Tensor], data: Split, lr: float,
@@ -461,4 +469,4 @@ def print_lesson(report: Mapping[str, Any], console: Console) -> None:
                   f"{100 * r['own_local_accuracy']:.2f}", f"{100 * r['own_global_accuracy']:.2f}")
     console.print(t)
     for s in dh["skipped"]:
-        console.print(f"   [yellow]alpha={s['alpha']:g} skipped:[/] {s['reason']}")
+        console.print(Text.assemble((f"   alpha={s['alpha']:g} skipped:", "yellow"), " ", s["reason"]))

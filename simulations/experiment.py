@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,13 +12,22 @@ from rich.console import Console
 
 import clients
 from fedmerge.data import load_federated
+from fedmerge.errors import FederationError
+from fedmerge.registry import load_plugin_file
 
 from simulations.config import ExperimentConfig
 from simulations.engine import quiet_flower_logs, run_inprocess, run_ray, set_offline_env
-from simulations.progress import RunProgress
+from simulations.isolation import Post, allow_result_type, run_isolated
+from simulations.progress import ForwardedProgress, RunProgress
 from simulations.results import check_out_dir, write_results
 from simulations.results import ServerOutput
 from simulations.server import make_server_app
+
+
+AppBuilder = Callable[[ExperimentConfig, RunProgress, Callable[[Any], None]], ServerApp]
+"""``build(config, progress, deliver)``: a ServerApp whose main hands its result to ``deliver``."""
+
+allow_result_type(ServerOutput)
 
 
 def run_experiment(
@@ -27,11 +37,9 @@ def run_experiment(
     if out is not None:
         check_out_dir(out)  # fail before any work, not after it
     load_federated(config.data_spec())  # a bad data setting fails here, before any engine starts
-    sink: dict[str, Any] = {}
     t0 = time.perf_counter()
     with RunProgress(console, enabled=progress) as bar:
-        run_engine(make_server_app(config, bar, sink), config)
-    output: ServerOutput = sink["output"]
+        output: ServerOutput = run_engine(make_server_app, config, bar)
     output.results["timing"]["total"] = time.perf_counter() - t0
     output.results["timing"]["engine"] = config.run.engine
     if out is not None:
@@ -39,11 +47,29 @@ def run_experiment(
     return output
 
 
-def run_engine(server_app: ServerApp, config: ExperimentConfig) -> None:
-    """Run ``server_app`` against fedmerge's ClientApp on ``config.run.engine``, offline, with quiet Flower logs."""
-    set_offline_env()
+def run_engine(build: AppBuilder, config: ExperimentConfig, progress: RunProgress | None = None) -> Any:
+    """Run the ServerApp ``build`` makes against fedmerge's ClientApp on ``config.run.engine``, offline,
+    with quiet Flower logs, and return what it delivered.
+
+    ``inprocess`` runs here; ``ray`` runs Flower's simulation in a child process (see
+    :mod:`simulations.isolation`), so Ctrl-C, SIGTERM and the end of the round stop it at once.
+    ``build`` must then pickle: a module-level function, or a ``functools.partial`` of one."""
+    progress = progress or RunProgress(enabled=False)
+    set_offline_env()  # before the Ray engine's child starts: it inherits the environment
     quiet_flower_logs()
     if config.run.engine == "inprocess":
-        run_inprocess(server_app, clients.app, config.num_clients)
-    else:
-        run_ray(server_app, clients.app, config.num_clients, config.run.client_cpus, config.run.client_gpus)
+        delivered: list[Any] = []
+        run_inprocess(build(config, progress, delivered.append), clients.app, config.num_clients)
+        if not delivered:
+            raise FederationError("the ServerApp finished without a result")
+        return delivered[0]
+    return run_isolated(_run_on_ray, (build, config), progress.apply)
+
+
+def _run_on_ray(post: Post, deliver: Callable[[Any], None], build: AppBuilder, config: ExperimentConfig) -> None:
+    """The Ray engine's child process: the experiment's plugins, then Flower's simulation on Ray."""
+    for plugin in config.run.plugins:
+        load_plugin_file(plugin)
+    quiet_flower_logs()
+    app = build(config, ForwardedProgress(post), deliver)
+    run_ray(app, clients.app, config.num_clients, config.run.client_cpus, config.run.client_gpus)

@@ -7,6 +7,7 @@ consoles built here never read rich markup or emoji codes in the strings they pr
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console
@@ -78,3 +79,25 @@ class RunProgress:
     def advance(self, steps: int = 1) -> None:
         if self._progress is not None and self._task is not None:
             self._progress.advance(self._task, steps)
+
+    def apply(self, kind: str, payload: tuple) -> None:
+        """Replay an event that a :class:`ForwardedProgress` posted."""
+        if kind == "stage":
+            self.stage(*payload)
+        elif kind == "advance":
+            self.advance(*payload)
+
+
+class ForwardedProgress(RunProgress):
+    """A :class:`RunProgress` for work in another process: each call is posted as an event, for
+    :meth:`RunProgress.apply` on the side that owns the display."""
+
+    def __init__(self, post: Callable[..., None]) -> None:
+        super().__init__(enabled=False)
+        self._post = post
+
+    def stage(self, description: str, total: int | None = None) -> None:
+        self._post("stage", description, total)
+
+    def advance(self, steps: int = 1) -> None:
+        self._post("advance", steps)

@@ -8,6 +8,7 @@ engines; the module-level ``app`` is the component that ``flwr run .`` loads (co
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -197,13 +198,14 @@ def tune_scales(config: ExperimentConfig, data, base, strategy: OneShotMerge, ev
     return out
 
 
-def make_server_app(config: ExperimentConfig, progress: RunProgress, sink: dict[str, Any]) -> ServerApp:
-    """A ServerApp that runs ``config`` and leaves its :class:`ServerOutput` in ``sink["output"]``."""
+def make_server_app(config: ExperimentConfig, progress: RunProgress,
+                    deliver: Callable[[ServerOutput], None]) -> ServerApp:
+    """A ServerApp that runs ``config`` and hands its :class:`ServerOutput` to ``deliver``."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        sink["output"] = run_server(grid, config, progress)
+        deliver(run_server(grid, config, progress))
 
     return app
 

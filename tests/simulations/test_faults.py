@@ -132,11 +132,14 @@ def test_norm_bound_excludes_and_names_the_attacker(small_config):
 
 @pytest.mark.slow  # imports Flower's Ray simulation
 def test_ray_engine_passes_client_resources_to_flower(small_config, monkeypatch):
+    """The Ray engine's child-process function, run here with Flower's run_simulation replaced."""
     import flwr.simulation
 
     from simulations.engine import run_inprocess
+    from simulations.experiment import _run_on_ray
+    from simulations.server import make_server_app
 
-    seen = {}
+    seen, delivered, events = {}, [], []
 
     def fake_run_simulation(server_app, client_app, num_supernodes, backend_config, **kw):
         seen.update(num_supernodes=num_supernodes, backend_config=backend_config)
@@ -145,10 +148,12 @@ def test_ray_engine_passes_client_resources_to_flower(small_config, monkeypatch)
     monkeypatch.setattr(flwr.simulation, "run_simulation", fake_run_simulation)
     config = small_config.replace(**{"engine": "ray", "client-cpus": 2, "client-gpus": 0.25,
                                      "strategies": ["fedavg"]})
-    out = run_experiment(config, progress=False)
+    _run_on_ray(lambda kind, *payload: events.append(kind), delivered.append, make_server_app, config)
     assert seen["num_supernodes"] == 4
     assert seen["backend_config"]["client_resources"] == {"num_cpus": 2, "num_gpus": 0.25}
-    assert out.results["timing"]["engine"] == "ray"
+    assert seen["backend_config"]["init_args"]["_node_ip_address"] == "127.0.0.1"
+    assert len(delivered) == 1 and "fedavg" in delivered[0].merged
+    assert "stage" in events and "advance" in events  # progress goes to the parent as events
 
 
 # -- atomic results -----------------------------------------------------------------------------

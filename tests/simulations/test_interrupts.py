@@ -1,0 +1,186 @@
+"""A run's life on both engines: Ctrl-C and SIGTERM stop it at once with nothing written and no process
+of ours left, a SIGKILLed run does not hurt the next, ``timeout`` bounds a round even when a client
+never finishes, and a Ray run keeps every socket on the loopback address.
+
+Runs are real ``fedmerge run`` processes. The bounds given to ``wait`` catch a run that hangs (before
+these behaviours existed, such runs waited out a 600 s timeout or the slow client's hours of training);
+they are far above the few seconds a run takes to stop, so a busy machine does not fail them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+HANG_GUARD_SECONDS = 60
+
+
+def fedmerge_run(tmp_path: Path, *settings: str) -> subprocess.Popen:
+    """``fedmerge run`` in a child that handles Ctrl-C as a terminal's foreground process does (a test
+    started from a background shell would otherwise inherit SIGINT ignored)."""
+    env = {**os.environ, "FEDMERGE_CACHE": str(tmp_path / "cache"), "FLWR_HOME": str(tmp_path / "flwr")}
+    args = [sys.executable, "-c", "from simulations.cli import main; main()", "run", "-q",
+            "--set", "num-clients=3", "--set", "pretrain-steps=20", "--set", "strategies=['fedavg']",
+            *(a for s in settings for a in ("--set", s)), "--out", str(tmp_path / "run")]
+    return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def descendants(proc: subprocess.Popen) -> list[psutil.Process]:
+    try:
+        return psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def wait_until(condition, what: str, limit: float = HANG_GUARD_SECONDS) -> None:
+    end = time.monotonic() + limit
+    while not condition():
+        if time.monotonic() > end:
+            raise AssertionError(f"waited {limit} s for {what}")
+        time.sleep(0.2)
+
+
+def training_on_ray(proc: subprocess.Popen) -> bool:
+    """True once a Ray actor that runs clients exists among the run's processes."""
+    for p in descendants(proc):
+        try:
+            if any("ClientAppActor" in part for part in p.cmdline()):
+                return True
+        except psutil.Error:
+            continue
+    return False
+
+
+def assert_stopped_cleanly(proc: subprocess.Popen, started: list[psutil.Process], code: int, tmp_path: Path) -> None:
+    _, stderr = proc.communicate(timeout=HANG_GUARD_SECONDS)
+    assert proc.returncode == code, stderr
+    assert "Traceback" not in stderr and ("interrupted" in stderr or "terminated" in stderr), stderr
+    assert not (tmp_path / "run").exists()  # nothing written
+    _, alive = psutil.wait_procs(started, timeout=10)
+    assert not alive, [p.pid for p in alive]  # no process of the run left behind
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("when,sig,code", [
+    ("starting Ray", signal.SIGINT, 130),
+    ("training", signal.SIGINT, 130),
+    ("training", signal.SIGTERM, 143),
+])
+def test_a_signal_stops_a_ray_run_at_once(tmp_path, when, sig, code):
+    proc = fedmerge_run(tmp_path, 'engine="ray"', "local-steps=10000000", "timeout=600")
+    if when == "training":
+        wait_until(lambda: training_on_ray(proc), "the clients to start")
+    else:
+        wait_until(lambda: len(descendants(proc)) > 0, "the engine's process to start")
+        time.sleep(2)
+    started = descendants(proc)
+    proc.send_signal(sig)
+    assert_stopped_cleanly(proc, started, code, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_stops_an_inprocess_run_at_once(tmp_path, sig, code):
+    proc = fedmerge_run(tmp_path, 'engine="inprocess"', "local-steps=10000000", "timeout=600")
+    cache = tmp_path / "cache"
+    wait_until(lambda: cache.is_dir() and any(cache.rglob("*.safetensors")), "the base model to be cached")
+    time.sleep(1)  # now in the first client's training
+    proc.send_signal(sig)
+    assert_stopped_cleanly(proc, [], code, tmp_path)
+
+
+@pytest.mark.ray
+def test_a_killed_ray_run_leaves_no_process_and_the_next_run_works(tmp_path):
+    proc = fedmerge_run(tmp_path, 'engine="ray"', "local-steps=10000000", "timeout=600")
+    wait_until(lambda: training_on_ray(proc), "the clients to start")
+    started = descendants(proc)
+    proc.kill()
+    proc.communicate()
+    _, alive = psutil.wait_procs(started, timeout=HANG_GUARD_SECONDS)
+    assert not alive, [(p.pid, p.name()) for p in alive]
+    again = fedmerge_run(tmp_path, 'engine="ray"', "local-steps=5")
+    _, stderr = again.communicate(timeout=300)
+    assert again.returncode == 0, stderr
+    assert (tmp_path / "run" / "results.json").is_file()
+
+
+@pytest.mark.ray
+def test_timeout_bounds_a_ray_run_whose_client_never_finishes(tmp_path):
+    timeout = 20
+    proc = fedmerge_run(tmp_path, 'engine="ray"', "local-steps=[5, 5, 10000000]", f"timeout={timeout}")
+    wait_until(lambda: training_on_ray(proc), "the clients to start")
+    _, stderr = proc.communicate(timeout=timeout + HANG_GUARD_SECONDS)
+    assert proc.returncode == 0, stderr
+    failures = json.loads((tmp_path / "run" / "results.json").read_text())["failures"]
+    assert [f["partition_id"] for f in failures] == [2]
+
+
+def test_timeout_drops_an_inprocess_client_that_hangs(small_config, monkeypatch):
+    """A client stuck outside training (no step to stop at) is dropped after ``timeout``; the run goes
+    on with the others and ends."""
+    import clients.work as work
+
+    from simulations.experiment import run_experiment
+
+    release, real = threading.Event(), work.fine_tune
+
+    def fine_tune(msg, pid, num_partitions):
+        if pid == 1:
+            release.wait()  # hangs until the test ends
+        return real(msg, pid, num_partitions)
+
+    monkeypatch.setattr(work, "fine_tune", fine_tune)
+    config = small_config.replace(timeout=2.0, strategies=["fedavg"])
+    outcome: list = []
+    runner = threading.Thread(target=lambda: outcome.append(run_experiment(config, progress=False)), daemon=True)
+    try:
+        runner.start()
+        runner.join(HANG_GUARD_SECONDS)
+        assert outcome, "the run did not end"
+    finally:
+        release.set()
+    assert [f["partition_id"] for f in outcome[0].results["failures"]] == [1]
+    assert sorted(outcome[0].task_vectors) == [0, 2, 3]
+
+
+def test_an_inprocess_client_past_its_deadline_stops_training(small_config):
+    """The slow client is dropped after ``timeout``, and its training loop, seeing the reply deadline
+    pass, gives up within a step instead of training on for hours in the background."""
+    from simulations.experiment import run_experiment
+
+    config = small_config.replace(timeout=2.0, strategies=["fedavg"], **{"local-steps": [5, 5, 10000000, 5]})
+    out = run_experiment(config, progress=False)
+    assert [(f["partition_id"], f["reason"]) for f in out.results["failures"]] == [(2, "no reply before the timeout")]
+
+    def clients_training() -> list[str]:
+        return [t.name for t in threading.enumerate() if t.name.startswith("fedmerge-client")]
+
+    wait_until(lambda: not clients_training(), "the dropped client to stop")
+
+
+@pytest.mark.ray
+def test_a_ray_run_keeps_every_socket_on_the_loopback_address(tmp_path):
+    proc = fedmerge_run(tmp_path, 'engine="ray"', "local-steps=2000")
+    seen: set[tuple[str, str]] = set()
+    while proc.poll() is None:
+        for p in descendants(proc):
+            try:
+                for c in p.net_connections(kind="inet"):
+                    seen.add((p.name(), f"{c.laddr.ip} -> {c.raddr.ip if c.raddr else '*'}"))
+            except psutil.Error:
+                continue
+        time.sleep(0.2)
+    assert proc.returncode == 0, proc.stderr.read() if proc.stderr else ""
+    assert len({name for name, _ in seen}) >= 3  # the GCS, the raylet and workers were seen
+    off_loopback = sorted(s for s in seen if any(ip not in ("127.0.0.1", "*") for ip in s[1].split(" -> ")))
+    assert not off_loopback, off_loopback
