@@ -24,6 +24,11 @@ class CheckpointError(FedmergeError, ValueError):
     """A checkpoint or task-vector file that is missing, unreadable or mismatched."""
 
 
+class OutputError(FedmergeError):
+    """Results that could not be written (a full disk, a path that became unwritable); nothing was
+    left half-written."""
+
+
 class FederationError(FedmergeError, RuntimeError):
     """A federated round that cannot finish: nodes missing, too few valid replies."""
 

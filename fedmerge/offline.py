@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from fedmerge.errors import CheckpointError
+from fedmerge.io.atomic import check_output, writing
 from fedmerge.io.checkpoint import Checkpoint, LazyTaskVector, check_compatible
 from fedmerge.io.hub import is_pretrained_source
 from fedmerge.io.pages import release_free_heap
@@ -63,9 +64,7 @@ def merge_checkpoints(
     inputs = [Path(p) for p in (base, *models)]
     if any(out.resolve() == p.resolve() for p in inputs):
         raise CheckpointError(f"{out}: the output would overwrite one of the input checkpoints")
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"{out} already exists; choose a new file, or overwrite it with --force "
-                              "(overwrite=True)")
+    check_output(out, directory=False, overwrite=overwrite)
     # The base is read once per tensor name and pass: the moment to hand freed memory back.
     def on_base_read() -> None:  # the base is read once per tensor name and pass: trim the heap there
         release_free_heap()
@@ -85,7 +84,8 @@ def merge_checkpoints(
         result: dict[str, Tensor] = {}
         for key in theta0.meta:  # θ0 + λ·τ one tensor at a time, releasing τ_merged as we go
             result[key] = apply({key: theta0[key]}, {key: merged.pop(key)} if key in merged else {}, scale)[key]
-    save_state(result, out)
+    with writing(out):
+        save_state(result, out)
     return {"method": method, "scale": scale, "models": len(tuned), "merged": float_keys,
             "copied": [k for k in theta0.meta if k not in float_keys], "out": str(out)}
 
@@ -96,12 +96,11 @@ def merge_pretrained(base: str, models: Sequence[str], method: str, out: str | o
     """θ0 + λ·merge(τ_i) over CLIP image encoders, written as a ``save_pretrained`` directory ``out``."""
     METHODS.check(method)
     out = Path(out)
-    if out.exists() and (out.is_file() or any(out.iterdir())) and not overwrite:
-        raise CheckpointError(f"{out} already exists; choose a new directory, or overwrite it with --force "
-                              "(overwrite=True)")
+    check_output(out, directory=True, resume=overwrite)
     theta0 = encoder_state(base)
     taus = [TaskVector.between(theta0, encoder_state(m, base=theta0)) for m in models]
     merged = merge(method, taus, weights, **dict(options or {}))
-    save_pretrained(apply(theta0, merged, scale), base, out)
+    with writing(out):
+        save_pretrained(apply(theta0, merged, scale), base, out)
     return {"method": method, "scale": scale, "models": len(taus), "merged": sorted(merged), "copied": [],
             "out": str(out)}

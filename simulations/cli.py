@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 from rich.table import Column, Table
 
-from fedmerge.errors import FederationError, FedmergeError
+from fedmerge.errors import FederationError, FedmergeError, MergeOverflowError, OutputError
 from simulations.progress import count, labelled, terminal
 
 app = typer.Typer(
@@ -43,10 +43,11 @@ def _raise_terminated(signum: int, frame: object) -> None:
 @contextlib.contextmanager
 def user_errors(on_interrupt: str = "interrupted; no results were written") -> Iterator[None]:
     """One red ``error:`` line and an exit code instead of a traceback: 2 for bad input (config,
-    files, values), 1 for a federated round that cannot finish, 130 for Ctrl-C, 143 for SIGTERM."""
+    files, values), 1 for a run that could not finish (a federated round, a result beyond its dtype's
+    range, results that could not be written), 130 for Ctrl-C, 143 for SIGTERM."""
     try:
         yield
-    except FederationError as exc:
+    except (FederationError, MergeOverflowError, OutputError) as exc:
         raise _fail(exc, 1) from None
     except FedmergeError as exc:
         raise _fail(exc, 2) from None
@@ -71,12 +72,12 @@ def run(
     """Run one experiment (its help, with PRESET's, is in the decorator)."""
     from simulations.config import load_config
     from simulations.experiment import run_experiment
-    from simulations.results import default_out_dir, print_table
+    from simulations.results import print_table, results_directory
 
     with user_errors():
         config = load_config(preset, set_, plugins=plugin)
-        out_dir = out if out is not None else default_out_dir(config)
-        results = run_experiment(config, out_dir, progress=not quiet, console=err_console).results
+        with results_directory(out, config.name) as out_dir:
+            results = run_experiment(config, out_dir, progress=not quiet, console=err_console).results
     print_table(results, console)
     if results["config"].get("tasks"):  # the CLIP benchmark: the papers' per-task table too
         from simulations.clip_report import print_task_table, rows_from_run
@@ -142,15 +143,14 @@ def equivalence(
     from simulations.config import load_config
     from simulations.equivalence import print_lesson, run_lesson, write_lesson
     from simulations.progress import RunProgress
-    from simulations.results import check_out_dir, default_out_dir
+    from simulations.results import results_directory
 
     with user_errors():
         config = load_config(None, [*set_, f'engine="{engine}"', f"seed={seed}"])
-        out_dir = out if out is not None else default_out_dir(config.replace(name="equivalence"))
-        check_out_dir(out_dir)
-        with RunProgress(err_console, enabled=not quiet) as bar:
-            report = run_lesson(config, stage=bar.stage)
-        write_lesson(report, out_dir)
+        with results_directory(out, "equivalence") as out_dir:
+            with RunProgress(err_console, enabled=not quiet) as bar:
+                report = run_lesson(config, stage=bar.stage)
+            write_lesson(report, out_dir)
     print_lesson(report, console)
     console.print(f"numbers and figures: {out_dir}")
     if report["failures"]:

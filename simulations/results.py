@@ -22,11 +22,13 @@ results.csv and "—" in the table, never a percentage in the thousands. The cli
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as dt
+import itertools
 import json
 import math
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from dataclasses import dataclass
 from typing import Any
@@ -35,8 +37,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import Tensor
 
-from fedmerge.errors import ConfigError
-from fedmerge.io import save_state, staged_directory
+from fedmerge.io import check_output, save_state, staged_directory
 from simulations.config import ExperimentConfig, write_toml
 from simulations.progress import labelled
 
@@ -54,15 +55,42 @@ class ServerOutput:
 CSV_COLUMNS = ("row", "scale", "accuracy", "client_accuracy", "normalized_accuracy")
 
 
-def default_out_dir(config: ExperimentConfig) -> Path:
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{config.name}-{stamp}"
+RUNS_DIR = Path("runs")
 
 
 def check_out_dir(out: Path) -> None:
-    """Refuse, before any work, to write into a directory that already holds something."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(f"--out {out} already exists and is not empty; choose a new directory")
+    """Refuse, before any work, a results directory that cannot be written or already holds something."""
+    check_output(out, directory=True)
+
+
+@contextlib.contextmanager
+def results_directory(out: Path | None, name: str) -> Iterator[Path]:
+    """The run's results directory: ``out``, checked before any work, or a new ``runs/NAME-TIME``
+    reserved for this run at once (``-2``, ``-3``, ... after it when another run took that name in
+    the same second), so that runs started together never pick the same one. A reserved directory
+    still empty when the block fails (no results were written) is removed."""
+    if out is not None:
+        check_out_dir(out)
+        yield out
+        return
+    stamp = f"{name}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    check_output(RUNS_DIR, directory=True, resume=True, option="results directory")
+    reserved = None
+    for attempt in itertools.count(1):
+        candidate = RUNS_DIR / (stamp if attempt == 1 else f"{stamp}-{attempt}")
+        try:
+            candidate.mkdir(parents=True)
+        except FileExistsError:
+            continue
+        reserved = candidate
+        break
+    assert reserved is not None
+    try:
+        yield reserved
+    except BaseException:
+        with contextlib.suppress(OSError):
+            reserved.rmdir()  # only if empty: complete results are never removed
+        raise
 
 
 def own_models_row(results: dict[str, Any]) -> str:

@@ -25,7 +25,7 @@ from fedmerge.evaluation.tuning import TuningResult, tune_method
 from simulations.config import TUNE, ExperimentConfig
 from simulations.engine import ProgressGrid
 from simulations.progress import RunProgress, terminal
-from simulations.results import ServerOutput, default_out_dir, print_table, write_results
+from simulations.results import ServerOutput, print_table, results_directory, write_results
 from strategies import ClientReport, OneShotMerge
 
 
@@ -219,9 +219,9 @@ def flwr_main(grid: Grid, context: Context) -> None:
     values = dict(context.run_config)
     out = str(values.pop("out", "") or "")
     config = ExperimentConfig.from_mapping(values)
-    output = run_server(grid, config, RunProgress(enabled=False))
-    out_dir = Path(out) if out else default_out_dir(config)
-    write_results(output, config, out_dir)
+    with results_directory(Path(out) if out else None, config.name) as out_dir:
+        output = run_server(grid, config, RunProgress(enabled=False))
+        write_results(output, config, out_dir)
     console = terminal()  # what `fedmerge run` prints, in the ServerApp's output
     print_table(output.results, console)
     console.print(f"results: {out_dir}/results.json")

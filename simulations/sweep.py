@@ -37,7 +37,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedmerge.errors import ConfigError
-from fedmerge.io import atomic_path, write_text_atomic
+from fedmerge.io import atomic_path, check_output, write_text_atomic, writing
 from simulations.config import PRESETS_DIR, ExperimentConfig, find_shipped, plugin_files, read_toml
 from simulations.experiment import run_experiment
 from simulations.plots import plot_sweep
@@ -125,9 +125,11 @@ class Cell:
 def run_sweep(spec: SweepSpec, out: Path, console: Console | None = None, progress: bool = True) -> Path:
     """Run (or resume) every cell, then write ``results.csv`` and the plots into ``out``."""
     cells = list(spec.cells())
-    (out / "cells").mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "sweep.json", json.dumps({"name": spec.name, "grid": spec.grid, "seeds": spec.seeds,
-                                                      "set": spec.base}, indent=2) + "\n")
+    check_output(out, directory=True, resume=True, option="sweep directory")  # before any cell runs
+    with writing(out):
+        (out / "cells").mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / "sweep.json", json.dumps({"name": spec.name, "grid": spec.grid, "seeds": spec.seeds,
+                                                          "set": spec.base}, indent=2) + "\n")
     rows: list[dict[str, Any]] = []
     with progress_bar(console, enabled=progress) as bar:
         task = bar.add_task(f"sweep {spec.name}", total=len(cells))
@@ -145,8 +147,9 @@ def run_sweep(spec: SweepSpec, out: Path, console: Console | None = None, progre
                 results = run_experiment(cell.config, cell_dir, progress=False).results
             rows.extend(tidy_rows(cell, results))
             bar.advance(task)
-    write_csv(rows, list(spec.grid), out / "results.csv")
-    plot_sweep(rows, list(spec.grid), out, title=sweep_title(spec))
+    with writing(out):
+        write_csv(rows, list(spec.grid), out / "results.csv")
+        plot_sweep(rows, list(spec.grid), out, title=sweep_title(spec))
     return out
 
 
