@@ -51,6 +51,9 @@ def user_errors(on_interrupt: str = "interrupted; no results were written") -> I
         raise _fail(exc, 1) from None
     except FedmergeError as exc:
         raise _fail(exc, 2) from None
+    except OSError as exc:  # the machine, not the input: a full disk, a cache made unwritable mid-run
+        where = f"{exc.filename}: " if exc.filename else ""
+        raise _fail(OutputError(f"{where}{exc.strerror or exc}"), 1) from None
     except Terminated:
         raise _fail(KeyboardInterrupt(f"terminated; {on_interrupt.removeprefix('interrupted; ')}"), 143) from None
     except KeyboardInterrupt:

@@ -166,3 +166,16 @@ def test_merge_refuses_an_output_it_cannot_write_before_reading_any_checkpoint(t
                                  "--method", "fedavg", "--out", str(out), "--force"])
     assert result.exit_code == 2
     one_error_line(result, str(out), needle)
+
+
+def test_a_cache_write_that_fails_mid_run_is_one_line_with_exit_1(tmp_path, monkeypatch):
+    import fedmerge.train.pretrain as pretrain
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "cache" / "base.safetensors"))
+
+    monkeypatch.setattr(pretrain, "save_verified", disk_full)
+    result = runner.invoke(app, ["run", *fast(str(tmp_path / "cache")), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 1
+    one_error_line(result, "base.safetensors", "No space left on device")
+    assert not (tmp_path / "run").exists()
