@@ -17,6 +17,9 @@ Message contract (what :mod:`strategies` sends and expects back):
   A plan with ``byzantine = true`` makes the client an attacker: it replies
   ``fedmerge.attacks.attack(byzantine-mode, τ_i, scale=byzantine-scale, std=byzantine-std)``
   instead of τ_i (its metrics stay honest).
+* Every message's ``created_at + ttl`` is the server's reply deadline: a client still training
+  then stops at its next step (``fedmerge.train.OutOfTime``) instead of working for a reply nobody
+  waits for.
 """
 
 from __future__ import annotations

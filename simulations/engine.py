@@ -33,6 +33,9 @@ OFFLINE_ENV = {
     "HF_DATASETS_OFFLINE": "1",
     "HF_HUB_OFFLINE": "1",
     "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+}
+
+LOOPBACK_ENV = {
     # Ray on Linux swaps a node address of 127.0.0.1 for the machine's interface address; with this
     # off it keeps loopback, so a local simulation's services, workers and connections stay on
     # 127.0.0.1 (read when Ray is imported: it must be in the environment before that).
@@ -40,11 +43,19 @@ OFFLINE_ENV = {
 }
 
 
+def joins_a_cluster() -> bool:
+    """True when Ray is told to join a running cluster (``RAY_ADDRESS``) instead of starting its own."""
+    return bool(os.environ.get("RAY_ADDRESS"))
+
+
 def set_offline_env() -> None:
     """Flower and Ray must not reach the network at run time, and a local Ray stays on the loopback
     address; a user's explicit setting wins."""
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
+    if not joins_a_cluster():
+        for key, value in LOOPBACK_ENV.items():
+            os.environ.setdefault(key, value)
 
 
 class InProcessGrid(Grid):
@@ -241,9 +252,10 @@ def run_ray(server_app: ServerApp, client_app: ClientApp, num_nodes: int, num_cp
     backend_config: dict[str, dict[str, Any]] = {
         "client_resources": {"num_cpus": num_cpus, "num_gpus": num_gpus},
         "init_args": {"logging_level": logging.ERROR, "log_to_driver": False, "configure_logging": True,
-                      "_node_ip_address": "127.0.0.1",  # local simulation: Ray's traffic stays on loopback
                       "include_dashboard": False},
     }
+    if not joins_a_cluster():  # a local simulation: Ray's traffic stays on loopback
+        backend_config["init_args"]["_node_ip_address"] = "127.0.0.1"
     flwr_logger = logging.getLogger("flwr")
     level = flwr_logger.level
     flwr_logger.setLevel(logging.ERROR)  # hides run_simulation's deprecation notice; failures still surface
