@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from fedmerge.errors import ConfigError
-from fedmerge.spec import Float, NonNegative, Spec, Str, check, one_of
+from fedmerge.spec import Factor, Float, Noise, Spec, Str, check, one_of
 from fedmerge.task_vector import l2_norm
 
 MODES = ("sign-flip", "scale", "gaussian", "random")
@@ -35,8 +35,8 @@ class AttackSpec(Spec):
 
     fraction: Annotated[Float, check(lambda v: 0 <= v < 1, "must lie in [0, 1)")] = 0.0
     mode: Annotated[Str, one_of(MODES)] = "sign-flip"
-    scale: Float = 10.0
-    std: NonNegative = 0.1
+    scale: Factor = 10.0
+    std: Noise = 0.1
 
     @classmethod
     def key_name(cls, location: tuple[str, ...]) -> str:

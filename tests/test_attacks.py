@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from fedmerge.attacks import attack, byzantine_clients
+from fedmerge.attacks import AttackSpec, attack, byzantine_clients
 from fedmerge.errors import ConfigError
 from fedmerge.task_vector import TaskVector
 
@@ -43,3 +43,21 @@ def test_attacks():
         attack("flip", tau)
     with pytest.raises(ConfigError, match="byzantine-scale must be a finite number"):
         attack("scale", tau, scale=math.inf)
+
+
+@pytest.mark.parametrize("spec,message", [
+    ({"scale": 1e308}, "byzantine-scale must lie in [-1000000, 1000000], got 1e+308"),
+    ({"scale": -1e7}, "byzantine-scale must lie in [-1000000, 1000000], got -10000000.0"),
+    ({"std": -1.0}, "byzantine-std must lie in [0, 1000000], got -1.0"),
+    ({"std": 1e308}, "byzantine-std must lie in [0, 1000000], got 1e+308"),
+])
+def test_attack_parameters_are_checked_by_the_library_spec(spec, message):
+    """The ranges a run refuses are refused by AttackSpec and attack() themselves, in the same words."""
+    with pytest.raises(ConfigError) as info:
+        AttackSpec(**spec)
+    assert str(info.value) == message
+    with pytest.raises(ConfigError) as info:
+        attack("scale" if "scale" in spec else "gaussian", {"w": torch.ones(3)}, **spec)
+    assert str(info.value) == message
+    assert AttackSpec(scale=-1e6, std=1e6).to_config() == {"fraction": 0.0, "mode": "sign-flip", "scale": -1e6,
+                                                          "std": 1e6}

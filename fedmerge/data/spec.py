@@ -16,7 +16,7 @@ from fedmerge.data.image_tasks import check_task
 from fedmerge.data.partitioners import PARTITIONERS
 from fedmerge.data.splits import MIN_CLIENT_EXAMPLES
 from fedmerge.data.transforms import TRANSFORM_KINDS
-from fedmerge.spec import Fraction, Int, Names, Positive, PositiveInt, Spec, Str, known
+from fedmerge.spec import Concentration, Fraction, Names, PositiveInt, Seed, Spec, Str, known
 
 
 def _sizes(value: Any) -> float | tuple[int, ...]:
@@ -53,9 +53,9 @@ class DataSpec(Spec):
 
     num_clients: PositiveInt = 8
     partition: Str = "dirichlet"
-    alpha: Positive = 0.5
+    alpha: Concentration = 0.5
     classes_per_client: PositiveInt = 2
-    seed: Int = 0
+    seed: Seed = 0
     dataset: Str = "digits"
     pretrain_fraction: Fraction = 0.1
     test_fraction: Fraction = 0.2

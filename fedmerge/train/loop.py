@@ -16,7 +16,7 @@ from torch import nn
 
 from fedmerge.errors import FederationError
 from fedmerge.data.splits import Examples, Split, iterate_batches
-from fedmerge.spec import NonNegative, NonNegativeInt, Positive, PositiveInt, Spec, Str, one_of
+from fedmerge.spec import LearningRate, NonNegative, NonNegativeInt, PositiveInt, Spec, Str, WeightDecay, one_of
 from fedmerge.models.registry import forward
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -31,10 +31,10 @@ class TrainPlan(Spec):
     global L2 norm to this (0: no clipping)."""
 
     local_steps: PositiveInt
-    lr: Positive = 0.1
+    lr: LearningRate = 0.1
     batch_size: PositiveInt = 32
     optimizer: Annotated[Str, one_of(OPTIMIZERS)] = "sgd"
-    weight_decay: NonNegative = 0.0
+    weight_decay: WeightDecay = 0.0
     warmup_steps: NonNegativeInt = 0
     lr_schedule: Annotated[Str, one_of(LR_SCHEDULES)] = "constant"
     grad_clip: NonNegative = 0.0

@@ -14,7 +14,7 @@ from fedmerge.data.federated import FederatedData
 from fedmerge.errors import ConfigError
 from fedmerge.io.state import non_finite_tensor, read_cache_entry, save_verified
 from fedmerge.models.registry import build_model, pretrained_state
-from fedmerge.spec import Positive, PositiveInt, Spec, check
+from fedmerge.spec import LearningRate, PositiveInt, Spec, check
 from fedmerge.train.loop import TrainPlan, single_thread, train
 from fedmerge.train.plans import MAX_STEPS
 
@@ -23,7 +23,7 @@ class PretrainSpec(Spec):
     """How the shared base θ0 is pre-trained on the split no client sees (for models trained here)."""
 
     steps: Annotated[PositiveInt, check(lambda v: v <= MAX_STEPS, f"must be at most {MAX_STEPS:,}")] = 100
-    lr: Positive = 0.1
+    lr: LearningRate = 0.1
     batch_size: PositiveInt = 32
 
     @classmethod

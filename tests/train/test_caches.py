@@ -4,6 +4,7 @@ recomputed, and the run's result is the one it would have had without a cache.""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import struct
@@ -15,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fedmerge import ConfigError, merge
-from fedmerge.data import DataSpec, load_federated
+from fedmerge.data import DataSpec, Split, load_federated
 from fedmerge.models import build_model
 from fedmerge.train import PretrainSpec, TrainPlan, pretrained_base
 from fedmerge.train.local import local_update
@@ -113,16 +114,24 @@ def test_base_entry_that_no_longer_fits_the_model_is_retrained(data, tmp_path, c
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
+def unscaled(split: Split) -> Split:
+    """``split`` with inputs on a scale of 1e10 instead of [0, 1]: plain SGD at lr 0.1 on such inputs
+    overflows float32 within a few steps (the model's weights become Inf, then NaN)."""
+    return Split(split.x * 1e10, split.y)
+
+
 def test_a_diverged_pretraining_is_one_error_naming_the_base(data, tmp_path):
+    diverging = dataclasses.replace(data, pretrain=unscaled(data.pretrain))
     with pytest.raises(ConfigError, match=r"pre-trained base .* diverged.*pretrain-lr") as info:
-        pretrained_base(PretrainSpec(steps=20, lr=1e3), "mlp", 0, data, tmp_path)
+        pretrained_base(PretrainSpec(steps=20, lr=0.1), "mlp", 0, diverging, tmp_path)
     assert "\n" not in str(info.value) and "client" not in str(info.value)
     assert list(tmp_path.iterdir()) == []  # nothing cached
 
 
 def test_a_diverged_client_update_is_not_cached(data, tmp_path):
     base = build_model("mlp", data.input_shape, data.num_classes, seed=0).state_dict()
-    plan = TrainPlan(local_steps=20, lr=1e6)
-    update = local_update("mlp", base, data.clients[0], plan, 0, data.input_shape, data.num_classes, cache_dir=tmp_path)
+    client = dataclasses.replace(data.clients[0], train=unscaled(data.clients[0].train))
+    plan = TrainPlan(local_steps=20, lr=0.1)
+    update = local_update("mlp", base, client, plan, 0, data.input_shape, data.num_classes, cache_dir=tmp_path)
     assert not all(torch.isfinite(t).all() for t in update.task_vector.values())  # it did diverge
     assert not (tmp_path / "task-vectors").exists() or not any((tmp_path / "task-vectors").iterdir())

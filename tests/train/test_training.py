@@ -56,14 +56,25 @@ def test_local_update_is_deterministic_and_learns(data, model):
 
 @pytest.mark.parametrize("kwargs,needle", [
     ({"local_steps": 0}, "local-steps must be an integer >= 1"),
-    ({"local_steps": 1, "lr": 0}, "lr must be > 0"),
+    ({"local_steps": 1, "lr": 0}, r"lr must lie in \(0, 10\], got 0"),
+    ({"local_steps": 1, "lr": 1e6}, r"lr must lie in \(0, 10\], got 1000000.0"),
     ({"local_steps": 1, "batch_size": 0}, "batch-size"),
     ({"local_steps": 1, "optimizer": "lbfgs"}, "optimizer='lbfgs'"),
-    ({"local_steps": 1, "weight_decay": -1}, "weight-decay"),
+    ({"local_steps": 1, "weight_decay": -1}, r"weight-decay must lie in \[0, 100\], got -1"),
+    ({"local_steps": 1, "weight_decay": 1e308}, r"weight-decay must lie in \[0, 100\], got 1e\+308"),
 ])
 def test_bad_plans(kwargs, needle):
     with pytest.raises(ConfigError, match=needle):
         TrainPlan(**kwargs)
+
+
+@pytest.mark.parametrize("lr", [0, -0.1, 10.5, 1e6])
+def test_pretraining_learning_rate_is_checked_by_the_library_spec(lr):
+    """PretrainSpec itself refuses what a run refuses, in the same words: lr in (0, 10]."""
+    assert PretrainSpec(lr=10).lr == 10.0
+    with pytest.raises(ConfigError) as info:
+        PretrainSpec(lr=lr)
+    assert str(info.value) == f"pretrain-lr must lie in (0, 10], got {lr!r}"
 
 
 def test_pretrained_base_is_cached_by_its_settings(data, tmp_path, monkeypatch):
