@@ -112,6 +112,22 @@ def run_server(grid: Grid, config: ExperimentConfig, progress: RunProgress) -> S
     return ServerOutput(results, base, dict(strategy.merged), task_vectors)
 
 
+def honest_normalized(config: ExperimentConfig, data, reports: list[ClientReport], own: list[float]
+                      ) -> Callable[[list[float]], float]:
+    """Normalized accuracy of a model from its accuracies on the clients' splits (in the order of
+    ``reports``, ``own`` the clients' own models' on the same splits): over the honest clients only,
+    since an attacker's own model is its attacked θ0 + τ_i, and leaving out clients whose own model
+    is no better than chance, 1 / number of classes."""
+    attackers = set(config.byzantine_clients())
+    honest = [i for i, r in enumerate(reports) if partition(r) not in attackers]
+    chance = 1 / data.num_classes
+
+    def normalized(accuracies: list[float]) -> float:
+        return normalized_accuracy([accuracies[i] for i in honest], [own[i] for i in honest], chance=chance)
+
+    return normalized
+
+
 def evaluate(config: ExperimentConfig, data, base, strategy: OneShotMerge, progress: RunProgress) -> dict[str, Any]:
     """Score θ0, every client's θ_i and every θ0 + λ·τ_merged on the global and local test splits."""
     evaluator = Evaluator(build_model(config.model, data.input_shape, data.num_classes).to(device_for(config.model)))
@@ -147,6 +163,7 @@ def evaluate(config: ExperimentConfig, data, base, strategy: OneShotMerge, progr
             "train_seconds": r.metrics.get("train-seconds"),  # None from clients that do not report it
             "byzantine": r.partition_id in byzantine,  # its τ_i (and so `accuracy`) is the attacked one
         })
+    normalized = honest_normalized(config, data, reports, own)
     strategies = {}
     tuned = tune_scales(config, data, base, strategy, evaluator)
     for method, merged in strategy.merged.items():
@@ -157,7 +174,7 @@ def evaluate(config: ExperimentConfig, data, base, strategy: OneShotMerge, progr
         acc, local = scores(apply(base, merged, scale))
         strategies[method] = {
             "scale": scale, "accuracy": acc, "client_accuracy": sum(local) / len(local),
-            "normalized_accuracy": normalized_accuracy(local, own), "client_accuracies": local,
+            "normalized_accuracy": normalized(local), "client_accuracies": local,
             "merge_seconds": strategy.merge_seconds[method],
         }
         if method in tuned:
@@ -165,7 +182,7 @@ def evaluate(config: ExperimentConfig, data, base, strategy: OneShotMerge, progr
     return {
         "config": config.to_dict(),
         "base": {"accuracy": base_acc, "client_accuracy": sum(base_local) / len(base_local),
-                 "normalized_accuracy": normalized_accuracy(base_local, own)},
+                 "normalized_accuracy": normalized(base_local)},
         "clients": clients,
         "failures": [{"partition_id": f.partition_id, "node_id": f.node_id, "reason": f.reason}
                      for f in strategy.failures],
@@ -177,17 +194,19 @@ def evaluate(config: ExperimentConfig, data, base, strategy: OneShotMerge, progr
 
 def tune_scales(config: ExperimentConfig, data, base, strategy: OneShotMerge, evaluator: Evaluator
                 ) -> dict[str, TuningResult]:
-    """λ (and rho) for every method whose scale is "tune", by mean normalized accuracy on the clients'
-    validation splits; the same task vectors, weights and options as the round's merge."""
+    """λ (and rho) for every method whose scale is "tune", by normalized accuracy (honest clients, above
+    chance: :func:`honest_normalized`) on the clients' validation splits; the same task vectors, weights
+    and options as the round's merge."""
     methods = [m for m in strategy.merged if config.scale_of(m) == TUNE]
     if not methods:
         return {}
     reports = strategy.reports
     vals = [data.clients[partition(r)].val for r in reports]
     own = [evaluator.accuracy(apply(base, r.task_vector, 1.0), v) for r, v in zip(reports, vals)]
+    normalized = honest_normalized(config, data, reports, own)
 
     def score(merged, scale: float) -> float:
-        return normalized_accuracy(evaluator.accuracies(apply(base, merged, scale), vals), own)
+        return normalized(evaluator.accuracies(apply(base, merged, scale), vals))
 
     out = {}
     for m in methods:

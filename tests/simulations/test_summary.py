@@ -68,6 +68,32 @@ def test_normalized_accuracy_leaves_out_clients_at_or_below_chance():
     assert math.isnan(normalized_accuracy([0.3], [0.0]))  # a zero denominator is never used
 
 
+def test_normalized_accuracy_of_a_run_counts_honest_clients_above_chance(small_config):
+    """results.json's normalized accuracy of every strategy is, by hand from its own per-client
+    accuracies, the mean of merged / own over the honest clients whose own model beats chance (1/10
+    on digits): an attacker's own model (θ0 plus its attacked τ_i) is no reference."""
+    from simulations.experiment import run_experiment
+
+    config = small_config.replace(**{"strategies": ["fedavg", "median"], "pretrain-steps": 1,
+                                     "lr": [0.1, 0.1, 1e-6, 0.1],  # client 2 barely moves from a weak θ0
+                                     "byzantine-fraction": 0.25, "byzantine-mode": "scale", "byzantine-scale": 2.0})
+    results = run_experiment(config, progress=False).results
+    clients = results["clients"]
+    own = np.array([c["accuracy"] for c in clients], dtype=np.float64)
+    attacker = np.array([c["byzantine"] for c in clients])
+    chance = 1 / 10
+    # both rules matter here: an attacker whose own model beats chance, an honest client at or below it
+    assert [c["partition_id"] for c in clients if c["byzantine"]] == results["byzantine"] and attacker.sum() == 1
+    assert (own[attacker] > chance).all() and ((own > 0) & (own <= chance) & ~attacker).any()
+    counted = ~attacker & (own > chance)
+    for name, s in results["strategies"].items():
+        merged = np.array(s["client_accuracies"], dtype=np.float64)
+        expected = float(np.mean(merged[counted] / own[counted]))
+        assert s["normalized_accuracy"] == pytest.approx(expected, rel=1e-12), name
+        every_client = float(np.mean(merged[own > 0] / own[own > 0]))
+        assert expected != pytest.approx(every_client, rel=1e-6), name  # the rules change the number
+
+
 def test_normalized_accuracy_without_any_client_above_chance_shows_as_missing(tmp_path):
     from simulations.results import ServerOutput, write_results
     from simulations.config import ExperimentConfig
