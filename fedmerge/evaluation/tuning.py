@@ -16,6 +16,9 @@ CCLIP search (rho, λ) jointly. Here:
   calls the evaluation callback once per (option set, λ); option sets that give the same merged vector
   reuse its scores. The best score wins; among equal scores the first option set, and within it the
   middle of the λ values that reach the best score (tiny validation splits give plateaus).
+- A trial whose model leaves its dtype's range (a ``MergeOverflowError`` from the merge or from
+  θ0 + λ·τ in the score) is unusable: it is recorded with score -inf and never chosen; only when
+  every trial overflows does tuning fail, with one ``MergeOverflowError``.
 
 This module is Flower-free; the caller supplies ``score(merged, scale) -> float`` (higher is better).
 """
@@ -30,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fedmerge.errors import MergeError
+from fedmerge.errors import MergeError, MergeOverflowError
 from fedmerge.merging import METHODS, TaskVectors, merge
 
 LAMBDA_GRID: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 41))
@@ -77,28 +80,48 @@ def tune(
     scales: Sequence[float],
     option_sets: Sequence[Mapping[str, Any]] = ({},),
 ) -> TuningResult:
-    """Best (options, λ) by ``score``: one ``merge_fn(options)`` per option set, one score per λ."""
+    """Best (options, λ) by ``score``: one ``merge_fn(options)`` per option set, one score per λ.
+
+    A merge or a λ whose model overflows its dtype is unusable (see the module); a
+    ``MergeOverflowError`` when all are."""
     scales = [float(s) for s in scales]
     if not scales or not option_sets:
         raise MergeError("tuning needs at least one scale and one option set")
-    seen: dict[tuple[float, ...], list[float]] = {}
+    seen: dict[tuple[float, ...], list[float | None]] = {}
     table: list[list[float]] = []
     best: tuple[float, int, float, dict[str, Tensor]] | None = None  # score, option index, λ, merged
     for j, options in enumerate(option_sets):
-        merged = merge_fn(dict(options))
+        try:
+            merged = merge_fn(dict(options))
+        except MergeOverflowError:
+            table.append([-math.inf] * len(scales))
+            continue
         key = _fingerprint(merged)
         if key not in seen:
-            seen[key] = [_finite_score(score(merged, s)) for s in scales]
-        row = seen[key]
-        table.append(row)
-        top = max(row)
+            seen[key] = [_trial(score, merged, s) for s in scales]
+        trials = seen[key]
+        table.append([-math.inf if v is None else v for v in trials])
+        usable = [(s, v) for s, v in zip(scales, trials) if v is not None]
+        if not usable:
+            continue
+        top = max(v for _, v in usable)
         if best is None or top > best[0]:
-            ties = [s for s, v in zip(scales, row) if v == top]
+            ties = [s for s, v in usable if v == top]
             best = (top, j, ties[len(ties) // 2], merged)
-    assert best is not None  # option_sets is not empty
+    if best is None:
+        raise MergeOverflowError(f"tuning: every λ in [{min(scales):g}, {max(scales):g}] with every option set gives "
+                                 "a model whose values exceed the range of its dtype; use smaller scales")
     top, j, scale, merged = best
     return TuningResult(scale=scale, options=dict(option_sets[j]), score=top, merged=merged, scales=scales,
                         option_sets=[dict(o) for o in option_sets], scores=table)
+
+
+def _trial(score: Score, merged: Mapping[str, Tensor], scale: float) -> float | None:
+    """``score(merged, scale)`` with NaN and ±inf as -inf; None where the model overflows (unusable)."""
+    try:
+        return _finite_score(score(merged, scale))
+    except MergeOverflowError:
+        return None
 
 
 def _finite_score(value: float) -> float:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
 
 from fedmerge import MergeError
+from fedmerge.errors import MergeOverflowError
 from fedmerge.evaluation.tuning import LAMBDA_GRID, scale_grid, tune, tune_method
 from fedmerge.merging import METHODS
 from fedmerge.merging.linear import FEDGMA_RHO_GRID
+from fedmerge.task_vector import apply
 from simulations.config import ExperimentConfig
 from simulations.experiment import run_experiment
 
@@ -67,6 +71,46 @@ def test_identical_merges_reuse_their_scores_and_plateaus_pick_the_middle():
     result = tune(lambda o: {"v": torch.ones(1)}, lambda m, s: calls.append(s) or (1.0 if 0.5 <= s <= 0.7 else 0.0),
                   [0.4, 0.5, 0.6, 0.7, 0.8], [{"a": 1}, {"a": 2}])
     assert len(calls) == 5 and result.scale == 0.6 and result.options == {"a": 1}
+
+
+# float32 task vectors of size 1e30: θ0 + λ·τ leaves float32's range (3.4e38) for λ beyond ~3e8
+BASE = {"v": torch.zeros(3)}
+LARGE = [{"v": torch.tensor([1e30, 2e30, -1e30])}, {"v": torch.tensor([3e30, 2e30, 1e30])}]
+
+
+def mean_weight(merged, scale):
+    """A score that grows with λ, read off the model θ0 + λ·τ itself (so an overflow surfaces here)."""
+    return float(apply(BASE, merged, scale)["v"].double().mean()) / 1e30
+
+
+def test_a_scale_whose_model_overflows_is_unusable_and_never_chosen():
+    grid = [0.5, 1.0, 1e9, 2.0]  # the mean τ is (2e30, 2e30, 0): 1e9 · 2e30 overflows float32
+    result = tune_method("fedavg", LARGE, mean_weight, scales=grid)
+    assert result.scale == 2.0 and result.score == pytest.approx(2.0 * 4 / 3)
+    assert result.scores[0][2] == -math.inf and all(math.isfinite(v) for i, v in enumerate(result.scores[0]) if i != 2)
+    assert all(torch.isfinite(t).all() for t in apply(BASE, result.merged, result.scale).values())
+
+
+def test_a_plateau_of_missing_scores_never_picks_an_overflowing_scale():
+    # every usable λ scores NaN (say, no client beats chance): the middle of the usable ones, 1.0, not 1e10
+    def nan_score(merged, scale):
+        apply(BASE, merged, scale)
+        return float("nan")
+
+    assert tune_method("fedavg", LARGE, nan_score, scales=[1e9, 0.5, 1e10, 1.0, 2.0, 1e11]).scale == 1.0
+
+
+def test_overflowing_option_sets_are_skipped_and_all_overflowing_is_one_error():
+    def merge_fn(options):
+        if options["rho"] > 0.5:
+            raise MergeOverflowError("merged tensor 'v' is not finite")
+        return {"v": torch.tensor([options["rho"]])}
+
+    result = tune(merge_fn, lambda m, s: float(m["v"][0]) * s, [1.0, 2.0], [{"rho": 0.9}, {"rho": 0.4}, {"rho": 0.6}])
+    assert result.options == {"rho": 0.4} and result.scale == 2.0
+    assert result.scores == [[-math.inf, -math.inf], pytest.approx([0.4, 0.8]), [-math.inf, -math.inf]]
+    with pytest.raises(MergeOverflowError, match=r"every λ in \[1e\+09, 1e\+10\]"):
+        tune_method("fedavg", LARGE, mean_weight, scales=[1e9, 1e10])
 
 
 def test_option_grids_and_fixed_options():
