@@ -1,5 +1,5 @@
 """The CLIP benchmark's table, in the papers' layout: one row per model, one column per task, then the
-averages of absolute and normalized accuracy; the published ViT-B/32 8-task numbers for reference."""
+averages of absolute and normalized accuracy. The published numbers to compare with are in docs/clip.md."""
 
 from __future__ import annotations
 
@@ -8,11 +8,6 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
-
-# TSV paper (Gargiulo et al., CVPR 2025) Table 2, ViT-B/32, 8 tasks: absolute (normalized) accuracy %.
-PUBLISHED_B32_8 = {"zero-shot": (48.26, 53.59), "task_arithmetic": (70.79, 76.55), "tsv": (85.86, 92.31),
-                   "fine-tuned": (92.83, 100.0)}
-
 
 def _pct(value: float | None) -> str:
     return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.2f}"
