@@ -185,8 +185,8 @@ Seed = Annotated[Int, check(lambda v: 0 <= v <= MAX_SEED, f"must be an integer i
 LearningRate = Annotated[Float, within(0, 10, open_low=True)]
 WeightDecay = Annotated[Float, within(0, 100)]
 # A Dirichlet concentration of 1e6 already splits labels evenly to three digits; near float's limit
-# numpy's Dirichlet draws collapse to zeros.
-Concentration = Annotated[Float, within(0, 1e6, open_low=True)]
+# numpy's Dirichlet draws collapse to zeros. (A value <= 0 reads "must be > 0", as for any Positive.)
+Concentration = Annotated[Positive, within(0, 1e6, open_low=True)]
 # Factors applied to weights (λ, the scale attack) and noise added to them: large enough to break any
 # model, small enough that float32 weights stay finite.
 MAX_FACTOR = 1e6
