@@ -22,7 +22,7 @@ from typing import Annotated, Any
 
 import tomli_w
 import torch
-from pydantic import BeforeValidator, Field, field_validator, model_validator
+from pydantic import AfterValidator, BeforeValidator, Field, field_validator, model_validator
 
 from fedmerge.attacks import AttackSpec, byzantine_count
 from fedmerge.data import DataSpec
@@ -262,10 +262,20 @@ def _route(values: Mapping[str, Any]) -> dict[str, Any]:
     return nested
 
 
+def _one_path_component(name: str) -> str:
+    """A run's name becomes a directory under ``runs/``: one plain path component, never a path."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name or len(name) > 200:
+        raise ValueError(f"must be a plain name for a directory under runs/ (no '/', '..' or '\\'), got {name!r}")
+    return name
+
+
+RunName = Annotated[Str, AfterValidator(_one_path_component)]
+
+
 class ExperimentConfig(Spec):
     """Every setting of one experiment, in sections that are the library's specs (see the module)."""
 
-    name: Str = "default"
+    name: RunName = "default"
     model: Str = "mlp"
     data: DataSpec = Field(default_factory=DataSpec)
     train: TrainingSpec = Field(default_factory=TrainingSpec)
@@ -306,8 +316,6 @@ class ExperimentConfig(Spec):
             raise ValueError(f"!byzantine-fraction={self.attack.fraction:g} makes all num-clients={n} clients "
                              f"attackers (⌈{self.attack.fraction:g} · {n}⌉ = {attackers}); keep at least one honest "
                              f"client: byzantine-fraction <= {(n - 1) / n:g}")
-        if self.run.engine == "ray":
-            check_resources(self.run.client_cpus, self.run.client_gpus)
         if self.data.tasks and split_name(self.model)[0] != "clip":
             raise ValueError(f"!tasks need a CLIP model (model = \"clip:HUB_ID_OR_DIR\"), got model={self.model!r}")
         if not self.run.min_clients <= self.num_clients:
@@ -416,18 +424,20 @@ def machine_resources() -> tuple[int, int]:
 
 
 def check_resources(client_cpus: int, client_gpus: float) -> None:
-    """Refuse per-client resources that Ray could never grant on this machine (it would start, then
-    fail every client): more CPUs or GPUs than the machine has, or a GPU share Ray cannot split."""
+    """Refuse per-client resources that a Ray started on this machine could never grant (it would
+    start, then fail every client): more CPUs or GPUs than the machine has, or a GPU share Ray
+    cannot split. Checked where a local simulation starts, not in the config: a ServerApp deployed
+    elsewhere, or a Ray cluster, has other machines' resources."""
     cpus, gpus = machine_resources()
     if client_cpus > cpus:
-        raise ValueError(f"!client-cpus={client_cpus} is more than the {cpus} CPUs of this machine; "
+        raise ConfigError(f"client-cpus={client_cpus} is more than the {cpus} CPUs of this machine; "
                          f"use client-cpus <= {cpus} (or engine = \"inprocess\")")
     if client_gpus > gpus:
         seen, fix = ("no CUDA GPU is", "client-gpus = 0") if gpus == 0 else (f"only {gpus} CUDA GPUs are",
                                                                             f"client-gpus <= {gpus}")
-        raise ValueError(f"!client-gpus={client_gpus:g} but {seen} visible on this machine; use {fix}")
+        raise ConfigError(f"client-gpus={client_gpus:g} but {seen} visible on this machine; use {fix}")
     if client_gpus > 1 and not float(client_gpus).is_integer():
-        raise ValueError(f"!client-gpus={client_gpus:g}: Ray gives a client a share of one GPU or whole GPUs; "
+        raise ConfigError(f"client-gpus={client_gpus:g}: Ray gives a client a share of one GPU or whole GPUs; "
                          "use a value <= 1 or an integer")
 
 

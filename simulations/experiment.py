@@ -15,8 +15,8 @@ from fedmerge.data import load_federated
 from fedmerge.errors import FederationError
 from fedmerge.registry import load_plugin_file
 
-from simulations.config import ExperimentConfig
-from simulations.engine import quiet_flower_logs, run_inprocess, run_ray, set_offline_env
+from simulations.config import ExperimentConfig, check_resources
+from simulations.engine import joins_a_cluster, quiet_flower_logs, run_inprocess, run_ray, set_offline_env
 from simulations.isolation import Post, allow_result_type, run_isolated
 from simulations.progress import ForwardedProgress, RunProgress
 from simulations.results import check_out_dir, write_results
@@ -55,6 +55,8 @@ def run_engine(build: AppBuilder, config: ExperimentConfig, progress: RunProgres
     :mod:`simulations.isolation`), so Ctrl-C, SIGTERM and the end of the round stop it at once.
     ``build`` must then pickle: a module-level function, or a ``functools.partial`` of one."""
     progress = progress or RunProgress(enabled=False)
+    if config.run.engine == "ray" and not joins_a_cluster():
+        check_resources(config.run.client_cpus, config.run.client_gpus)
     set_offline_env()  # before the Ray engine's child starts: it inherits the environment
     quiet_flower_logs()
     if config.run.engine == "inprocess":

@@ -99,6 +99,12 @@ BAD_CONFIGS = [
     ("byzantine-scale=1e308", "byzantine-scale must lie in [-1000000, 1000000], got 1e+308"),
     ("byzantine-std=1e308", "byzantine-std must lie in [0, 1000000], got 1e+308"),
     ("timeout=1e308", "timeout must lie in (0, 10000000], got 1e+308"),
+    # a run name is one directory under runs/, never a path
+    ("name='../../x'", "name must be a plain name for a directory under runs/"),
+    ("name='/tmp/x'", "name must be a plain name"),
+    ("name='a/b'", "name must be a plain name"),
+    ("name='..'", "name must be a plain name"),
+    ("name=''", "name must be a plain name"),
     # no honest client left
     ("byzantine-fraction=0.9", "byzantine-fraction=0.9 makes all num-clients=3 clients attackers"),
     ("byzantine-fraction=0.7", "keep at least one honest client: byzantine-fraction <= 0.666667"),
@@ -144,15 +150,27 @@ def test_client_resources_beyond_the_machine_via_the_cli(tmp_path, cache_dir, mo
     assert not out.exists()
 
 
-def test_client_resources_the_machine_has_are_accepted(monkeypatch):
+def test_client_resources_are_checked_against_this_machine_only_for_a_local_ray(monkeypatch, small_config):
     import simulations.config
+    import simulations.experiment
 
     monkeypatch.setattr(simulations.config, "machine_resources", lambda: (4, 1))
-    values = {**read_toml(DEFAULT_PRESET), "engine": "ray"}
-    assert ExperimentConfig.from_mapping({**values, "client-cpus": 4, "client-gpus": 0.5}).run.client_gpus == 0.5
-    assert ExperimentConfig.from_mapping({**values, "client-gpus": 1}).run.client_gpus == 1
-    # the in-process engine runs clients in this process: Ray's per-client resources do not apply
-    assert ExperimentConfig.from_mapping({**values, "engine": "inprocess", "client-cpus": 64}).run.client_cpus == 64
+    check = simulations.config.check_resources
+    check(4, 0.5)
+    check(1, 1)  # what the machine has is accepted
+    # a config is valid wherever it goes (a deployed ServerApp, a cluster): the machine is checked
+    # where a local Ray simulation starts
+    config = small_config.replace(engine="ray", **{"client-cpus": 64})
+    assert config.run.client_cpus == 64
+    started = []
+    monkeypatch.setattr(simulations.experiment, "run_isolated", lambda *a: started.append(a))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(ConfigError, match="client-cpus=64 is more than the 4 CPUs"):
+        simulations.experiment.run_engine(lambda *a: None, config)
+    assert not started
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # a cluster: its nodes' resources, not this machine's
+    simulations.experiment.run_engine(lambda *a: None, config)
+    assert len(started) == 1
 
 
 @pytest.mark.parametrize("text,needle", [
