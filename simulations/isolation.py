@@ -8,8 +8,9 @@ killing that session's processes: on Ctrl-C, on SIGTERM, or as soon as the resul
 
 * The child is in its own session, so the terminal's Ctrl-C reaches only the parent, which then
   stops everything at once (Ray's C++ processes would otherwise dump stacks on signals).
-* The child dies with the parent (``PR_SET_PDEATHSIG`` on Linux), and Ray's services die with the
-  child (Ray's own fate sharing), so even a SIGKILLed parent leaves no run going on.
+* The child watches its parent: if the parent is killed outright, the child kills every process
+  it started (Ray's services, workers and agents, which would otherwise linger for a minute) and
+  itself, so even a SIGKILLed run leaves nothing going on.
 * Events (progress) and the result travel back through a queue; a large result goes through a file
   in a private temporary directory, read back with ``torch.load(weights_only=True)``.
 """
@@ -17,15 +18,14 @@ killing that session's processes: on Ctrl-C, on SIGTERM, or as soon as the resul
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import multiprocessing
 import os
 import pickle
 import queue
 import signal
-import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -41,19 +41,24 @@ _POLL_SECONDS = 0.1
 _REAP_SECONDS = 5.0
 
 
-def _die_with_parent() -> None:
-    """Linux: the kernel sends this process SIGKILL when its parent exits, however it exits."""
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            pr_set_pdeathsig = 1
-            ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+def _stop_everything_when_the_parent_dies(parent: int) -> None:
+    """A thread that, once the parent is gone (killed outright, with no chance to clean up), kills
+    every process this one started (Ray's services, workers and agents) and then this one."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(_POLL_SECONDS)
+        with contextlib.suppress(psutil.Error):
+            for proc in psutil.Process().children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    proc.kill()
+        os.killpg(os.getpgid(0), signal.SIGKILL)  # this session (and this process) last
+
+    threading.Thread(target=watch, name="fedmerge-parent-watch", daemon=True).start()
 
 
-def _child_main(work: Callable[..., Any], args: tuple, events: Any, result_path: str) -> None:
+def _child_main(work: Callable[..., Any], args: tuple, events: Any, result_path: str, parent: int) -> None:
     os.setsid()  # Ray's processes join this session; the terminal's Ctrl-C goes to the parent only
-    _die_with_parent()
-    if os.getppid() == 1:  # the parent died before the line above took effect
-        os._exit(1)
+    _stop_everything_when_the_parent_dies(parent)
 
     def post(kind: str, *payload: Any) -> None:
         events.put((kind, payload))
@@ -107,7 +112,8 @@ def run_isolated(work: Callable[..., Any], args: tuple, on_event: Callable[[str,
     events = context.Queue()
     with tempfile.TemporaryDirectory(prefix="fedmerge-engine-") as private:
         result_path = str(Path(private) / "result.pt")
-        child = context.Process(target=_child_main, args=(work, args, events, result_path), name="fedmerge-engine")
+        child = context.Process(target=_child_main, args=(work, args, events, result_path, os.getpid()),
+                                name="fedmerge-engine")
         with _sigint_ignored():  # inherited: the child never turns Ctrl-C into a traceback of its own
             child.start()
         assert child.pid is not None

@@ -9,6 +9,7 @@ they are far above the few seconds a run takes to stop, so a busy machine does n
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import signal
@@ -21,18 +22,33 @@ from pathlib import Path
 import psutil
 import pytest
 
+from simulations.isolation import stop_process_tree
+
 HANG_GUARD_SECONDS = 60
+RAY_START_GUARD_SECONDS = 180  # a busy 2-core machine takes a minute or more to start Ray
 
 
-def fedmerge_run(tmp_path: Path, *settings: str) -> subprocess.Popen:
-    """``fedmerge run`` in a child that handles Ctrl-C as a terminal's foreground process does (a test
-    started from a background shell would otherwise inherit SIGINT ignored)."""
-    env = {**os.environ, "FEDMERGE_CACHE": str(tmp_path / "cache"), "FLWR_HOME": str(tmp_path / "flwr")}
-    args = [sys.executable, "-c", "from simulations.cli import main; main()", "run", "-q",
-            "--set", "num-clients=3", "--set", "pretrain-steps=20", "--set", "strategies=['fedavg']",
-            *(a for s in settings for a in ("--set", s)), "--out", str(tmp_path / "run")]
-    return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+@pytest.fixture
+def fedmerge_run():
+    """``start(tmp_path, *settings)``: ``fedmerge run`` in a child that handles Ctrl-C as a terminal's
+    foreground process does (a test started from a background shell would otherwise inherit SIGINT
+    ignored). Whatever a failed test leaves running is stopped, with its whole process tree."""
+    started: list[subprocess.Popen] = []
+
+    def start(tmp_path: Path, *settings: str) -> subprocess.Popen:
+        env = {**os.environ, "FEDMERGE_CACHE": str(tmp_path / "cache"), "FLWR_HOME": str(tmp_path / "flwr")}
+        args = [sys.executable, "-c", "from simulations.cli import main; main()", "run", "-q",
+                "--set", "num-clients=3", "--set", "pretrain-steps=20", "--set", "strategies=['fedavg']",
+                *(a for s in settings for a in ("--set", s)), "--out", str(tmp_path / "run")]
+        proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            stop_process_tree(proc.pid)
 
 
 def descendants(proc: subprocess.Popen) -> list[psutil.Process]:
@@ -76,10 +92,10 @@ def assert_stopped_cleanly(proc: subprocess.Popen, started: list[psutil.Process]
     ("training", signal.SIGINT, 130),
     ("training", signal.SIGTERM, 143),
 ])
-def test_a_signal_stops_a_ray_run_at_once(tmp_path, when, sig, code):
+def test_a_signal_stops_a_ray_run_at_once(fedmerge_run, tmp_path, when, sig, code):
     proc = fedmerge_run(tmp_path, 'engine="ray"', "local-steps=10000000", "timeout=600")
     if when == "training":
-        wait_until(lambda: training_on_ray(proc), "the clients to start")
+        wait_until(lambda: training_on_ray(proc), "the clients to start", RAY_START_GUARD_SECONDS)
     else:
         wait_until(lambda: len(descendants(proc)) > 0, "the engine's process to start")
         time.sleep(2)
@@ -90,7 +106,7 @@ def test_a_signal_stops_a_ray_run_at_once(tmp_path, when, sig, code):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_a_signal_stops_an_inprocess_run_at_once(tmp_path, sig, code):
+def test_a_signal_stops_an_inprocess_run_at_once(fedmerge_run, tmp_path, sig, code):
     proc = fedmerge_run(tmp_path, 'engine="inprocess"', "local-steps=10000000", "timeout=600")
     cache = tmp_path / "cache"
     wait_until(lambda: cache.is_dir() and any(cache.rglob("*.safetensors")), "the base model to be cached")
@@ -100,9 +116,9 @@ def test_a_signal_stops_an_inprocess_run_at_once(tmp_path, sig, code):
 
 
 @pytest.mark.ray
-def test_a_killed_ray_run_leaves_no_process_and_the_next_run_works(tmp_path):
+def test_a_killed_ray_run_leaves_no_process_and_the_next_run_works(fedmerge_run, tmp_path):
     proc = fedmerge_run(tmp_path, 'engine="ray"', "local-steps=10000000", "timeout=600")
-    wait_until(lambda: training_on_ray(proc), "the clients to start")
+    wait_until(lambda: training_on_ray(proc), "the clients to start", RAY_START_GUARD_SECONDS)
     started = descendants(proc)
     proc.kill()
     proc.communicate()
@@ -115,10 +131,10 @@ def test_a_killed_ray_run_leaves_no_process_and_the_next_run_works(tmp_path):
 
 
 @pytest.mark.ray
-def test_timeout_bounds_a_ray_run_whose_client_never_finishes(tmp_path):
+def test_timeout_bounds_a_ray_run_whose_client_never_finishes(fedmerge_run, tmp_path):
     timeout = 20
     proc = fedmerge_run(tmp_path, 'engine="ray"', "local-steps=[5, 5, 10000000]", f"timeout={timeout}")
-    wait_until(lambda: training_on_ray(proc), "the clients to start")
+    wait_until(lambda: training_on_ray(proc), "the clients to start", RAY_START_GUARD_SECONDS)
     _, stderr = proc.communicate(timeout=timeout + HANG_GUARD_SECONDS)
     assert proc.returncode == 0, stderr
     failures = json.loads((tmp_path / "run" / "results.json").read_text())["failures"]
@@ -169,18 +185,25 @@ def test_an_inprocess_client_past_its_deadline_stops_training(small_config):
 
 
 @pytest.mark.ray
-def test_a_ray_run_keeps_every_socket_on_the_loopback_address(tmp_path):
+def test_a_ray_run_keeps_every_socket_on_the_loopback_address(fedmerge_run, tmp_path):
     proc = fedmerge_run(tmp_path, 'engine="ray"', "local-steps=2000")
-    seen: set[tuple[str, str]] = set()
+    seen: set[tuple[str, str, str]] = set()  # (process, local address, remote address)
     while proc.poll() is None:
         for p in descendants(proc):
             try:
                 for c in p.net_connections(kind="inet"):
-                    seen.add((p.name(), f"{c.laddr.ip} -> {c.raddr.ip if c.raddr else '*'}"))
+                    seen.add((p.name(), c.laddr.ip, c.raddr.ip if c.raddr else ""))
             except psutil.Error:
                 continue
         time.sleep(0.2)
     assert proc.returncode == 0, proc.stderr.read() if proc.stderr else ""
-    assert len({name for name, _ in seen}) >= 3  # the GCS, the raylet and workers were seen
-    off_loopback = sorted(s for s in seen if any(ip not in ("127.0.0.1", "*") for ip in s[1].split(" -> ")))
-    assert not off_loopback, off_loopback
+    assert len({name for name, _, _ in seen}) >= 3  # the GCS, the raylet and workers were seen
+    off_loopback = sorted(s for s in seen if not all(loopback(ip) for ip in s[1:] if ip))
+    assert not off_loopback, off_loopback  # a listener on 0.0.0.0 or :: is off loopback too
+
+
+def loopback(ip: str) -> bool:
+    """127.0.0.0/8 or ::1, also written as an IPv4-mapped IPv6 address (::ffff:127.0.0.1)."""
+    address = ipaddress.ip_address(ip)
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_loopback
