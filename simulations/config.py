@@ -265,7 +265,7 @@ def _route(values: Mapping[str, Any]) -> dict[str, Any]:
 def _one_path_component(name: str) -> str:
     """A run's name becomes a directory under ``runs/``: one plain path component, never a path."""
     if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name or len(name) > 200:
-        raise ValueError(f"must be a plain name for a directory under runs/ (no '/', '..' or '\\'), got {name!r}")
+        raise ValueError("must be a plain name for a directory under runs/ (no '/', '..' or '\\')")
     return name
 
 

@@ -88,10 +88,10 @@ def test_user_text_in_errors_is_not_markup(args, needle):
 
 
 def test_markup_in_a_run_name_is_printed_as_written(tmp_path, cache_dir):
-    result = runner.invoke(app, ["run", *fast(cache_dir), "--set", 'name="[red]x[/] :smile:"',
+    result = runner.invoke(app, ["run", *fast(cache_dir), "--set", 'name="[bold red]x[link] :smile:"',
                                  "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
-    assert "[red]x[/] :smile:" in result.output
+    assert "[bold red]x[link] :smile:" in result.output
 
 
 def test_the_command_starts_without_importing_torch():
