@@ -46,6 +46,29 @@ def small_config(cache_dir):
     )
 
 
+def tiny_sweep_spec(path, cache_dir, strategies: str = '["fedavg", "median"]'):
+    """Write a two-cell sweep spec (alpha 0.3 and 3.0, three clients, seed 0) to ``path``."""
+    path.write_text(f"""
+name = "tiny"
+seeds = [0]
+[set]
+num-clients = 3
+local-steps = 5
+pretrain-steps = 20
+strategies = {strategies}
+cache-dir = "{cache_dir}"
+[grid]
+alpha = [0.3, 3.0]
+""")
+    return path
+
+
+@pytest.fixture(scope="session")
+def write_tiny_sweep_spec():
+    """``write(path, cache_dir, strategies=...)``: a two-cell sweep spec that runs in seconds."""
+    return tiny_sweep_spec
+
+
 @pytest.fixture
 def write_unreadable_checkpoints():
     """``write(directory, good)``: files a hostile or careless user might hand over (see below)."""

@@ -104,19 +104,8 @@ def test_the_command_starts_without_importing_torch():
     assert result.returncode == 0, result.stderr
 
 
-def test_sweep_ends_with_a_summary_table(tmp_path, cache_dir):
-    spec = tmp_path / "tiny.toml"
-    spec.write_text(f"""name = "tiny"
-seeds = [0]
-[set]
-num-clients = 3
-local-steps = 5
-pretrain-steps = 20
-strategies = ["fedavg", "median"]
-cache-dir = "{cache_dir}/sweep"
-[grid]
-alpha = [0.3, 3.0]
-""")
+def test_sweep_ends_with_a_summary_table(tmp_path, cache_dir, write_tiny_sweep_spec):
+    spec = write_tiny_sweep_spec(tmp_path / "tiny.toml", f"{cache_dir}/sweep")
     result = runner.invoke(app, ["sweep", str(spec), "--out", str(tmp_path / "out"), "-q"])
     assert result.exit_code == 0, result.output
     assert "sweep tiny: mean normalized accuracy % over seeds" in result.output

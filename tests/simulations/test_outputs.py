@@ -90,7 +90,9 @@ def test_a_write_that_fails_is_one_line_with_exit_1_and_leaves_nothing(tmp_path,
     assert list((tmp_path / "runs").iterdir()) == []  # neither the reserved directory nor a staging one
 
 
-def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path, monkeypatch):
+@pytest.fixture
+def one_second(monkeypatch, tmp_path):
+    """The clock stopped at 2026-01-02 03:04:05, and the working directory a fresh one."""
     class Frozen(dt.datetime):
         @classmethod
         def now(cls, tz=None):
@@ -98,6 +100,9 @@ def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path, mon
 
     monkeypatch.setattr(results.dt, "datetime", Frozen)
     monkeypatch.chdir(tmp_path)
+
+
+def test_runs_started_in_the_same_second_get_their_own_directories(one_second):
     with results.results_directory(None, "x") as a, results.results_directory(None, "x") as b:
         with results.results_directory(None, "x") as c:
             assert [p.name for p in (a, b, c)] == ["x-20260102-030405", "x-20260102-030405-2", "x-20260102-030405-3"]
@@ -107,14 +112,7 @@ def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path, mon
     assert not d.exists() and a.is_dir()
 
 
-def test_two_default_runs_in_the_same_second_both_write_their_results(tmp_path, cache_dir, monkeypatch):
-    class Frozen(dt.datetime):
-        @classmethod
-        def now(cls, tz=None):
-            return cls(2026, 1, 2, 3, 4, 5)
-
-    monkeypatch.setattr(results.dt, "datetime", Frozen)
-    monkeypatch.chdir(tmp_path)
+def test_two_default_runs_in_the_same_second_both_write_their_results(tmp_path, cache_dir, one_second):
     for _ in range(2):
         result = runner.invoke(app, ["run", *fast(cache_dir)])
         assert result.exit_code == 0, result.output

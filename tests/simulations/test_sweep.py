@@ -14,22 +14,9 @@ from simulations.sweep import SWEEPS_DIR, SweepSpec, run_sweep
 
 
 @pytest.fixture
-def spec_file(tmp_path, cache_dir):
+def spec_file(tmp_path, cache_dir, write_tiny_sweep_spec):
     def write(strategies='["fedavg", "median"]'):
-        path = tmp_path / "spec.toml"
-        path.write_text(f"""
-name = "tiny"
-seeds = [0]
-[set]
-num-clients = 3
-local-steps = 5
-pretrain-steps = 20
-strategies = {strategies}
-cache-dir = "{cache_dir}/sweep"
-[grid]
-alpha = [0.3, 3.0]
-""")
-        return path
+        return write_tiny_sweep_spec(tmp_path / "spec.toml", f"{cache_dir}/sweep", strategies)
     return write
 
 
@@ -108,46 +95,32 @@ def test_cell_ids_change_with_the_config(spec_file):
 
 
 @pytest.fixture(scope="module")
-def finished_sweep(tmp_path_factory):
+def finished_sweep(tmp_path_factory, write_tiny_sweep_spec):
     """A finished two-cell sweep (its spec, its directory) that tests copy and then damage."""
     root = tmp_path_factory.mktemp("finished-sweep")
-    spec = root / "spec.toml"
-    spec.write_text(f"""
-name = "tiny"
-seeds = [0]
-[set]
-num-clients = 3
-local-steps = 5
-pretrain-steps = 20
-strategies = ["fedavg", "median"]
-cache-dir = "{root / 'cache'}"
-[grid]
-alpha = [0.3, 3.0]
-""")
+    spec = write_tiny_sweep_spec(root / "spec.toml", root / "cache")
     run_sweep(SweepSpec.load(spec), root / "out", progress=False)
     return spec, root / "out"
 
 
-def _drop(key_path):
+def _edit(key_path, change):
+    """Text of results.json with the entry at ``key_path`` passed to ``change(parent, key)``."""
     def edit(results):
         *parents, last = key_path
         node = results
         for k in parents:
             node = node[k]
-        del node[last]
+        change(node, last)
         return json.dumps(results)
     return edit
+
+
+def _drop(key_path):
+    return _edit(key_path, lambda node, key: node.pop(key))
 
 
 def _set(key_path, value):
-    def edit(results):
-        *parents, last = key_path
-        node = results
-        for k in parents:
-            node = node[k]
-        node[last] = value
-        return json.dumps(results)
-    return edit
+    return _edit(key_path, lambda node, key: node.__setitem__(key, value))
 
 
 DAMAGED_RESULTS = {
