@@ -9,6 +9,7 @@ import logging
 import os
 import pickle
 import re
+import shutil
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -33,7 +34,18 @@ def save_state(tensors: Mapping[str, Tensor], path: str | os.PathLike, metadata:
     if bad:
         raise CheckpointError(f"{path}: entry {bad[0]!r} is not a tensor ({type(tensors[bad[0]]).__name__})")
     with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        try:
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        except SafetensorError as exc:  # its I/O failures (a full disk, a file size limit) are OSErrors
+            raise _as_os_error(exc, path) from None
+
+
+def _as_os_error(exc: SafetensorError, path: str | os.PathLike) -> OSError:
+    """safetensors reports a failed write as ``... I/O error: File too large (os error 27)``."""
+    found = re.search(r"I/O error: (.*) \(os error (\d+)\)", str(exc))
+    if found:
+        return OSError(int(found.group(2)), found.group(1), str(path))
+    return OSError(f"{path}: {exc}")
 
 
 def load_state(path: str | os.PathLike, *, mmap: bool = False) -> dict[str, Tensor]:
@@ -132,12 +144,29 @@ def load_verified(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str,
     return tensors, metadata
 
 
+def write_cache_entry(tensors: Mapping[str, Tensor], path: str | os.PathLike,
+                      metadata: dict[str, str] | None = None) -> None:
+    """Save a cache entry (see :func:`save_verified`). A cache only saves work: a write that fails
+    (a full disk, a read-only cache directory) is named in a warning and the run goes on without it."""
+    try:
+        save_verified(tensors, path, metadata)
+    except OSError as exc:
+        log.warning("could not write cache entry %s (%s); going on without it", path, exc.strerror or exc)
+
+
 def read_cache_entry(path: str | os.PathLike, use: Callable[[dict[str, Tensor], dict[str, str]], T]) -> T | None:
     """``use(tensors, metadata)`` of the verified cache entry at ``path``, or None when there is none to
     use: an entry that fails verification, or that ``use`` rejects (it raises KeyError, ValueError or
     RuntimeError, e.g. a state dict that no longer fits the model), is named in a warning and deleted,
     so the caller recomputes and rewrites it."""
-    if not Path(path).is_file():
+    path = Path(path)
+    if not path.is_file():
+        if path.exists() or path.is_symlink():  # a directory, a link to nothing, a device: not ours to read
+            log.warning("cache entry %s is not a file; removed, recomputing it", path)
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
         return None
     try:
         tensors, metadata = load_verified(path)

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from fedmerge.errors import CheckpointError, ConfigError
 from fedmerge.io.hub import read_state, resolve, transformers_module
-from fedmerge.io.state import read_cache_entry, save_verified
+from fedmerge.io.state import read_cache_entry, write_cache_entry
 
 ENCODER_PREFIXES = ("vision_model.", "visual_projection.")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -161,7 +161,7 @@ def zero_shot_head(source: str, classnames: Sequence[str], templates: Sequence[s
     emb = torch.cat(feats).reshape(len(classnames), len(templates), -1)
     head = head_from_text_embeddings(emb, float(model.logit_scale.exp()))
     if path is not None:
-        save_verified({"head": head}, path)
+        write_cache_entry({"head": head}, path)
     return head
 
 

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from fedmerge.data.splits import ClientData, Split
 from fedmerge.evaluation.scores import score
-from fedmerge.io.state import hash_tensor, non_finite_tensor, read_cache_entry, save_verified
+from fedmerge.io.state import hash_tensor, non_finite_tensor, read_cache_entry, write_cache_entry
 from fedmerge.models.registry import build_model, device_for
 from fedmerge.task_vector import TaskVector
 from fedmerge.train.loop import TrainPlan, single_thread, train
@@ -79,7 +79,7 @@ def local_update(
     if path is not None and non_finite_tensor(update.task_vector) is None:  # a diverged update is not kept
         meta = {"num_examples": str(update.num_examples), "local_steps": str(update.local_steps),
                 "train_loss": repr(update.train_loss), "accuracy": repr(update.accuracy)}
-        save_verified(dict(update.task_vector), path, metadata=meta)
+        write_cache_entry(dict(update.task_vector), path, metadata=meta)
     return update
 
 

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from fedmerge.data.federated import FederatedData
 from fedmerge.errors import ConfigError
-from fedmerge.io.state import non_finite_tensor, read_cache_entry, save_verified
+from fedmerge.io.state import non_finite_tensor, read_cache_entry, write_cache_entry
 from fedmerge.models.registry import build_model, pretrained_state
 from fedmerge.spec import LearningRate, PositiveInt, Spec, check
 from fedmerge.train.loop import TrainPlan, single_thread, train
@@ -62,5 +62,5 @@ def pretrained_base(spec: PretrainSpec, model_name: str, seed: int, data: Federa
         raise ConfigError(f"the pre-trained base θ0 of {model_name} diverged: tensor {bad!r} is NaN or Inf after "
                           f"{spec.steps} pre-training steps at lr {spec.lr:g}; lower {spec.key_name(('lr',))}")
     if path is not None:
-        save_verified(state, path)
+        write_cache_entry(state, path)
     return state, False

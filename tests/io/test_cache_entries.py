@@ -97,3 +97,18 @@ def test_tampered_zero_shot_head_is_not_used(tmp_path, caplog):
     with caplog.at_level(logging.WARNING), pytest.raises(CheckpointError, match="no such model directory"):
         zero_shot_head(source, classes, templates, tmp_path / "cache")
     assert str(path) in caplog.text and not path.exists()
+
+
+@pytest.mark.parametrize("kind", ["directory", "dangling link"])
+def test_something_else_at_an_entrys_path_is_named_removed_and_absent(tmp_path, caplog, kind):
+    path = tmp_path / "entry.safetensors"
+    if kind == "directory":
+        (path / "inside").mkdir(parents=True)
+    else:
+        path.symlink_to(tmp_path / "nowhere")
+    with caplog.at_level(logging.WARNING):
+        assert read_cache_entry(path, lambda tensors, meta: tensors) is None
+    assert str(path) in caplog.text and "not a file" in caplog.text
+    assert not path.exists() and not path.is_symlink()
+    save_verified({"w": torch.ones(2)}, path)  # the entry can be written again
+    assert torch.equal(read_cache_entry(path, lambda tensors, meta: tensors)["w"], torch.ones(2))

@@ -166,14 +166,40 @@ def test_merge_refuses_an_output_it_cannot_write_before_reading_any_checkpoint(t
     one_error_line(result, str(out), needle)
 
 
-def test_a_cache_write_that_fails_mid_run_is_one_line_with_exit_1(tmp_path, monkeypatch):
-    import fedmerge.train.pretrain as pretrain
+def test_a_file_size_limit_at_write_time_is_one_line_with_exit_1_and_leaves_nothing(tmp_path):
+    """A real failed write (the kernel refuses to grow files past RLIMIT_FSIZE, as a full disk
+    refuses any write), not a mocked one: safetensors reports it in its own exception type."""
+    import resource
+    import subprocess
+    import sys
 
-    def disk_full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "cache" / "base.safetensors"))
+    limit = 16 * 1024  # smaller than the default model's base, larger than the small files
 
-    monkeypatch.setattr(pretrain, "save_verified", disk_full)
-    result = runner.invoke(app, ["run", *fast(str(tmp_path / "cache")), "--out", str(tmp_path / "run")])
-    assert result.exit_code == 1
-    one_error_line(result, "base.safetensors", "No space left on device")
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    env = {**os.environ, "FEDMERGE_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "-c", "from simulations.cli import main; main()", "run",
+                           *fast(str(tmp_path / "cache")), "--out", str(tmp_path / "run")],
+                          env=env, capture_output=True, text=True, preexec_fn=limited, timeout=600)
+    assert proc.returncode == 1, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "File too large" in errors[0] and "run" in errors[0]
+    assert "could not write cache entry" in proc.stderr  # the cache failed first: a warning, not the end
     assert not (tmp_path / "run").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run")]  # no staging directory left
+
+
+def test_a_cache_that_cannot_be_written_costs_only_the_cache(small_config, monkeypatch, caplog):
+    import fedmerge.io.state as state
+    from simulations.experiment import run_experiment
+
+    def disk_full(tensors, path, metadata=None):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(state, "save_verified", disk_full)
+    out = run_experiment(small_config.replace(strategies=["fedavg"], seed=11, **{"cache-task-vectors": True}),
+                         progress=False)
+    assert not out.results["failures"] and sorted(out.task_vectors) == [0, 1, 2, 3]
+    assert "could not write cache entry" in caplog.text and "No space left on device" in caplog.text
