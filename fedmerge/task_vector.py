@@ -17,6 +17,7 @@ from torch import Tensor
 
 from fedmerge.errors import MergeError, MergeOverflowError
 from fedmerge.io.state import all_finite, load_state, save_state
+from fedmerge.numerics import times_power_of_two, unit_exponent
 
 StateDict = Mapping[str, Tensor]
 
@@ -147,24 +148,13 @@ def l2_norm(tensors: Mapping[str, Tensor]) -> float:
     """
     total = _sum_of_squares(tensors, 0)
     if total == 0 or math.isinf(total):
-        largest = max((float(t.detach().abs().max()) for t in tensors.values() if t.numel()), default=0.0)
-        if largest > 0:
-            exponent = math.frexp(largest)[1]
+        exponent = unit_exponent(tensors.values())
+        if exponent:
             try:
                 return math.ldexp(math.sqrt(_sum_of_squares(tensors, -exponent)), exponent)
             except OverflowError:  # the norm itself lies beyond float64's range
                 return math.inf
     return math.sqrt(total)
-
-
-def times_power_of_two(x: Tensor, exponent: int) -> Tensor:
-    """x · 2^exponent: exact unless it leaves x's range, multiplied in steps whose factors x's dtype holds."""
-    limit = math.frexp(torch.finfo(x.dtype).max)[1] - 2  # 126 for float32, 1022 for float64
-    while exponent:
-        step = max(-limit, min(limit, exponent))
-        x = x * 2.0**step
-        exponent -= step
-    return x
 
 
 def _sum_of_squares(tensors: Mapping[str, Tensor], exponent: int) -> float:
@@ -216,8 +206,7 @@ def _wide_axpy(b: Tensor, m: Tensor, scale: float) -> Tensor:
     out = b64 + scale * m64
     if all_finite(out):
         return out
-    s = math.frexp(scale)[1]
-    t = math.frexp(float(m64.abs().max()))[1]
-    e = max(math.frexp(float(b64.abs().max()))[1], s + t)
+    s, t = unit_exponent([scale]), unit_exponent([m64])
+    e = max(unit_exponent([b64]), s + t)
     term = times_power_of_two(times_power_of_two(m64, -t) * math.ldexp(scale, -s), s + t - e)
     return times_power_of_two(times_power_of_two(b64, -e) + term, e)

@@ -10,7 +10,8 @@ from torch import Tensor
 
 from fedmerge.merging.registry import Option, rule, uniform_if_none
 from fedmerge.merging.validation import TaskVectors, all_finite
-from fedmerge.task_vector import compute_dtype, l2_norm, times_power_of_two
+from fedmerge.numerics import scaled_to_unit, times_power_of_two, unit_exponent
+from fedmerge.task_vector import compute_dtype, l2_norm
 
 FEDGMA_RHO_GRID: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(1, 10))
 CCLIP_RHO_POINTS = 5
@@ -55,9 +56,7 @@ def _accumulate_wide(task_vectors: TaskVectors, coefficients: Sequence[float], k
     acc = _accumulate(task_vectors, coefficients, key, torch.float64)
     if all_finite(acc):
         return acc
-    a = math.frexp(max(abs(c) for c in coefficients))[1]
-    largest = max(float(tv[key].abs().max()) for tv in task_vectors)
-    b = math.frexp(largest)[1]
+    a, b = unit_exponent(coefficients), unit_exponent(tv[key] for tv in task_vectors)
     scaled = torch.zeros_like(acc)
     for c, tv in zip(coefficients, task_vectors):
         scaled.add_(times_power_of_two(tv[key].double(), -b), alpha=math.ldexp(c, -a))
@@ -99,8 +98,7 @@ def fednova(task_vectors: TaskVectors, p: Sequence[float] | None = None, *,
     # The coefficients do not change when every K_j is scaled: by a power of two (exact), so that
     # step counts near the top of the float range do not overflow τ_eff. Where a scaled K_i then
     # underflows, as p_i Σ_j p_j (K_j / K_i) instead: infinite only if the coefficient is.
-    exponent = math.frexp(max(local_steps))[1]
-    scaled = [math.ldexp(kj, -exponent) for kj in local_steps]
+    scaled = scaled_to_unit(local_steps)
     if min(scaled) > 0:
         tau_eff = sum(pj * kj for pj, kj in zip(p, scaled))
         coefficients = [tau_eff * pi / ki for pi, ki in zip(p, scaled)]
@@ -146,8 +144,7 @@ def cclip(task_vectors: TaskVectors, p: Sequence[float] | None = None, *,
     """Centred clipping at θ0: Σ_i p_i τ_i · min(1, rho / ‖τ_i‖₂); rho defaults to the median norm."""
     norms = [l2_norm(tv) for tv in task_vectors]
     if any(math.isinf(nrm) for nrm in norms):  # norms beyond float64's range: compare 2^-e τ_i and 2^-e rho
-        largest = max(float(t.abs().max()) for tv in task_vectors for t in tv.values() if t.numel())
-        e = math.frexp(largest)[1]
+        e = unit_exponent(t for tv in task_vectors for t in tv.values())
         norms = [l2_norm({k: times_power_of_two(t.double(), -e) for k, t in tv.items()}) for tv in task_vectors]
         rho = None if rho is None else math.ldexp(rho, -e)
     if rho is None:

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from fedmerge.errors import MergeError
 from fedmerge.io.state import all_finite
+from fedmerge.numerics import scaled_to_unit
 
 TaskVectors = Sequence[Mapping[str, Tensor]]
 
@@ -91,10 +92,8 @@ def normalised_weights(weights: Sequence[float] | None, n: int) -> list[float]:
     if weights is None:
         return [1.0 / n] * n
     w = per_client_values("weights", weights, n, positive=False)
-    largest = max(w)
-    if largest == 0:
+    if max(w) == 0:
         raise MergeError("weights sum to zero")
-    exponent = math.frexp(largest)[1]
-    scaled = [math.ldexp(x, -exponent) for x in w]
+    scaled = scaled_to_unit(w)
     total = sum(scaled)
     return [x / total for x in scaled]

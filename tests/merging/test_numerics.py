@@ -6,6 +6,8 @@ References are written here in numpy float64, sharing no code with fedmerge."""
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import numpy as np
 import pytest
 import torch
@@ -291,3 +293,41 @@ def test_tsv_of_tasks_of_rank_below_k_is_the_same_for_float32_and_float64_inputs
         assert rel_err(tsv_merge_matrix(mats), expected) < tol
         assert rel_err(merge("tsv", [{"w": x} for x in mats])["w"], expected) < tol
     assert singular_task_interference(mats32) == pytest.approx(singular_task_interference(mats64), rel=1e-9)
+
+
+# --- scaling by the power of two above the largest magnitude --------------------------------------------
+
+
+def exponent_above(x: float) -> int:
+    """The e with 2^(e-1) <= |x| < 2^e, by exact rational comparison (0 for x = 0)."""
+    q = abs(Fraction(x))
+    if q == 0:
+        return 0
+    e = q.numerator.bit_length() - q.denominator.bit_length()
+    while Fraction(2) ** e <= q:
+        e += 1
+    while Fraction(2) ** (e - 1) > q:
+        e -= 1
+    return e
+
+
+@pytest.mark.parametrize("values", [
+    [0.0], [1.0], [0.5, -0.75], [-3.0, 2.0], [1.7e308, 1.0], [5e-324], [1e-310, -2e-310], [1e38, 0.1], [-1024.0],
+])
+def test_unit_exponent_is_that_of_the_power_of_two_just_above_the_largest_magnitude(values):
+    from fedmerge.numerics import scaled_to_unit, unit_exponent
+    e = exponent_above(max(values, key=abs))
+    assert unit_exponent(values) == e
+    assert unit_exponent([torch.tensor(values, dtype=torch.float64), torch.empty(0)]) == e
+    scaled = scaled_to_unit(values)
+    assert [Fraction(s) for s in scaled] == [Fraction(v) / Fraction(2) ** e for v in values]  # exact
+    if any(values):
+        assert 0.5 <= max(abs(s) for s in scaled) < 1
+
+
+def test_unit_exponent_of_tensors_reads_every_entry_and_skips_empty_tensors():
+    from fedmerge.numerics import largest_magnitude, unit_exponent
+    tensors = [torch.empty(0, 3), torch.tensor([[1.0, -3e38]]), torch.tensor([1e-3], dtype=torch.bfloat16)]
+    assert largest_magnitude(tensors) == float(np.float32(3e38))
+    assert unit_exponent(tensors) == exponent_above(float(np.float32(3e38))) == 128
+    assert unit_exponent([]) == 0 and largest_magnitude([torch.empty(0)]) == 0.0

@@ -18,7 +18,6 @@ these choices and the constants below: ``docs/performance.md``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -31,15 +30,15 @@ from fedmerge.merging.spectral.linalg import (
     polar_by_whitening, polar_factor, rank_tolerance, top_singular_triplets,
 )
 from fedmerge.merging.validation import TaskVectors, validate_task_vectors
-from fedmerge.task_vector import times_power_of_two
+from fedmerge.numerics import largest_magnitude, times_power_of_two, unit_exponent
 
 _UNSCALED_WITHIN = 32  # layers whose largest |entry| lies in [2^-32, 2^32] are merged as they are
 _REFINE_BELOW = 1e-4  # stacked bases with σ_min below this get float64 triplets (see _tsv_merge_batch)
 _ALIKE_TASKS = 0.3  # layers whose tasks' mean pairwise cosine exceeds this get float64 triplets at once
 
 
-def balancing_exponent(largest: float) -> int:
-    """The e by which a layer whose largest |entry| is ``largest`` is scaled, as 2^-e, before a rule
+def balancing_exponent(tensors: Sequence[Tensor]) -> int:
+    """The e by which a layer, whose tasks' tensors are ``tensors``, is scaled, as 2^-e, before a rule
     that is homogeneous (merge(c·Δ) = c·merge(Δ)) merges it, and its result scaled back by 2^e.
 
     0 within [2^-32, 2^32], where singular values, their squares and Gram matrices stay well inside
@@ -47,9 +46,10 @@ def balancing_exponent(largest: float) -> int:
     two that brings the largest entry to [0.5, 1). Powers of two scale without rounding, so a result
     is non-finite only where the merged values themselves leave the dtype's range.
     """
+    largest = largest_magnitude(tensors)
     if largest == 0 or 2.0**-_UNSCALED_WITHIN <= largest <= 2.0**_UNSCALED_WITHIN:
         return 0
-    return math.frexp(largest)[1]
+    return unit_exponent([largest])
 
 
 def _tsv_merge_batch(mats: Tensor, *, method: str = "fast") -> Tensor:
@@ -170,7 +170,7 @@ def tsv(task_vectors: TaskVectors, p: Sequence[float] | None = None) -> dict[str
             for i_layer, key in enumerate(chunk):  # one copy of the inputs, converted on the way
                 tensors = [tv[key] for tv in task_vectors]
                 # scaled before the conversion: a client's float64 values may lie beyond float32's range
-                e = balancing_exponent(max(float(t.abs().max()) for t in tensors))
+                e = balancing_exponent(tensors)
                 for i_task, t in enumerate(tensors):
                     mats[i_layer, i_task] = times_power_of_two(t.double(), -e) if e else t
                 exponents.append(e)
@@ -209,7 +209,7 @@ def per_matrix(task_vectors: TaskVectors, p: Sequence[float] | None, merge_matri
     for key, ref in first.items():
         if ref.dim() == 2:
             matrices = [tv[key] for tv in task_vectors]
-            e = balancing_exponent(max(float(m.abs().max()) for m in matrices))
+            e = balancing_exponent(matrices)
             if e:  # every matrix rule here is homogeneous: merged at unit scale, scaled back
                 matrices = [times_power_of_two(m.double(), -e) for m in matrices]
                 out[key] = times_power_of_two(merge_matrix(matrices, p).double(), e).to(ref.dtype)
