@@ -65,6 +65,18 @@ class Option:
     def interval(self) -> str:
         return f"{'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
 
+    def requirement(self) -> str:
+        """What a number must be: ``lie in [0.0, 1.0]``, or ``be a finite number >= 0.0`` where one
+        side is unbounded (values are finite, whatever the bounds)."""
+        what = "an integer" if self.kind is int else "a finite number"
+        if math.isinf(self.low) and math.isinf(self.high):
+            return f"be {what}"
+        if math.isinf(self.high):
+            return f"be {what} {'>' if self.low_open else '>='} {self.low}"
+        if math.isinf(self.low):
+            return f"be {what} {'<' if self.high_open else '<='} {self.high}"
+        return f"lie in {self.interval()}"
+
     def check(self, method: str, value: Any, num_clients: int) -> Any:
         """The value, converted and range-checked, or a ``MergeError`` naming method, option and value."""
         if self.per_client:
@@ -89,7 +101,7 @@ class Option:
             inside = ((self.low < number if self.low_open else self.low <= number)
                       and (number < self.high if self.high_open else number <= self.high))
             if not inside or not math.isfinite(number):
-                raise MergeError(f"{method}: {self.name} must lie in {self.interval()}, got {number}")
+                raise MergeError(f"{method}: {self.name} must {self.requirement()}, got {number}")
             return number
         if not isinstance(value, self.kind):
             what = "a string" if self.kind is str else self.kind.__name__

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -69,15 +70,22 @@ def per_client_values(name: str, values: Any, n: int, *, positive: bool) -> list
     """One finite non-negative (or positive) number per client, else a ``MergeError`` naming it."""
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence | Tensor):
         raise MergeError(f"{name} must be a sequence with one number per client, got {values!r}")
-    try:
-        vals = [float(v) for v in values]
-    except (TypeError, ValueError):
-        raise MergeError(f"{name} must hold numbers, got {list(values)!r}") from None
+    kind = "positive" if positive else "non-negative"
+    vals = []
+    for i, value in enumerate(values):
+        if isinstance(value, (bool, str, bytes)):  # float() would take True and "1"; options do not
+            raise MergeError(f"{name}[{i}] (client {i}) must be a number, got {value!r}")
+        try:
+            vals.append(float(value))
+        except OverflowError:  # a Python int beyond float64's range
+            raise MergeError(f"{name}[{i}] (client {i}) must be a finite {kind} number, got one beyond "
+                             f"float64's range (±{sys.float_info.max:.4g})") from None
+        except (TypeError, ValueError):
+            raise MergeError(f"{name} must hold numbers, got {list(values)!r}") from None
     if len(vals) != n:
         raise MergeError(f"{name} has {len(vals)} entries for {n} clients")
     for i, v in enumerate(vals):
         if not math.isfinite(v) or v < 0 or (positive and v == 0):
-            kind = "positive" if positive else "non-negative"
             raise MergeError(f"{name}[{i}] (client {i}) must be a finite {kind} number, got {v}")
     return vals
 

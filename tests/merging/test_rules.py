@@ -253,7 +253,9 @@ def test_bad_task_vectors_name_client_and_tensor(vectors, needle):
     (lambda: merge("fedavg", [A, B], weights=[1, -1]), r"weights\[1\]"),
     (lambda: merge("fedavg", [A, B], weights=[0, 0]), "weights sum to zero"),
     (lambda: merge("fedgma", [A, B], rho=1.5), r"rho must lie in \[0.0, 1.0\]"),
-    (lambda: merge("cclip", [A, B], rho=-1), "rho must lie"),
+    (lambda: merge("cclip", [A, B], rho=-1), r"^cclip: rho must be a finite number >= 0.0, got -1.0$"),
+    (lambda: merge("cclip", [A, B], rho=float("inf")), r"^cclip: rho must be a finite number >= 0.0, got inf$"),
+    (lambda: merge("cclip", [A, B], rho=float("nan")), r"^cclip: rho must be a finite number >= 0.0, got nan$"),
     (lambda: merge("fedavg", A), "sequence of task vectors"),
 ])
 def test_bad_options_raise_merge_error(call, needle):

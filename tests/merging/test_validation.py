@@ -34,3 +34,29 @@ def test_finite_check_is_exact_where_a_sum_would_mislead():
 def test_merge_api_rejects_mismatched_task_vectors(taus, needle):
     with pytest.raises(MergeError, match=needle):
         merge("median", taus)
+
+
+TWO = [{"w": torch.ones(2)}, {"w": torch.full((2,), 3.0)}]
+
+
+@pytest.mark.parametrize("call,needle", [
+    (lambda: merge("fednova", TWO, local_steps=[10**400, 1]), "local_steps[0] (client 0) must be a finite positive"),
+    (lambda: merge("fednova", TWO, local_steps=[1, -10**400]), "local_steps[1] (client 1) must be a finite positive"),
+    (lambda: merge("fedavg", TWO, weights=[10**400, 1]), "weights[0] (client 0) must be a finite non-negative"),
+    (lambda: merge("fednova", TWO, local_steps=["1", 1]), "local_steps[0] (client 0) must be a number, got '1'"),
+    (lambda: merge("fednova", TWO, local_steps=[1, True]), "local_steps[1] (client 1) must be a number, got True"),
+    (lambda: merge("fedavg", TWO, weights=[False, 1]), "weights[0] (client 0) must be a number, got False"),
+    (lambda: merge("fedavg", TWO, weights=[1, b"2"]), "weights[1] (client 1) must be a number, got b'2'"),
+])
+def test_per_client_values_too_large_for_a_float_or_not_numbers_are_merge_errors_naming_the_option(call, needle):
+    with pytest.raises(MergeError) as info:
+        call()
+    assert needle in str(info.value) and "\n" not in str(info.value)
+
+
+def test_per_client_integers_within_float_range_are_numbers():
+    # integers (Python's, and beyond 2^53) are numbers like any other: p = (1, 3) / 4, K = (2, 2)
+    out = merge("fednova", TWO, weights=[1, 3], local_steps=[2, 2])
+    assert out["w"].tolist() == [2.5, 2.5]
+    big = merge("fedavg", TWO, weights=[2**1000, 2**1000 * 3])
+    assert big["w"].tolist() == [2.5, 2.5]
