@@ -82,6 +82,11 @@ class SpecError(ConfigError):
         self.key, self.detail, self.joiner, self.location = key, detail, joiner, location
         super().__init__(f"{key}{joiner}{detail}" if key else detail)
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Rebuilt from its own arguments: an error raised in another process (Ray's workers send
+        theirs back by pickle) arrives as the same ``SpecError``."""
+        return type(self), (self.key, self.detail, self.joiner, self.location), self.__dict__
+
 
 def config_error(exc: ValidationError, rename: Callable[[tuple[str, ...]], str] = ".".join) -> SpecError:
     """The first problem of a pydantic error as one line: ``key must be ..., got value``.

@@ -16,6 +16,7 @@ import difflib
 import math
 import os
 import tomllib
+import unicodedata
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any
@@ -33,6 +34,7 @@ from fedmerge.registry import load_plugin_file
 from fedmerge.spec import (MAX_SEED, Bool, Factor, Names, NonNegative, PositiveInt, Seconds, Spec, Str, conform,
                            hyphenate, known, one_of)
 from fedmerge.train import PretrainSpec, TrainingSpec, TrainPlan
+from fedmerge.train.plans import MAX_STEPS
 
 ENGINES = ("ray", "inprocess")
 WEIGHTINGS = ("num-examples", "uniform")
@@ -262,10 +264,18 @@ def _route(values: Mapping[str, Any]) -> dict[str, Any]:
     return nested
 
 
+MAX_NAME_BYTES = 200  # a run directory is NAME-TIME: within the 255 bytes a file name may have
+_NOT_IN_NAMES = frozenset({"Cc", "Cs", "Zl", "Zp"})  # control characters, lone surrogates, line breaks
+
+
 def _one_path_component(name: str) -> str:
-    """A run's name becomes a directory under ``runs/``: one plain path component, never a path."""
-    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name or len(name) > 200:
-        raise ValueError("must be a plain name for a directory under runs/ (no '/', '..' or '\\')")
+    """A run's name becomes a directory under ``runs/``: one plain path component, never a path, that
+    file systems accept (at most ``MAX_NAME_BYTES`` bytes) and terminals print as it is written."""
+    if (not name or name in (".", "..") or "/" in name or "\\" in name
+            or any(unicodedata.category(c) in _NOT_IN_NAMES for c in name)
+            or len(name.encode("utf-8")) > MAX_NAME_BYTES):
+        raise ValueError(f"must be a plain name for a directory under runs/: at most {MAX_NAME_BYTES} bytes in "
+                         "UTF-8, without '/', '\\', control characters or line breaks, and not '.' or '..'")
     return name
 
 
@@ -315,12 +325,19 @@ class ExperimentConfig(Spec):
         if attackers >= n:
             raise ValueError(f"!byzantine-fraction={self.attack.fraction:g} makes all num-clients={n} clients "
                              f"attackers (⌈{self.attack.fraction:g} · {n}⌉ = {attackers}); keep at least one honest "
-                             f"client: byzantine-fraction <= {(n - 1) / n:g}")
+                             f"client: byzantine-fraction <= {largest_honest_fraction(n):g}")
         if self.data.tasks and split_name(self.model)[0] != "clip":
             raise ValueError(f"!tasks need a CLIP model (model = \"clip:HUB_ID_OR_DIR\"), got model={self.model!r}")
         if not self.run.min_clients <= self.num_clients:
+            if "min_clients" not in self.run.model_fields_set:  # the default min-clients: num-clients is too small
+                raise ValueError(f"!num-clients={n} is fewer than min-clients={self.run.min_clients}, the fewest "
+                                 f"valid replies a round merges: use num-clients >= {self.run.min_clients}, or "
+                                 f"set min-clients = {n}")
             raise ValueError(f"!min-clients must lie in [1, num-clients={self.num_clients}], "
                              f"got {self.run.min_clients}")
+        if self.train.local_steps_spread > MAX_STEPS:  # max/min of the K_i: K_i lie in [1, MAX_STEPS]
+            raise ValueError(f"!local-steps-spread must be at most {MAX_STEPS:,} (the longest client's local steps "
+                             f"over the shortest's), got {self.train.local_steps_spread:g}")
         try:
             self.client_plans()  # every client's plan: list lengths, ranges, types
         except ConfigError as exc:
@@ -379,6 +396,12 @@ class ExperimentConfig(Spec):
 
     def cache_path(self) -> Path:
         return Path(self.run.cache_dir).expanduser() if self.run.cache_dir else default_cache_dir()
+
+
+def largest_honest_fraction(num_clients: int) -> float:
+    """The largest byzantine-fraction with six decimals that leaves one of ``num_clients`` clients
+    honest: (n − 1)/n rounded down, so that the value advised is one that is accepted."""
+    return (num_clients - 1) * 10**6 // num_clients / 10**6
 
 
 # ------------------------------------------------------------------------------------------------

@@ -107,7 +107,15 @@ BAD_CONFIGS = [
     ("name=''", "name must be a plain name"),
     # no honest client left
     ("byzantine-fraction=0.9", "byzantine-fraction=0.9 makes all num-clients=3 clients attackers"),
-    ("byzantine-fraction=0.7", "keep at least one honest client: byzantine-fraction <= 0.666667"),
+    ("byzantine-fraction=0.7", "keep at least one honest client: byzantine-fraction <= 0.666666"),
+    # a run name is at most 200 bytes of printable characters
+    ("name='" + "é" * 101 + "'", "name must be a plain name for a directory under runs/: at most 200 bytes in UTF-8"),
+    ('name="a\\nb"', "control characters or line breaks, and not '.' or '..', got 'a\\nb'"),
+    ('name="\\u001b[31mred"', "control characters or line breaks, and not '.' or '..', got '\\x1b[31mred'"),
+    # one client: too few for the default min-clients
+    ("num-clients=1", "num-clients=1 is fewer than min-clients=2"),
+    # a per-client option without an upper bound
+    ("method-options={cclip={rho=inf}}", "method-options.cclip.rho must be a finite number >= 0.0, got inf"),
 ]
 
 
@@ -267,4 +275,13 @@ def test_bad_merge_options(ckpts, args, needle):
                                  str(ckpts / "ft0.safetensors"), "--models", str(ckpts / "ft1.safetensors"),
                                  "--out", str(out), "-q", *args])
     assert_one_clear_error(result, needle)
+    assert not out.exists()
+
+
+def test_a_local_steps_spread_beyond_any_number_of_steps_is_one_line_via_the_cli(tmp_path, cache_dir):
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["run", *fast(cache_dir), "--set", "local-steps=5", "--set", "local-steps-spread=1e300",
+                                 "--out", str(out)])
+    assert_one_clear_error(result, "local-steps-spread must be at most 10,000,000 (the longest client's local steps "
+                                   "over the shortest's), got 1e+300")
     assert not out.exists()

@@ -171,3 +171,72 @@ def test_as_many_attackers_as_leave_one_honest_client():
         ExperimentConfig.from_mapping({"num-clients": 8, "byzantine-fraction": 0.9})
     with pytest.raises(ConfigError, match="byzantine-fraction <= 0$"):
         ExperimentConfig.from_mapping({"num-clients": 1, "min-clients": 1, "byzantine-fraction": 0.1})
+
+
+@pytest.mark.parametrize("n", range(2, 13))
+def test_the_byzantine_fraction_advised_for_too_many_attackers_is_accepted(n):
+    import re
+    from fractions import Fraction
+    with pytest.raises(ConfigError) as info:
+        ExperimentConfig.from_mapping({"num-clients": n, "min-clients": 1, "byzantine-fraction": 0.99})
+    advised = re.search(r"byzantine-fraction <= ([0-9.]+)$", str(info.value)).group(1)
+    # (n − 1)/n itself, or that rounded down to six decimals: never above it, at most 1e-6 below
+    assert 0 <= Fraction(n - 1, n) - Fraction(advised) < Fraction(1, 10**6)
+    config = ExperimentConfig.from_mapping({"num-clients": n, "min-clients": 1, "byzantine-fraction": float(advised)})
+    assert len(config.byzantine_clients()) == n - 1
+
+
+def test_a_config_error_survives_pickling_as_itself():
+    # errors raised in Ray's worker processes come back pickled: a SpecError must stay one
+    import pickle
+
+    from fedmerge.spec import SpecError
+    with pytest.raises(SpecError) as info:
+        ExperimentConfig.from_mapping({"num-clients": 0})
+    for err in (info.value, SpecError(None, "a sentence of its own"), SpecError("k", "x", "=", ("a", "k"))):
+        back = pickle.loads(pickle.dumps(err))
+        assert type(back) is SpecError and str(back) == str(err) and back.args == err.args
+        assert (back.key, back.detail, back.joiner, back.location) == (err.key, err.detail, err.joiner, err.location)
+    assert str(pickle.loads(pickle.dumps(info.value))) == "num-clients must be an integer >= 1, got 0"
+
+
+@pytest.mark.parametrize("name", [
+    "é" * 101,  # 101 characters, 202 bytes: a directory NAME-TIME too long for file systems
+    "a" * 201, "a\nb", "a\rb", "\x1b[31mred", "tab\there", "nul\x00", "a\u2028b", "\x7f",
+])
+def test_run_names_that_are_too_long_in_bytes_or_hold_control_characters_are_refused(name):
+    with pytest.raises(ConfigError) as info:
+        ExperimentConfig.from_mapping({"name": name})
+    message = str(info.value)
+    assert message.startswith("name must be a plain name for a directory under runs/: at most 200 bytes")
+    assert message.count("200 bytes") == 1 and message.endswith(f", got {name!r}")
+    assert "\n" not in message and "\x1b" not in message and "\r" not in message
+
+
+@pytest.mark.parametrize("name", ["é" * 100, "a" * 200, "résumé-実験_1", "with space"])
+def test_run_names_up_to_200_bytes_of_printable_characters_are_accepted(name):
+    assert ExperimentConfig.from_mapping({"name": name}).name == name
+
+
+def test_local_steps_spread_is_bounded_by_the_largest_number_of_local_steps():
+    with pytest.raises(ConfigError) as info:
+        ExperimentConfig.from_mapping({"local-steps": 5, "local-steps-spread": 1e300})
+    assert str(info.value) == ("local-steps-spread must be at most 10,000,000 (the longest client's local steps "
+                               "over the shortest's), got 1e+300")
+    steps = [p.local_steps for p in ExperimentConfig.from_mapping(
+        {"local-steps": 5, "local-steps-spread": 1e7, "num-clients": 2}).client_plans()]
+    assert sorted(steps) == [1, round(5 * 1e7**0.5)]
+
+
+def test_one_client_is_refused_with_a_message_about_num_clients_unless_min_clients_allows_it():
+    with pytest.raises(ConfigError) as info:
+        ExperimentConfig.from_mapping({"num-clients": 1})
+    assert str(info.value).startswith("num-clients=1 is fewer than min-clients=2")
+    assert "set min-clients = 1" in str(info.value)
+    assert ExperimentConfig.from_mapping({"num-clients": 1, "min-clients": 1}).num_clients == 1
+
+
+def test_method_option_without_an_upper_bound_asks_for_a_finite_number():
+    with pytest.raises(ConfigError) as info:
+        ExperimentConfig(strategies=("cclip",), method_options={"cclip": {"rho": float("inf")}})
+    assert str(info.value) == "method-options.cclip.rho must be a finite number >= 0.0, got inf"
