@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import signal
+import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from rich.table import Column, Table
@@ -255,7 +258,24 @@ def evaluate(
 
 def main() -> None:
     signal.signal(signal.SIGTERM, _raise_terminated)
-    app()
+    try:
+        app()
+    except SystemExit as exc:
+        _exit(exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1)
+    _exit(0)
+
+
+def _exit(code: int) -> NoReturn:
+    """Exit with ``code``. A client thread the in-process engine gave up on may still be inside a torch
+    operation; a normal exit would run C++ destructors under it and abort the process (SIGABRT), so
+    then the output is flushed and the process ends at once."""
+    engine = sys.modules.get("simulations.engine")
+    if engine is not None and not engine.settle_client_threads():
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

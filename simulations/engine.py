@@ -58,6 +58,28 @@ def set_offline_env() -> None:
             os.environ.setdefault(key, value)
 
 
+_client_threads: list[threading.Thread] = []  # the in-process engine's, until their OS threads are gone
+
+
+def _os_thread_alive(thread: threading.Thread) -> bool:
+    """Whether ``thread``'s OS thread still exists. A thread that ran torch still runs its C++
+    thread-local destructors after ``join`` returns; on Linux it is gone with its /proc entry."""
+    task = Path(f"/proc/self/task/{thread.native_id}")
+    return task.exists() if thread.native_id is not None and task.parent.is_dir() else thread.is_alive()
+
+
+def settle_client_threads(limit: float = 1.0) -> bool:
+    """Wait at most ``limit`` seconds until every client thread the in-process engine started has
+    ended down to its OS thread; False if one has not (a client it stopped waiting for, at the
+    timeout or on Ctrl-C, still inside a long computation). A process that exits normally while such
+    a thread runs torch code has the C++ runtime abort it: the caller must then end it at once."""
+    end = time.monotonic() + limit
+    while any(map(_os_thread_alive, _client_threads)) and time.monotonic() < end:
+        time.sleep(0.01)
+    _client_threads[:] = [t for t in _client_threads if _os_thread_alive(t)]
+    return not _client_threads
+
+
 class InProcessGrid(Grid):
     """A Flower ``Grid`` whose nodes are ClientApp calls in this process.
 
@@ -73,7 +95,7 @@ class InProcessGrid(Grid):
     """
 
     _ERROR_CODE_CLIENT_EXCEPTION = 1
-    _STOP_GRACE_SECONDS = 5.0
+    _STOP_GRACE_SECONDS = 2.0
 
     def __init__(self, client_app: ClientApp, num_nodes: int, run_id: int = 1) -> None:
         set_task_identity(run_id)
@@ -137,13 +159,14 @@ class InProcessGrid(Grid):
                                            reply_to=msg))
 
         worker = threading.Thread(target=call, name=f"fedmerge-client-{msg.metadata.dst_node_id}", daemon=True)
+        _client_threads[:] = [t for t in _client_threads if _os_thread_alive(t)]
+        _client_threads.append(worker)
         worker.start()
         try:
             worker.join(self.reply_timeout)
         except BaseException:  # Ctrl-C: tell the client to stop, give it a moment to do so, go on stopping
             self._cancel.set()
             worker.join(self._STOP_GRACE_SECONDS)
-            _wait_for_thread_exit(worker, self._STOP_GRACE_SECONDS)
             raise
         if outcome:  # else: too late, the server has stopped waiting for this client
             self._done[mid] = outcome[0]
@@ -221,22 +244,6 @@ class ProgressGrid(Grid):
             if not got:
                 time.sleep(self.poll_seconds)
         return replies
-
-
-def _wait_for_thread_exit(thread: threading.Thread, limit: float) -> None:
-    """Wait (at most ``limit`` seconds) until ``thread``'s OS thread is gone, not only its Python part.
-
-    A thread that ran torch still runs its C++ thread-local destructors after ``join`` returns; if the
-    process exits meanwhile, those race the library's static destructors and the C++ runtime aborts
-    the process. On Linux the thread is gone when its ``/proc/self/task`` entry is.
-    """
-    task = Path(f"/proc/self/task/{thread.native_id}")
-    if thread.native_id is None or not task.parent.is_dir():
-        time.sleep(min(limit, 0.2))
-        return
-    end = time.monotonic() + limit
-    while task.exists() and time.monotonic() < end:
-        time.sleep(0.01)
 
 
 def run_inprocess(server_app: ServerApp, client_app: ClientApp, num_nodes: int) -> None:

@@ -61,15 +61,31 @@ class TrainPlan(Spec):
         return self.lr
 
 
+_single_thread_lock = threading.Lock()
+_single_thread_users = 0
+_threads_before = 1
+
+
 @contextlib.contextmanager
 def single_thread() -> Iterator[None]:
-    """Run torch on one thread: small models train faster, and results do not depend on the core count."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    """Run torch on one thread: small models train faster, and results do not depend on the core count.
+
+    torch's thread count is one setting for the whole process, and blocks may overlap in several
+    threads (a client the in-process engine gave up on still finishing its step while the next one
+    trains): the first block to enter sets it, the last to leave restores it."""
+    global _single_thread_users, _threads_before
+    with _single_thread_lock:
+        if _single_thread_users == 0:
+            _threads_before = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _single_thread_users += 1
     try:
         yield
     finally:
-        torch.set_num_threads(before)
+        with _single_thread_lock:
+            _single_thread_users -= 1
+            if _single_thread_users == 0:
+                torch.set_num_threads(_threads_before)
 
 
 _deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("fedmerge_train_deadline", default=None)

@@ -115,6 +115,63 @@ def test_a_signal_stops_an_inprocess_run_at_once(fedmerge_run, tmp_path, sig, co
     assert_stopped_cleanly(proc, [], code, tmp_path)
 
 
+HEAVY_MODEL = '''
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from fedmerge.models.registry import model
+
+CACHE = Path(os.environ["FEDMERGE_CACHE"])
+
+
+class Heavy(nn.Module):
+    """A linear model whose first training step once the base is cached (a client's first step)
+    sits half a minute inside one C++ call."""
+
+    def __init__(self, input_shape, num_classes):
+        super().__init__()
+        self.lin = nn.Linear(int(torch.tensor(input_shape).prod()), num_classes)
+
+    def forward(self, x):
+        once = CACHE / "heavy-step-taken"
+        if self.training and not once.exists() and any(CACHE.rglob("*.safetensors")):
+            once.touch()
+            torch.linalg.matrix_power(torch.randn(3000, 3000), 2**62)  # 62 squarings in one call
+        return self.lin(x.flatten(1))
+
+
+@model("heavy")
+def build(input_shape, num_classes):
+    return Heavy(input_shape, num_classes)
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ending", ["timeout", "SIGINT"])
+def test_an_inprocess_run_ends_cleanly_while_an_abandoned_client_is_inside_torch(fedmerge_run, tmp_path, ending):
+    """A client stuck in one long C++ operation cannot stop at a step: the run goes on without it
+    (or stops on Ctrl-C) and the process still exits with its own code, not SIGABRT."""
+    plugin = tmp_path / "heavy.py"
+    plugin.write_text(HEAVY_MODEL)
+    proc = fedmerge_run(tmp_path, 'engine="inprocess"', f"plugins=['{plugin}']", "model='heavy'", "local-steps=5",
+                        f"timeout={3 if ending == 'timeout' else 600}")
+    if ending == "SIGINT":
+        wait_until(lambda: (tmp_path / "cache" / "heavy-step-taken").exists(), "the long operation to start")
+        time.sleep(1)
+        proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=HANG_GUARD_SECONDS)
+    assert "terminate called" not in stderr and "Traceback" not in stderr, stderr
+    if ending == "timeout":
+        assert proc.returncode == 0, stderr
+        (failure,) = json.loads((tmp_path / "run" / "results.json").read_text())["failures"]
+        assert failure["reason"] == "no reply before the timeout"
+    else:
+        assert proc.returncode == 130, stderr
+        assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.ray
 def test_a_killed_ray_run_leaves_no_process_and_the_next_run_works(fedmerge_run, tmp_path):
     proc = fedmerge_run(tmp_path, 'engine="ray"', "local-steps=10000000", "timeout=600")

@@ -87,3 +87,40 @@ def test_pretrained_base_is_cached_by_its_settings(data, tmp_path, monkeypatch):
     assert all(torch.equal(first[k], second[k]) for k in first)
     _, cached3 = pretrained_base(PretrainSpec(steps=21), "mlp", 0, data, tmp_path)
     assert cached3 is False and len(list(tmp_path.glob("base-*.safetensors"))) == 2
+
+
+def test_overlapping_single_thread_blocks_keep_one_thread_until_the_last_leaves():
+    """A client abandoned at its deadline may leave its block while the next client trains: that
+    must not give the next one every core (results would depend on the core count)."""
+    import threading
+
+    from fedmerge.train import single_thread
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+        seen = {}
+
+        def first():
+            with single_thread():
+                first_in.set()
+                second_in.wait()
+            first_out.set()
+
+        def second():
+            first_in.wait()
+            with single_thread():
+                second_in.set()
+                first_out.wait()
+                seen["after the first left"] = torch.get_num_threads()
+
+        threads = [threading.Thread(target=first), threading.Thread(target=second)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        assert seen == {"after the first left": 1}
+        assert torch.get_num_threads() == 2  # the last to leave restored it
+    finally:
+        torch.set_num_threads(before)
