@@ -76,20 +76,21 @@ def run(
     plugin: Annotated[list[Path], typer.Option("--plugin", help="A Python file that registers merging rules, datasets, partitioners or models (repeatable).")] = [],
 ) -> None:
     """Run one experiment (its help, with PRESET's, is in the decorator)."""
-    from simulations.config import load_config
-    from simulations.experiment import run_experiment
-    from simulations.results import print_table, results_directory
+    with user_errors():  # the imports too: Ctrl-C while torch loads is an interrupt like any other
+        from simulations.config import load_config
+        from simulations.experiment import run_experiment
+        from simulations.results import print_table, results_directory
 
-    with user_errors():
         config = load_config(preset, set_, plugins=plugin)
         with results_directory(out, config.name) as out_dir:
             results = run_experiment(config, out_dir, progress=not quiet, console=err_console).results
-    print_table(results, console)
-    if results["config"].get("tasks"):  # the CLIP benchmark: the papers' per-task table too
-        from simulations.clip_report import print_task_table, rows_from_run
+    with user_errors(f"interrupted; the results are complete in {out_dir}"):
+        print_table(results, console)
+        if results["config"].get("tasks"):  # the CLIP benchmark: the papers' per-task table too
+            from simulations.clip_report import print_task_table, rows_from_run
 
-        print_task_table(rows_from_run(results), console)
-    console.print(f"results: {out_dir}/results.json  (timing: {results['timing']['total']:.1f} s)")
+            print_task_table(rows_from_run(results), console)
+        console.print(f"results: {out_dir}/results.json  (timing: {results['timing']['total']:.1f} s)")
 
 
 @app.command(help="Run a grid of config values × seeds; write a tidy results.csv and plots (resumable)."
@@ -101,14 +102,15 @@ def sweep(
     plugin: Annotated[list[Path], typer.Option("--plugin", help="A Python file that registers merging rules, datasets, partitioners or models (repeatable).")] = [],
 ) -> None:
     """Run a sweep (its help, with SPEC's, is in the decorator)."""
-    from simulations.sweep import SweepSpec, print_sweep_summary, run_sweep
-
     with user_errors("interrupted; finished cells are kept, re-run to resume"):
+        from simulations.sweep import SweepSpec, print_sweep_summary, run_sweep
+
         loaded = SweepSpec.load(spec, plugins=plugin)
         out_dir = out if out is not None else Path("runs") / f"sweep-{loaded.name}"
         run_sweep(loaded, out_dir, console=err_console, progress=not quiet)
-    print_sweep_summary(out_dir / "results.csv", list(loaded.grid), console, title=loaded.name)
-    console.print(f"sweep: {out_dir}/results.csv and {', '.join(p.name for p in sorted(out_dir.glob('*.png')))}")
+    with user_errors(f"interrupted; the sweep's results are complete in {out_dir}"):
+        print_sweep_summary(out_dir / "results.csv", list(loaded.grid), console, title=loaded.name)
+        console.print(f"sweep: {out_dir}/results.csv and {', '.join(p.name for p in sorted(out_dir.glob('*.png')))}")
 
 
 @app.command()
@@ -146,19 +148,20 @@ def equivalence(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """Show that Task Arithmetic is one-shot FedAvg (exit 1 if any equivalence fails), and what heterogeneity does."""
-    from simulations.config import load_config
-    from simulations.equivalence import print_lesson, run_lesson, write_lesson
-    from simulations.progress import RunProgress
-    from simulations.results import results_directory
-
     with user_errors():
-        config = load_config(None, [*set_, f'engine="{engine}"', f"seed={seed}"])
+        from simulations.config import load_config
+        from simulations.equivalence import print_lesson, run_lesson, write_lesson
+        from simulations.progress import RunProgress
+        from simulations.results import results_directory
+
+        config = load_config(None, set_).replace(engine=engine, seed=seed)
         with results_directory(out, "equivalence") as out_dir:
             with RunProgress(err_console, enabled=not quiet) as bar:
                 report = run_lesson(config, stage=bar.stage)
             write_lesson(report, out_dir)
-    print_lesson(report, console)
-    console.print(f"numbers and figures: {out_dir}")
+    with user_errors(f"interrupted; the results are complete in {out_dir}"):
+        print_lesson(report, console)
+        console.print(f"numbers and figures: {out_dir}")
     if report["failures"]:
         raise _fail(ValueError("equivalence violated: " + "; ".join(report["failures"])), 1)
 
@@ -176,6 +179,7 @@ def merge(
     plugin: Annotated[list[Path], typer.Option("--plugin", help="A Python file that registers merging rules, datasets, partitioners or models (repeatable).")] = [],
 ) -> None:
     """Merge checkpoints you already have, tensor by tensor, into θ0 + λ·τ_merged (no training, no Flower)."""
+    from fedmerge.merging import METHODS
     from fedmerge.offline import merge_checkpoints
     from simulations.config import load_plugins, parse_override
     from simulations.progress import progress_bar
@@ -191,6 +195,9 @@ def merge(
                 raise FedmergeError(f"--option expects key=value, got {text!r}")
             key, value = parse_override(text)
             options[key.replace("-", "_")] = value
+        METHODS.check(method)
+        for key in options:  # before reading any checkpoint; names like "weights" are not options
+            METHODS[method].option(key)
         with progress_bar(err_console, enabled=not quiet, unit="tensors read", transient=True) as bar:
             task = bar.add_task(f"Merging {count(len(models) + len(ctx.args), 'model')} with {method}", total=None)
             summary = merge_checkpoints(base, [*models, *map(Path, ctx.args)], method, out, scale=scale,
@@ -217,7 +224,7 @@ def evaluate(
 ) -> None:
     """Score existing CLIP checkpoints without fine-tuning: zero-shot, fine-tuned, every merge (papers' table)."""
     from fedmerge.evaluation.checkpoints import evaluate_checkpoints
-    from fedmerge.io import write_text_atomic
+    from fedmerge.io import check_output, write_text_atomic
     from fedmerge.merging import METHODS
     from simulations.clip_report import print_task_table
     from simulations.config import default_cache_dir, load_plugins
@@ -247,6 +254,8 @@ def evaluate(
             if not sep:
                 raise FedmergeError(f"--merged expects NAME=SOURCE, got {text!r}")
             named[name] = source
+        if out is not None:
+            check_output(out, directory=False, overwrite=True)  # a table may be replaced; not after the work
         cache = cache_dir or default_cache_dir()
         report = evaluate_checkpoints(base, [*models, *ctx.args], task_list, methods=method_list,
                                       scales=scales, merged=named, cache_dir=cache, max_examples=max_examples,

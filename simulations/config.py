@@ -268,8 +268,8 @@ MAX_NAME_BYTES = 200  # a run directory is NAME-TIME: within the 255 bytes a fil
 _NOT_IN_NAMES = frozenset({"Cc", "Cs", "Zl", "Zp"})  # control characters, lone surrogates, line breaks
 
 
-def _one_path_component(name: str) -> str:
-    """A run's name becomes a directory under ``runs/``: one plain path component, never a path, that
+def check_run_name(name: str) -> str:
+    """A run's (or sweep's) name becomes a directory under ``runs/``: one plain path component, never a path, that
     file systems accept (at most ``MAX_NAME_BYTES`` bytes) and terminals print as it is written."""
     if (not name or name in (".", "..") or "/" in name or "\\" in name
             or any(unicodedata.category(c) in _NOT_IN_NAMES for c in name)
@@ -279,7 +279,7 @@ def _one_path_component(name: str) -> str:
     return name
 
 
-RunName = Annotated[Str, AfterValidator(_one_path_component)]
+RunName = Annotated[Str, AfterValidator(check_run_name)]
 
 
 class ExperimentConfig(Spec):
@@ -507,10 +507,12 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not sep or not key:
         raise ConfigError(f"--set expects key=value, got {text!r}")
     try:
-        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+        parsed = tomllib.loads(f"v = {raw.strip()}")
     except tomllib.TOMLDecodeError:
-        value = raw.strip()
-    return key, value
+        return key, raw.strip()
+    if set(parsed) != {"v"}:  # e.g. "lr=0.5\nseed=3": the rest would be dropped without a word
+        raise ConfigError(f"--set takes one key=value at a time, got {text!r}")
+    return key, parsed["v"]
 
 
 def load_config(preset: str | os.PathLike | None = None, overrides: Sequence[str] = (),

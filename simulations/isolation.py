@@ -22,6 +22,7 @@ import multiprocessing
 import os
 import pickle
 import queue
+import shutil
 import signal
 import tempfile
 import threading
@@ -41,12 +42,14 @@ _POLL_SECONDS = 0.1
 _REAP_SECONDS = 5.0
 
 
-def _stop_everything_when_the_parent_dies(parent: int) -> None:
+def _stop_everything_when_the_parent_dies(parent: int, private: Path) -> None:
     """A thread that, once the parent is gone (killed outright, with no chance to clean up), kills
-    every process this one started (Ray's services, workers and agents) and then this one."""
+    every process this one started (Ray's services, workers and agents), removes the parent's
+    private directory ``private`` and ends this process."""
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(_POLL_SECONDS)
+        shutil.rmtree(private, ignore_errors=True)
         with contextlib.suppress(psutil.Error):
             for proc in psutil.Process().children(recursive=True):
                 with contextlib.suppress(psutil.Error):
@@ -58,7 +61,7 @@ def _stop_everything_when_the_parent_dies(parent: int) -> None:
 
 def _child_main(work: Callable[..., Any], args: tuple, events: Any, result_path: str, parent: int) -> None:
     os.setsid()  # Ray's processes join this session; the terminal's Ctrl-C goes to the parent only
-    _stop_everything_when_the_parent_dies(parent)
+    _stop_everything_when_the_parent_dies(parent, Path(result_path).parent)
 
     def post(kind: str, *payload: Any) -> None:
         events.put((kind, payload))

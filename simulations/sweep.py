@@ -38,7 +38,7 @@ from rich.table import Table
 
 from fedmerge.errors import ConfigError
 from fedmerge.io import atomic_path, check_output, write_text_atomic, writing
-from simulations.config import PRESETS_DIR, ExperimentConfig, find_shipped, plugin_files, read_toml
+from simulations.config import PRESETS_DIR, ExperimentConfig, check_run_name, find_shipped, plugin_files, read_toml
 from simulations.experiment import run_experiment
 from simulations.plots import plot_sweep
 from simulations.progress import labelled, progress_bar
@@ -88,7 +88,12 @@ class SweepSpec:
         seeds = raw.get("seeds", [base.get("seed", 0)])
         if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
             raise ConfigError(f"{path}: seeds must be a non-empty list of integers")
-        spec = cls(str(raw.get("name", path.stem)), base, dict(grid), list(seeds))
+        name = str(raw.get("name", path.stem))
+        try:
+            check_run_name(name)
+        except ValueError as exc:
+            raise ConfigError(f"{path}: name {exc}, got {name!r}") from None
+        spec = cls(name, base, dict(grid), list(seeds))
         for cell in spec.cells():  # validate every cell before running any
             _ = cell.config
         return spec

@@ -19,6 +19,12 @@ from fedmerge.errors import ConfigError, OutputError
 
 
 def _umask() -> int:
+    """The process's umask, read without setting it where the platform allows (setting it, even
+    briefly, races with other threads creating files)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
@@ -90,8 +96,8 @@ def staged_directory(out: str | os.PathLike) -> Iterator[Path]:
 
 def check_output(path: str | os.PathLike, *, directory: bool, overwrite: bool = False, resume: bool = False,
                  option: str = "--out") -> None:
-    """Refuse, before any work, an output ``path`` that cannot be written: under a file, a dangling
-    symbolic link, a file where a directory goes (or the reverse), an existing file without
+    """Refuse, before any work, an output ``path`` that cannot be written: under a file, a symbolic
+    link, a file where a directory goes (or the reverse), an existing file without
     ``overwrite``, a non-empty directory unless ``resume``, a place this process cannot write to
     (permissions, a read-only filesystem). One ``ConfigError`` line naming ``option`` and the path."""
     path = Path(path)
@@ -99,8 +105,9 @@ def check_output(path: str | os.PathLike, *, directory: bool, overwrite: bool = 
     def refuse(why: str) -> ConfigError:
         return ConfigError(f"{option} {path}: {why}")
 
-    if path.is_symlink() and not path.exists():
-        raise refuse("is a symbolic link to nothing; remove it or choose another path")
+    if path.is_symlink():  # the output replaces what is at ``path``: a link would go, not its target
+        raise refuse("is a symbolic link to nothing; remove it or choose another path" if not path.exists()
+                     else "is a symbolic link; give the directory or file itself")
     if path.exists():
         if directory and not path.is_dir():
             raise refuse("exists and is not a directory")

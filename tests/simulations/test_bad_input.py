@@ -204,6 +204,8 @@ def test_bad_preset_files(tmp_path, text, needle):
     (["equivalence", "--set", "bogus=1"], "unknown config key 'bogus'"),
     (["equivalence", "--set", "alpha=-1"], "alpha must be > 0, got -1"),
     (["equivalence", "--engine", "spark"], "spark"),
+    (["equivalence", "--engine", 'inprocess"\nname = "../x'], "engine"),  # a value, never TOML text
+    (["run", "--set", "lr=0.5\nseed=3"], "--set takes one key=value at a time"),
 ])
 def test_bad_input_to_other_commands(tmp_path, args, needle):
     (tmp_path / "broken.toml").write_text("grid = [")
@@ -268,6 +270,10 @@ def test_bad_checkpoints_to_fedmerge_merge(ckpts, capsys, model, needle):
     (["--method", "fedgma", "--option", "bogus=1"], "bogus"),
     (["--method", "fedgma", "--option", "rho"], "rho"),
     (["--method", "fedavg", "--scale", "nan"], "scale"),
+    (["--method", "fedavg", "--option", "weights=[1, 2]"], "fedavg: unknown option 'weights'"),
+    (["--method", "fedavg", "--option", "method=x"], "fedavg: unknown option 'method'"),
+    (["--method", "fedavg", "--option", "task_vectors=1"], "fedavg: unknown option 'task_vectors'"),
+    (["--method", "fednova", "--option", f"local_steps=[1{'0' * 400}, 1]"], "local_steps"),
 ])
 def test_bad_merge_options(ckpts, args, needle):
     out = ckpts / "merged.safetensors"

@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -174,13 +175,19 @@ def test_an_inprocess_run_ends_cleanly_while_an_abandoned_client_is_inside_torch
 
 @pytest.mark.ray
 def test_a_killed_ray_run_leaves_no_process_and_the_next_run_works(fedmerge_run, tmp_path):
+    def engine_directories() -> set[Path]:
+        return set(Path(tempfile.gettempdir()).glob("fedmerge-engine-*"))
+
+    before = engine_directories()
     proc = fedmerge_run(tmp_path, 'engine="ray"', "local-steps=10000000", "timeout=600")
     wait_until(lambda: training_on_ray(proc), "the clients to start", RAY_START_GUARD_SECONDS)
     started = descendants(proc)
+    assert engine_directories() - before  # the engine's private directory, for its result
     proc.kill()
     proc.communicate()
     _, alive = psutil.wait_procs(started, timeout=HANG_GUARD_SECONDS)
     assert not alive, [(p.pid, p.name()) for p in alive]
+    assert not engine_directories() - before
     again = fedmerge_run(tmp_path, 'engine="ray"', "local-steps=5")
     _, stderr = again.communicate(timeout=300)
     assert again.returncode == 0, stderr

@@ -203,3 +203,33 @@ def test_a_cache_that_cannot_be_written_costs_only_the_cache(small_config, monke
                          progress=False)
     assert not out.results["failures"] and sorted(out.task_vectors) == [0, 1, 2, 3]
     assert "could not write cache entry" in caplog.text and "No space left on device" in caplog.text
+
+
+def test_run_refuses_a_symbolic_link_to_a_directory_before_any_work(tmp_path, cache_dir, no_work):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "empty")
+    result = runner.invoke(app, ["run", *fast(cache_dir), "--out", str(tmp_path / "link")])
+    assert result.exit_code == 2
+    one_error_line(result, "is a symbolic link")
+
+
+@pytest.mark.parametrize("name", ["x/../../../escaped-sweep", "../escaped", "/tmp/escaped"])
+def test_a_sweep_name_cannot_leave_the_runs_directory(tmp_path, monkeypatch, no_work, name):
+    spec = tmp_path / "spec.toml"
+    spec.write_text(f'name = "{name}"\nseeds = [0]\n[grid]\nalpha = [0.3, 3.0]\n')
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["sweep", str(spec), "-q"])
+    assert result.exit_code == 2
+    one_error_line(result, "name must be a plain name")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["spec.toml"]
+
+
+def test_evaluate_refuses_an_output_it_cannot_write_before_any_work(tmp_path, monkeypatch):
+    import fedmerge.evaluation.checkpoints as checkpoints
+
+    monkeypatch.setattr(checkpoints, "evaluate_checkpoints", lambda *a, **k: pytest.fail("evaluated first"))
+    (tmp_path / "file").write_text("x")
+    result = runner.invoke(app, ["evaluate", "--base", "b", "--tasks", "MNIST", "--models", "m", "--methods", "tsv",
+                                 "--out", str(tmp_path / "file" / "table.json")])
+    assert result.exit_code == 2
+    one_error_line(result, "is a file")
