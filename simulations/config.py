@@ -34,7 +34,6 @@ from fedmerge.registry import load_plugin_file
 from fedmerge.spec import (MAX_SEED, Bool, Factor, Names, NonNegative, PositiveInt, Seconds, Spec, Str, conform,
                            hyphenate, known, one_of)
 from fedmerge.train import PretrainSpec, TrainingSpec, TrainPlan
-from fedmerge.train.plans import MAX_STEPS
 
 ENGINES = ("ray", "inprocess")
 WEIGHTINGS = ("num-examples", "uniform")
@@ -335,9 +334,6 @@ class ExperimentConfig(Spec):
                                  f"set min-clients = {n}")
             raise ValueError(f"!min-clients must lie in [1, num-clients={self.num_clients}], "
                              f"got {self.run.min_clients}")
-        if self.train.local_steps_spread > MAX_STEPS:  # max/min of the K_i: K_i lie in [1, MAX_STEPS]
-            raise ValueError(f"!local-steps-spread must be at most {MAX_STEPS:,} (the longest client's local steps "
-                             f"over the shortest's), got {self.train.local_steps_spread:g}")
         try:
             self.client_plans()  # every client's plan: list lengths, ranges, types
         except ConfigError as exc:

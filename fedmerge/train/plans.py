@@ -77,7 +77,8 @@ class TrainingSpec(Spec):
     """Per-client training settings (training heterogeneity); :meth:`plans` gives each client's plan."""
 
     local_steps: Annotated[PerClient, _per_client("local-steps", int)] = "20:100"
-    local_steps_spread: Annotated[Float, check(lambda v: v >= 1, "must be a finite number >= 1")] = 1.0
+    local_steps_spread: Annotated[Float, check(lambda v: 1 <= v <= MAX_STEPS, f"must lie in [1, {MAX_STEPS:,}] (the "
+                                               "longest client's local steps over the shortest's)")] = 1.0
     lr: Annotated[PerClient, _per_client("lr", float, LearningRate)] = 0.1
     batch_size: Annotated[PerClient, _per_client("batch-size", int)] = 32
     optimizer: Annotated[PerClient, _per_client("optimizer", str)] = "sgd"
@@ -115,6 +116,9 @@ class TrainingSpec(Spec):
             columns["local_steps"] = self._spread_steps(num_clients, seed)
         plans = [TrainPlan(**{name: column[i] for name, column in columns.items()}) for i in range(num_clients)]
         longest = max(p.local_steps for p in plans)
+        if longest > MAX_STEPS and self.local_steps_spread > 1:
+            raise ConfigError(f"local-steps={self.local_steps:,} with local-steps-spread={self.local_steps_spread:g} "
+                              f"gives the longest client {longest:,} local steps, more than {MAX_STEPS:,}")
         if longest > MAX_STEPS:
             raise ConfigError(f"local-steps must be at most {MAX_STEPS:,}, got {longest:,}")
         return plans

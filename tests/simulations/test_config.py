@@ -221,11 +221,15 @@ def test_run_names_up_to_200_bytes_of_printable_characters_are_accepted(name):
 def test_local_steps_spread_is_bounded_by_the_largest_number_of_local_steps():
     with pytest.raises(ConfigError) as info:
         ExperimentConfig.from_mapping({"local-steps": 5, "local-steps-spread": 1e300})
-    assert str(info.value) == ("local-steps-spread must be at most 10,000,000 (the longest client's local steps "
+    assert str(info.value) == ("local-steps-spread must lie in [1, 10,000,000] (the longest client's local steps "
                                "over the shortest's), got 1e+300")
     steps = [p.local_steps for p in ExperimentConfig.from_mapping(
         {"local-steps": 5, "local-steps-spread": 1e7, "num-clients": 2}).client_plans()]
     assert sorted(steps) == [1, round(5 * 1e7**0.5)]
+    with pytest.raises(ConfigError) as info:  # within range, but the longest client would exceed the cap
+        ExperimentConfig.from_mapping({"local-steps": 10**6, "local-steps-spread": 10**6, "num-clients": 2})
+    assert str(info.value) == ("local-steps=1,000,000 with local-steps-spread=1e+06 gives the longest client "
+                               "1,000,000,000 local steps, more than 10,000,000")
 
 
 def test_one_client_is_refused_with_a_message_about_num_clients_unless_min_clients_allows_it():
