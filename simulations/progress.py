@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.text import Text
 from rich.progress import (
     BarColumn, MofNCompleteColumn, Progress, ProgressColumn, SpinnerColumn, TextColumn, TimeElapsedColumn,
+    TimeRemainingColumn,
 )
 
 
@@ -35,15 +36,16 @@ def labelled(label: str, style: str, text: str) -> Text:
 
 def progress_bar(console: Console | None = None, *, enabled: bool = True, unit: str | None = None,
                  transient: bool = False) -> Progress:
-    """A rich progress display on stderr: spinner, description, bar, count and elapsed time.
+    """A rich progress display on stderr: spinner, description, bar, count, elapsed and remaining time.
 
     ``unit`` shows an open-ended count ("123 tensors read") instead of n/N; ``enabled=False``, or
     a console that is not a terminal (a pipe, a log file), gives a display that prints nothing."""
     count: ProgressColumn = (MofNCompleteColumn() if unit is None
                              else TextColumn(f"{{task.completed}} {unit}", markup=False))
     console = console or terminal(stderr=True)
+    eta = [TimeRemainingColumn()] if unit is None else []
     return Progress(SpinnerColumn(), TextColumn("{task.description}", markup=False), BarColumn(), count,
-                    TimeElapsedColumn(), console=console, disable=not enabled or not console.is_terminal,
+                    TimeElapsedColumn(), *eta, console=console, disable=not enabled or not console.is_terminal,
                     transient=transient)
 
 

@@ -23,12 +23,13 @@ import csv
 import hashlib
 import itertools
 import json
+import logging
 import math
 import os
 import re
 import shutil
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -36,16 +37,22 @@ from pydantic import BaseModel, Field, FiniteFloat, Strict, ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from fedmerge.errors import ConfigError
+from fedmerge.errors import ConfigError, FederationError
 from fedmerge.io import atomic_path, check_output, write_text_atomic, writing
-from simulations.config import PRESETS_DIR, ExperimentConfig, check_run_name, find_shipped, plugin_files, read_toml
+from fedmerge.registry import load_plugin_file
+from fedmerge.train import single_thread
+from simulations.config import (
+    PRESETS_DIR, ExperimentConfig, check_run_name, find_shipped, machine_resources, plugin_files, read_toml,
+)
+from simulations.engine import joins_a_cluster
 from simulations.experiment import run_experiment
+from simulations.isolation import Post, run_isolated
 from simulations.plots import plot_sweep
 from simulations.progress import labelled, progress_bar
-from simulations.results import describe_setup
+from simulations.results import ServerOutput, describe_setup, write_results
 
 SWEEPS_DIR = Path(__file__).parent / "sweeps"
-SPEC_KEYS = {"name", "preset", "seeds", "set", "grid", "plugins"}
+SPEC_KEYS = {"name", "preset", "seeds", "set", "grid", "plugins", "cell-cpus", "cell-gpus"}
 # Per cell × strategy: the knobs, then these columns.
 CSV_COLUMNS = [
     "seed", "strategy", "scale", "accuracy", "client_accuracy", "normalized_accuracy",
@@ -60,6 +67,15 @@ class SweepSpec:
     base: dict[str, Any]  # preset values with the spec's [set] overrides
     grid: dict[str, list[Any]]
     seeds: list[int] = field(default_factory=lambda: [0])
+    cell_cpus: float = 1.0  # Ray resources of one cell in a parallel sweep
+    cell_gpus: float = 0.0
+
+    def with_resources(self, cell_cpus: float | None = None, cell_gpus: float | None = None) -> SweepSpec:
+        """This spec with the given per-cell resources (None keeps the spec's), checked."""
+        cpus = self.cell_cpus if cell_cpus is None else cell_cpus
+        gpus = self.cell_gpus if cell_gpus is None else cell_gpus
+        _check_resources(cpus, gpus, "cell-cpus", "cell-gpus")
+        return replace(self, cell_cpus=float(cpus), cell_gpus=float(gpus))
 
     @classmethod
     def load(cls, path: str | os.PathLike, plugins: Sequence[str | os.PathLike] = ()) -> SweepSpec:
@@ -93,7 +109,12 @@ class SweepSpec:
             check_run_name(name)
         except ValueError as exc:
             raise ConfigError(f"{path}: name {exc}, got {name!r}") from None
-        spec = cls(name, base, dict(grid), list(seeds))
+        resources = {key: raw.get(key, default) for key, default in (("cell-cpus", 1.0), ("cell-gpus", 0.0))}
+        for key, value in resources.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"{path}: {key} must be a number, got {value!r}")
+        _check_resources(resources["cell-cpus"], resources["cell-gpus"], f"{path}: cell-cpus", f"{path}: cell-gpus")
+        spec = cls(name, base, dict(grid), list(seeds), float(resources["cell-cpus"]), float(resources["cell-gpus"]))
         for cell in spec.cells():  # validate every cell before running any
             _ = cell.config
         return spec
@@ -127,35 +148,138 @@ class Cell:
         return re.sub(r"[^A-Za-z0-9=._-]+", "_", f"{knobs}-seed{self.seed}-{digest}")
 
 
-def run_sweep(spec: SweepSpec, out: Path, console: Console | None = None, progress: bool = True) -> Path:
-    """Run (or resume) every cell, then write ``results.csv`` and the plots into ``out``."""
+def _check_resources(cpus: float, gpus: float, cpus_key: str, gpus_key: str) -> None:
+    if not (math.isfinite(cpus) and 0 < cpus <= 1024):
+        raise ConfigError(f"{cpus_key} must lie in (0, 1024], got {cpus:g}")
+    if not (math.isfinite(gpus) and 0 <= gpus <= 64):
+        raise ConfigError(f"{gpus_key} must lie in [0, 64], got {gpus:g}")
+
+
+def default_workers(cell_cpus: float) -> int:
+    """As many cells as this machine's usable cores hold at ``cell_cpus`` each (at least one)."""
+    return max(1, int(machine_resources()[0] // cell_cpus))
+
+
+def run_sweep(spec: SweepSpec, out: Path, console: Console | None = None, progress: bool = True, *,
+              workers: int = 1, cell_cpus: float = 1.0, cell_gpus: float = 0.0) -> Path:
+    """Run (or resume) every cell, then write ``results.csv`` and the plots into ``out``.
+
+    ``workers`` cells run at a time: one runs them here, one after another; more run them as Ray
+    tasks in a child process (:func:`_run_cells_on_ray`), each task on the in-process engine with
+    ``cell_cpus`` CPUs and ``cell_gpus`` GPUs. Either way a cell's directory is written whole or not
+    at all, rows are read back in cell order (the order cells finish in changes nothing), and a cell
+    that raises is tried once more, then recorded in ``failures.json``; the others go on. Failed
+    cells are a :class:`FederationError` at the end, after the CSV and plots of the rest."""
     cells = list(spec.cells())
     check_output(out, directory=True, resume=True, option="sweep directory")  # before any cell runs
     with writing(out):
         (out / "cells").mkdir(parents=True, exist_ok=True)
         write_text_atomic(out / "sweep.json", json.dumps({"name": spec.name, "grid": spec.grid, "seeds": spec.seeds,
                                                           "set": spec.base}, indent=2) + "\n")
-    rows: list[dict[str, Any]] = []
+    failed: dict[str, str] = {}
     with progress_bar(console, enabled=progress) as bar:
         task = bar.add_task(f"sweep {spec.name}", total=len(cells))
-        for cell in cells:
-            cell_dir = out / "cells" / cell.id
-            results = None
-            if cell_dir.exists():  # done before: resume
-                try:
-                    results = read_cell_results(cell, cell_dir)
-                except ValueError as exc:
-                    bar.console.print(labelled("running again:", "yellow", f"cell {cell.id}: {exc}"))
-                    shutil.rmtree(cell_dir)
-            if results is None:
-                bar.update(task, description=f"sweep {spec.name}: {cell.knobs} seed {cell.seed}")
-                results = run_experiment(cell.config, cell_dir, progress=False).results
-            rows.extend(tidy_rows(cell, results))
+        pending = [cell for cell in cells if not _finished(cell, out, bar.console)]
+        bar.advance(task, len(cells) - len(pending))
+
+        def finished(cell_id: str, error: str | None) -> None:
+            if error is not None:
+                failed[cell_id] = error
+                bar.console.print(labelled("cell failed:", "red", f"{cell_id}: {error}"))
             bar.advance(task)
+            bar.update(task, description=f"sweep {spec.name} ({len(failed)} failed)" if failed
+                       else f"sweep {spec.name}")
+
+        if workers <= 1 or len(pending) <= 1:
+            for cell in pending:
+                bar.update(task, description=f"sweep {spec.name}: {cell.knobs} seed {cell.seed}")
+                finished(cell.id, _run_cell(cell, out))
+        else:
+            run_isolated(_run_cells_on_ray, (pending, out, workers, cell_cpus, cell_gpus),
+                         lambda kind, payload: finished(*payload))
+    rows = [row for cell in cells if cell.id not in failed
+            for row in tidy_rows(cell, read_cell_results(cell, out / "cells" / cell.id))]
     with writing(out):
+        if failed:
+            write_text_atomic(out / "failures.json", json.dumps(failed, indent=2) + "\n")
+        else:
+            (out / "failures.json").unlink(missing_ok=True)
         write_csv(rows, list(spec.grid), out / "results.csv")
         plot_sweep(rows, list(spec.grid), out, title=sweep_title(spec))
+    if failed:
+        raise FederationError(f"{len(failed)} of {len(cells)} cells failed twice (their errors: "
+                              f"{out / 'failures.json'}); the rest are in {out / 'results.csv'}; re-run to retry")
     return out
+
+
+def _finished(cell: Cell, out: Path, console: Console) -> bool:
+    """Whether ``cell`` ran before and left results that can be read back whole; a directory with
+    damaged results is named and removed, so that the cell runs again."""
+    cell_dir = out / "cells" / cell.id
+    if not cell_dir.exists():
+        return False
+    try:
+        read_cell_results(cell, cell_dir)
+        return True
+    except ValueError as exc:
+        console.print(labelled("running again:", "yellow", f"cell {cell.id}: {exc}"))
+        shutil.rmtree(cell_dir)
+        return False
+
+
+def _run_cell(cell: Cell, out: Path) -> str | None:
+    """Run ``cell`` into its directory, trying once more if it raises; the last error, or None."""
+    error = None
+    for _ in range(2):
+        try:
+            with single_thread():  # as in a Ray worker: sums that do not depend on the thread count
+                run_experiment(cell.config, out / "cells" / cell.id, progress=False)
+            return None
+        except Exception as exc:  # any failure of one cell is recorded; the sweep goes on
+            error = f"{type(exc).__name__}: {exc}"
+    return error
+
+
+def cell_output(config: ExperimentConfig) -> ServerOutput:
+    """One cell's run on the in-process engine, where a Ray worker runs it: its plugins first (a
+    worker process has not read the config that loads them). Cells run on one torch thread on
+    either path, so their floating-point sums, and so the CSV, are the same to the last digit."""
+    for plugin in config.run.plugins:
+        load_plugin_file(plugin)
+    with single_thread():
+        return run_experiment(config.replace(engine="inprocess"), progress=False)
+
+
+def _run_cells_on_ray(post: Post, deliver: Callable[[Any], None], cells: list[Cell], out: Path, workers: int,
+                      cell_cpus: float, cell_gpus: float) -> None:
+    """The parallel sweep's process: a Ray of ``workers`` × ``cell_cpus`` CPUs on this machine (or the
+    cluster at ``RAY_ADDRESS``) runs :func:`cell_output` per cell; this process alone writes each
+    cell's directory as its result arrives and posts ``("cell", (id, error or None))``.
+
+    Ray's worker processes stay up from cell to cell, so imports, data and the cached base are paid
+    once per worker. Cells that share clients (a grid over rules or λ only) may train the same client
+    in two workers at once: both write the same cache entry atomically, the last rename wins, and
+    both entries are equal, so results do not depend on it."""
+    import ray
+
+    if joins_a_cluster():
+        ray.init(logging_level=logging.ERROR, log_to_driver=False)
+    else:
+        ray.init(num_cpus=math.ceil(workers * cell_cpus), num_gpus=machine_resources()[1] if cell_gpus else 0,
+                 include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False,
+                 _node_ip_address="127.0.0.1")
+    remote = ray.remote(num_cpus=cell_cpus, num_gpus=cell_gpus, max_retries=1, retry_exceptions=True)(cell_output)
+    running = {remote.remote(cell.config): cell for cell in cells}
+    while running:
+        (ref,), _ = ray.wait(list(running), num_returns=1)
+        cell = running.pop(ref)
+        try:
+            write_results(ray.get(ref), cell.config, out / "cells" / cell.id)
+            post("cell", cell.id, None)
+        except Exception as exc:  # the task's error after its retry, or a failed write: this cell only
+            cause = getattr(exc, "cause", None) or exc
+            post("cell", cell.id, f"{type(cause).__name__}: {cause}")
+    deliver(None)
 
 
 Number = Annotated[FiniteFloat, Strict()]  # a JSON number (never text, a boolean or NaN)

@@ -106,7 +106,7 @@ def test_the_command_starts_without_importing_torch():
 
 def test_sweep_ends_with_a_summary_table(tmp_path, cache_dir, write_tiny_sweep_spec):
     spec = write_tiny_sweep_spec(tmp_path / "tiny.toml", f"{cache_dir}/sweep")
-    result = runner.invoke(app, ["sweep", str(spec), "--out", str(tmp_path / "out"), "-q"])
+    result = runner.invoke(app, ["sweep", str(spec), "--out", str(tmp_path / "out"), "-q", "--workers", "1"])
     assert result.exit_code == 0, result.output
     assert "sweep tiny: mean normalized accuracy % over seeds" in result.output
     assert "strategy \\ alpha" in result.output and "0.3" in result.output and "3.0" in result.output

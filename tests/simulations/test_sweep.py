@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from fedmerge import ConfigError
+from fedmerge import ConfigError, FederationError
 from simulations import sweep as sweep_module
 from simulations.sweep import SWEEPS_DIR, SweepSpec, run_sweep
 
@@ -168,3 +168,40 @@ def test_resume_reruns_a_cell_directory_without_results(finished_sweep, tmp_path
     (cell / "results.json").unlink()
     run_sweep(SweepSpec.load(spec_path), out, progress=False)
     assert (out / "results.csv").read_bytes() == (finished / "results.csv").read_bytes()
+
+
+def test_a_cell_that_raises_is_tried_again_then_recorded_and_the_sweep_goes_on(finished_sweep, tmp_path, monkeypatch):
+    spec_path, finished = finished_sweep
+    out = tmp_path / "out"
+    real, calls = sweep_module.run_experiment, []
+    bad = sorted(c.id for c in SweepSpec.load(spec_path).cells())[0]
+
+    def flaky(config, out=None, **kw):
+        calls.append(out.name)
+        if out.name == bad:
+            raise RuntimeError("a worker ran out of memory")
+        return real(config, out, **kw)
+
+    monkeypatch.setattr(sweep_module, "run_experiment", flaky)
+    with pytest.raises(FederationError, match="1 of 2 cells failed twice"):
+        run_sweep(SweepSpec.load(spec_path), out, progress=False)
+    assert calls.count(bad) == 2 and len(calls) == 3  # tried once more, the other cell ran once
+    assert json.loads((out / "failures.json").read_text()) == {bad: "RuntimeError: a worker ran out of memory"}
+    assert not (out / "cells" / bad).exists()
+    with (out / "results.csv").open() as fh:  # the other cell's rows, as in the finished sweep
+        assert {r["cell"] for r in csv.DictReader(fh)} == {c.id for c in SweepSpec.load(spec_path).cells()} - {bad}
+    monkeypatch.setattr(sweep_module, "run_experiment", real)
+    run_sweep(SweepSpec.load(spec_path), out, progress=False)  # resuming runs the failed cell only
+    assert not (out / "failures.json").exists()
+    assert (out / "results.csv").read_bytes() == (finished / "results.csv").read_bytes()
+
+
+@pytest.mark.ray
+def test_a_parallel_sweep_on_ray_writes_what_the_sequential_one_does(finished_sweep, tmp_path):
+    spec_path, finished = finished_sweep
+    out = run_sweep(SweepSpec.load(spec_path), tmp_path / "out", progress=False, workers=2)
+    assert (out / "results.csv").read_bytes() == (finished / "results.csv").read_bytes()
+    for cell in SweepSpec.load(spec_path).cells():
+        for name in ("base.safetensors", "merged/fedavg.safetensors", "merged/median.safetensors"):
+            a, b = out / "cells" / cell.id / name, finished / "cells" / cell.id / name
+            assert a.read_bytes() == b.read_bytes(), (cell.id, name)
