@@ -271,3 +271,35 @@ def loopback(ip: str) -> bool:
     address = ipaddress.ip_address(ip)
     mapped = getattr(address, "ipv4_mapped", None)
     return (mapped or address).is_loopback
+
+
+@pytest.mark.ray
+def test_ctrl_c_stops_a_parallel_sweep_and_keeps_its_finished_cells(tmp_path):
+    """Two cells finish at once, two never would: Ctrl-C stops every worker within seconds, keeps
+    the finished cells whole, and leaves no process behind."""
+    spec = tmp_path / "spec.toml"
+    spec.write_text('name = "stop"\nseeds = [0]\n[set]\nnum-clients = 3\npretrain-steps = 20\n'
+                    'strategies = ["fedavg"]\ntimeout = 600\n[grid]\nlocal-steps = [5, 10000000]\n'
+                    'alpha = [0.3, 3.0]\n')
+    env = {**os.environ, "FEDMERGE_CACHE": str(tmp_path / "cache"), "FLWR_HOME": str(tmp_path / "flwr")}
+    proc = subprocess.Popen([sys.executable, "-c", "from simulations.cli import main; main()", "sweep", str(spec),
+                             "-q", "--workers", "4", "--out", str(tmp_path / "sweep")], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    cells = tmp_path / "sweep" / "cells"
+    try:
+        wait_until(lambda: cells.is_dir() and len(list(cells.glob("*/results.json"))) == 2,
+                   "the two short cells to finish", RAY_START_GUARD_SECONDS)
+        started = descendants(proc)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=HANG_GUARD_SECONDS)
+    finally:
+        if proc.poll() is None:
+            stop_process_tree(proc.pid)
+    assert proc.returncode == 130 and "finished cells are kept" in stderr and "Traceback" not in stderr, stderr
+    _, alive = psutil.wait_procs(started, timeout=10)
+    assert not alive, [(p.pid, p.name()) for p in alive]
+    kept = sorted(p.name for p in cells.iterdir())
+    assert len(kept) == 2 and all(name.startswith("local-steps=5-") for name in kept)
+    for name in kept:
+        assert json.loads((cells / name / "results.json").read_text())["strategies"]["fedavg"]["accuracy"] > 0
