@@ -9,13 +9,16 @@ import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 from rich.table import Column, Table
 
 from fedmerge.errors import FederationError, FedmergeError, MergeOverflowError, OutputError
 from simulations.progress import count, labelled, terminal
+
+if TYPE_CHECKING:
+    from simulations.config import ExperimentConfig
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -74,6 +77,8 @@ def run(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="New results directory (default: runs/NAME-TIME).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
     plugin: Annotated[list[Path], typer.Option("--plugin", help="A Python file that registers merging rules, datasets, partitioners or models (repeatable).")] = [],
+    seeds: Annotated[str | None, typer.Option("--seeds", help="Run once per seed, e.g. 0,1,2 (a sweep of one cell per seed), and print mean ± sd per strategy.")] = None,
+    workers: Annotated[int, typer.Option("--workers", help="With --seeds: seeds run at once, as Ray tasks (1: one after another here).")] = 1,
 ) -> None:
     """Run one experiment (its help, with PRESET's, is in the decorator)."""
     with user_errors():  # the imports too: Ctrl-C while torch loads is an interrupt like any other
@@ -82,6 +87,8 @@ def run(
         from simulations.results import print_table, results_directory
 
         config = load_config(preset, set_, plugins=plugin)
+        if seeds is not None:
+            return _run_seeds(config, seeds, out, quiet, workers)
         with results_directory(out, config.name) as out_dir:
             results = run_experiment(config, out_dir, progress=not quiet, console=err_console).results
     with user_errors(f"interrupted; the results are complete in {out_dir}"):
@@ -91,6 +98,24 @@ def run(
 
             print_task_table(rows_from_run(results), console)
         console.print(f"results: {out_dir}/results.json  (timing: {results['timing']['total']:.1f} s)")
+
+
+def _run_seeds(config: ExperimentConfig, seeds: str, out: Path | None, quiet: bool, workers: int) -> None:
+    """``fedmerge run --seeds``: the experiment once per seed, as a sweep, then mean ± sd per strategy."""
+    from simulations.results import results_directory
+    from simulations.sweep import SweepSpec, print_seed_summary, run_sweep
+
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        raise FedmergeError(f"--seeds expects comma-separated integers, got {seeds!r}") from None
+    if workers < 1:
+        raise FedmergeError(f"--workers must be at least 1, got {workers}")
+    spec = SweepSpec.over_seeds(config, seed_list)
+    with results_directory(out, config.name) as out_dir:
+        run_sweep(spec, out_dir, console=err_console, progress=not quiet, workers=workers)
+    print_seed_summary(out_dir / "results.csv", console, title=config.name)
+    console.print(f"results: {out_dir}/results.csv, one directory per seed in {out_dir}/cells")
 
 
 @app.command(help="Run a grid of config values × seeds; write a tidy results.csv and plots (resumable)."

@@ -70,6 +70,16 @@ class SweepSpec:
     cell_cpus: float = 1.0  # Ray resources of one cell in a parallel sweep
     cell_gpus: float = 0.0
 
+    @classmethod
+    def over_seeds(cls, config: ExperimentConfig, seeds: Sequence[int]) -> SweepSpec:
+        """``config`` run once per seed: a sweep of one cell per seed, with no grid."""
+        if not seeds or len(set(seeds)) != len(seeds):
+            raise ConfigError(f"--seeds must list distinct seeds, got {list(seeds)}")
+        spec = cls(config.name, config.to_dict(), {}, list(seeds))
+        for cell in spec.cells():  # every seed's config is checked before any runs
+            _ = cell.config
+        return spec
+
     def with_resources(self, cell_cpus: float | None = None, cell_gpus: float | None = None) -> SweepSpec:
         """This spec with the given per-cell resources (None keeps the spec's), checked."""
         cpus = self.cell_cpus if cell_cpus is None else cell_cpus
@@ -145,7 +155,7 @@ class Cell:
         config = self.config.to_dict()
         digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8]
         knobs = "-".join(f"{k}={v}" for k, v in self.knobs.items())
-        return re.sub(r"[^A-Za-z0-9=._-]+", "_", f"{knobs}-seed{self.seed}-{digest}")
+        return re.sub(r"[^A-Za-z0-9=._-]+", "_", "-".join(filter(None, [knobs, f"seed{self.seed}", digest])))
 
 
 def _check_resources(cpus: float, gpus: float, cpus_key: str, gpus_key: str) -> None:
@@ -381,6 +391,33 @@ def sweep_title(spec: SweepSpec) -> str:
     first = next(spec.cells()).config.to_dict()
     seeds = f"{len(spec.seeds)} seeds" if len(spec.seeds) > 1 else f"seed {spec.seeds[0]}"
     return f"{spec.name}: {describe_setup(first, skip={*spec.grid, 'seed'})} · {seeds}"
+
+
+def print_seed_summary(csv_path: Path, console: Console, title: str = "") -> None:
+    """Per strategy, test and normalized accuracy over the seeds of ``results.csv``: mean ± standard
+    deviation (n − 1 in the denominator) and the range."""
+    with csv_path.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    seeds = sorted({int(r["seed"]) for r in rows})
+    table = Table(title=f"{title}: {len(seeds)} seeds ({', '.join(map(str, seeds))})" if title else None)
+    table.add_column("strategy", no_wrap=True)
+    for column in ("test acc % (mean ± sd)", "normalized % (mean ± sd)"):
+        table.add_column(column, justify="right")
+        table.add_column("range", justify="right")
+
+    def spread(values: list[float]) -> list[str]:
+        if not values:
+            return ["—", "—"]
+        mean = sum(values) / len(values)
+        sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+        return [f"{100 * mean:.2f} ± {100 * sd:.2f}", f"{100 * min(values):.2f}–{100 * max(values):.2f}"]
+
+    for strategy in dict.fromkeys(r["strategy"] for r in rows):
+        mine = [r for r in rows if r["strategy"] == strategy]
+        cells = [spread([float(r[key]) for r in mine if r[key] not in ("", None)])
+                 for key in ("accuracy", "normalized_accuracy")]
+        table.add_row(strategy, *cells[0], *cells[1])
+    console.print(table)
 
 
 def print_sweep_summary(csv_path: Path, knobs: Sequence[str], console: Console, title: str = "") -> None:

@@ -161,3 +161,28 @@ def test_a_pickled_pt_file_is_one_plain_line(checkpoints):
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "\x1b[" not in result.output and "mmap" not in result.output
     assert "pickled.pt" in lines[0] and "not a weights-only" in lines[0] and "safetensors" in lines[0]
+
+
+def test_run_over_seeds_prints_mean_and_sd_per_strategy(tmp_path, cache_dir):
+    import json
+    import statistics
+
+    out = tmp_path / "seeds"
+    result = runner.invoke(app, ["run", *fast(cache_dir), "--set", "strategies=['fedavg', 'median']",
+                                 "--seeds", "3,4,5", "--out", str(out)], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    cells = sorted((out / "cells").iterdir())
+    assert [c.name.split("-")[0] for c in cells] == ["seed3", "seed4", "seed5"]
+    for strategy in ("fedavg", "median"):  # recomputed from each seed's own results.json
+        accs = [json.loads((c / "results.json").read_text())["strategies"][strategy]["accuracy"] for c in cells]
+        expected = f"{100 * statistics.mean(accs):.2f} ± {100 * statistics.stdev(accs):.2f}"
+        row = next(line for line in result.output.splitlines() if f" {strategy} " in line)
+        assert expected in row, (expected, row)
+
+
+@pytest.mark.parametrize("seeds,needle", [("0,0", "distinct seeds"), ("a,b", "comma-separated integers"),
+                                          ("0,-1", "seed must be an integer in [0, 4294967295]")])
+def test_bad_seeds(tmp_path, cache_dir, seeds, needle):
+    result = runner.invoke(app, ["run", *fast(cache_dir), "--seeds", seeds, "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and needle in result.output and "Traceback" not in result.output, result.output
+    assert not (tmp_path / "o").exists()
