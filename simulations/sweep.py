@@ -19,6 +19,7 @@ back whole (damaged, edited, half-deleted) is named and run again.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import itertools
@@ -237,27 +238,60 @@ def _finished(cell: Cell, out: Path, console: Console) -> bool:
         return False
 
 
+CELL_LOG = "log.txt"  # in each cell's directory: the warnings of its run (clients left out, caches)
+
+
+@contextlib.contextmanager
+def kept_logs() -> Iterator[list[str]]:
+    """The warnings logged in the block, kept for a cell's ``log.txt`` instead of printed between the
+    sweep's progress lines."""
+    lines: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(self.format(record))
+
+    keep = Keep(logging.WARNING)
+    keep.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root, flower = logging.getLogger(), logging.getLogger("flwr")  # Flower's has a console handler of its own
+    saved = [(logger, logger.handlers[:]) for logger in (root, flower)]
+    root.handlers = [keep]
+    flower.handlers = [] if flower.propagate else [keep]
+    try:
+        yield lines
+    finally:
+        for logger, handlers in saved:
+            logger.handlers = handlers
+
+
+def _write_cell_log(cell_dir: Path, lines: list[str]) -> None:
+    write_text_atomic(cell_dir / CELL_LOG, "".join(f"{line}\n" for line in lines))
+
+
 def _run_cell(cell: Cell, out: Path) -> str | None:
     """Run ``cell`` into its directory, trying once more if it raises; the last error, or None."""
     error = None
     for _ in range(2):
         try:
-            with single_thread():  # as in a Ray worker: sums that do not depend on the thread count
+            with single_thread(), kept_logs() as lines:  # one thread, as in a Ray worker (see cell_output)
                 run_experiment(cell.config, out / "cells" / cell.id, progress=False)
+            _write_cell_log(out / "cells" / cell.id, lines)
             return None
         except Exception as exc:  # any failure of one cell is recorded; the sweep goes on
             error = f"{type(exc).__name__}: {exc}"
     return error
 
 
-def cell_output(config: ExperimentConfig) -> ServerOutput:
-    """One cell's run on the in-process engine, where a Ray worker runs it: its plugins first (a
-    worker process has not read the config that loads them). Cells run on one torch thread on
-    either path, so their floating-point sums, and so the CSV, are the same to the last digit."""
+def cell_output(config: ExperimentConfig) -> tuple[ServerOutput, list[str]]:
+    """One cell's run on the in-process engine, where a Ray worker runs it, and its log lines: its
+    plugins first (a worker process has not read the config that loads them). Cells run on one
+    torch thread on either path, so their floating-point sums, and so the CSV, are the same to the
+    last digit."""
     for plugin in config.run.plugins:
         load_plugin_file(plugin)
-    with single_thread():
-        return run_experiment(config.replace(engine="inprocess"), progress=False)
+    with single_thread(), kept_logs() as lines:
+        output = run_experiment(config.replace(engine="inprocess"), progress=False)
+    return output, lines
 
 
 def _run_cells_on_ray(post: Post, deliver: Callable[[Any], None], cells: list[Cell], out: Path, workers: int,
@@ -284,7 +318,9 @@ def _run_cells_on_ray(post: Post, deliver: Callable[[Any], None], cells: list[Ce
         (ref,), _ = ray.wait(list(running), num_returns=1)
         cell = running.pop(ref)
         try:
-            write_results(ray.get(ref), cell.config, out / "cells" / cell.id)
+            output, lines = ray.get(ref)
+            write_results(output, cell.config, out / "cells" / cell.id)
+            _write_cell_log(out / "cells" / cell.id, lines)
             post("cell", cell.id, None)
         except Exception as exc:  # the task's error after its retry, or a failed write: this cell only
             cause = getattr(exc, "cause", None) or exc

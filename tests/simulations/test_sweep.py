@@ -205,3 +205,27 @@ def test_a_parallel_sweep_on_ray_writes_what_the_sequential_one_does(finished_sw
         for name in ("base.safetensors", "merged/fedavg.safetensors", "merged/median.safetensors"):
             a, b = out / "cells" / cell.id / name, finished / "cells" / cell.id / name
             assert a.read_bytes() == b.read_bytes(), (cell.id, name)
+        assert (out / "cells" / cell.id / "log.txt").is_file()  # written by the driver, from the worker's lines
+
+
+def test_a_cells_warnings_go_to_its_log_not_between_the_progress_lines(finished_sweep, tmp_path, monkeypatch,
+                                                                       capsys):
+    import logging
+
+    spec_path, _ = finished_sweep
+    real = sweep_module.run_experiment
+
+    def warning_run(config, out=None, **kw):
+        logging.getLogger("flwr").warning("Client node 7 (partition 2) left out: no reply before the timeout")
+        logging.getLogger("fedmerge.io.state").warning("cache entry x.safetensors: damaged; discarded")
+        return real(config, out, **kw)
+
+    monkeypatch.setattr(sweep_module, "run_experiment", warning_run)
+    capsys.readouterr()
+    out = run_sweep(SweepSpec.load(spec_path), tmp_path / "out", progress=False)
+    assert "left out" not in capsys.readouterr().err
+    for cell in SweepSpec.load(spec_path).cells():
+        log = (out / "cells" / cell.id / "log.txt").read_text().splitlines()
+        assert len(log) == 2 and "WARNING flwr: Client node 7 (partition 2) left out" in log[0]
+        assert "WARNING fedmerge.io.state: cache entry x.safetensors" in log[1]
+    assert logging.getLogger("flwr").handlers != []  # the console handlers are back after the sweep
