@@ -19,6 +19,8 @@ Sections (each prints a table):
   sim      both engines from 8 to 128 clients (Ray at 8, 32, 128): the timing split and the
            engine's overhead per client beyond the clients' own reported seconds.
   cache    reading a cache entry with its checksum and finiteness checked against a plain read.
+  sweep    the shipped data-heterogeneity sweep over 6 seeds on 1 and 2 Ray workers: throughput,
+           identical CSVs, and one cell's time per stage.
 Timings are wall-clock on whatever machine runs this; min of repeats where cheap. How the numbers
 shaped the code is in docs/performance.md.
 """
@@ -449,8 +451,49 @@ def _seconds(work: Callable[..., object], *args: object) -> float:
     return time.perf_counter() - t0
 
 
+def bench_sweep(quick: bool) -> list[list]:
+    """The shipped data-heterogeneity sweep (7 alphas × 6 seeds = 42 cells; --quick: 2 seeds) one cell
+    after another and on 2 Ray workers, each from an empty cache, in fresh processes: wall time,
+    cells per minute per worker, the CSVs compared byte for byte; then where one cell's time goes."""
+    import json
+
+    seeds = [0, 1] if quick else list(range(6))
+    shipped = (Path(__file__).parent.parent / "simulations" / "sweeps" / "data-heterogeneity.toml").read_text()
+    variants = {"shipped (50 local steps)": shipped.replace("seeds = [0, 1, 2]", f"seeds = {seeds}"),
+                "1000 local steps, 2 seeds": shipped.replace("seeds = [0, 1, 2]", "seeds = [0, 1]")
+                .replace("local-steps = 50", "local-steps = 1000")}
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="fedmerge-bench-sweep-") as tmp:
+        for i, (variant, text) in enumerate(variants.items()):
+            spec = Path(tmp) / f"spec-{i}.toml"
+            spec.write_text(text)
+            csvs, walls = {}, {}
+            for workers in (1, 2):
+                out, cache = Path(tmp) / f"out-{i}-{workers}", Path(tmp) / f"cache-{i}-{workers}"
+                env = {**os.environ, "FEDMERGE_CACHE": str(cache)}
+                t0 = time.perf_counter()
+                subprocess.run([sys.executable, "-m", "simulations.cli", "sweep", str(spec), "-q", "--workers",
+                                str(workers), "--out", str(out)], env=env, check=True, capture_output=True)
+                walls[workers] = time.perf_counter() - t0
+                cells = len(list((out / "cells").iterdir()))
+                csvs[workers] = (out / "results.csv").read_bytes()
+                rows.append([variant, str(workers), str(cells), f"{walls[workers]:.1f}",
+                             f"{cells / (walls[workers] / 60) / workers:.1f}",
+                             "" if workers == 1 else f"{walls[1] / walls[2]:.2f}× ({csvs[1] == csvs[2]})"])
+        table("Sweep throughput: data-heterogeneity (7 alphas), from an empty cache; speed-up over one worker "
+              "(CSV identical)", ["sweep", "workers", "cells", "wall s", "cells/min/worker", "speed-up"], rows)
+        stages = ["data", "pretrain", "clients", "merging", "evaluation"]
+        timings = [json.loads(p.read_text())["timing"] for p in (Path(tmp) / "out-0-1" / "cells").glob("*/results.json")]
+        mean = {k: sum(t.get(k, 0.0) for t in timings) / len(timings) for k in [*stages, "total"]}
+        work = mean["clients"] + mean["merging"] + mean["evaluation"]
+        table("One cell of the shipped sweep, sequential (mean over cells; seconds from results.json's timing)",
+              [*stages, "total", "total / (clients + merging + evaluation)"],
+              [[*(f"{mean[k]:.3f}" for k in stages), f"{mean['total']:.3f}", f"{mean['total'] / work:.2f}"]])
+    return rows
+
+
 SECTIONS = {"tsv": bench_tsv, "linear": bench_linear, "offline": bench_offline, "default": bench_default,
-            "sim": bench_sim, "cache": bench_cache}
+            "sim": bench_sim, "cache": bench_cache, "sweep": bench_sweep}
 
 
 def main(argv: list[str] | None = None) -> None:
