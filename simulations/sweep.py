@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import platform
 import re
 import shutil
 from collections.abc import Callable, Iterator, Sequence
@@ -287,10 +288,13 @@ def cell_output(config: ExperimentConfig) -> tuple[ServerOutput, list[str]]:
     plugins first (a worker process has not read the config that loads them). Cells run on one
     torch thread on either path, so their floating-point sums, and so the CSV, are the same to the
     last digit."""
+    import ray
+
     for plugin in config.run.plugins:
         load_plugin_file(plugin)
     with single_thread(), kept_logs() as lines:
         output = run_experiment(config.replace(engine="inprocess"), progress=False)
+    output.results["node"] = {"host": platform.node(), "ray_node_id": ray.get_runtime_context().get_node_id()}
     return output, lines
 
 

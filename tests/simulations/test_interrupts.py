@@ -303,3 +303,60 @@ def test_ctrl_c_stops_a_parallel_sweep_and_keeps_its_finished_cells(tmp_path):
     assert len(kept) == 2 and all(name.startswith("local-steps=5-") for name in kept)
     for name in kept:
         assert json.loads((cells / name / "results.json").read_text())["strategies"]["fedavg"]["accuracy"] > 0
+
+
+TWO_NODE_CLUSTER = """
+import os, sys
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # before Ray is imported: keep 127.0.0.1
+from ray.cluster_utils import Cluster
+
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1",
+                                                       "include_dashboard": False})
+cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+cluster.wait_for_nodes()
+print(cluster.address, flush=True)
+sys.stdin.read()  # until the test closes it
+cluster.shutdown()
+"""
+
+
+@pytest.mark.ray
+def test_a_parallel_sweep_spreads_over_a_two_node_cluster_on_loopback(tmp_path, write_tiny_sweep_spec):
+    """Two Ray nodes on 127.0.0.1, each with one CPU: the cells land on both, the CSV equals a local
+    run's, and no socket of the cluster or the sweep leaves the loopback address."""
+    spec = write_tiny_sweep_spec(tmp_path / "spec.toml", tmp_path / "cache")
+    spec.write_text(spec.read_text().replace("seeds = [0]", "seeds = [0, 1]"))
+    env = {**os.environ, "FEDMERGE_CACHE": str(tmp_path / "cache"), "FLWR_HOME": str(tmp_path / "flwr"),
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    cli = [sys.executable, "-c", "from simulations.cli import main; main()", "sweep", str(spec), "-q"]
+    subprocess.run([*cli, "--workers", "1", "--out", str(tmp_path / "local")], env=env, check=True,
+                   capture_output=True, timeout=300)
+    cluster = subprocess.Popen([sys.executable, "-c", TWO_NODE_CLUSTER], env=env, stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    seen: set[tuple[str, str, str]] = set()
+    try:
+        address = cluster.stdout.readline().strip()
+        assert address.startswith("127.0.0.1:"), address
+        sweep = subprocess.Popen([*cli, "--workers", "2", "--out", str(tmp_path / "cluster")],
+                                 env={**env, "RAY_ADDRESS": address}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True)
+        while sweep.poll() is None:
+            for p in [psutil.Process(cluster.pid), *descendants(cluster), *descendants(sweep)]:
+                try:
+                    for c in p.net_connections(kind="inet"):
+                        seen.add((p.name(), c.laddr.ip, c.raddr.ip if c.raddr else ""))
+                except psutil.Error:
+                    continue
+            time.sleep(0.2)
+        assert sweep.returncode == 0, sweep.stderr.read()
+    finally:
+        cluster.stdin.close()
+        try:
+            cluster.wait(timeout=HANG_GUARD_SECONDS)
+        finally:
+            stop_process_tree(cluster.pid)
+    cells = sorted((tmp_path / "cluster" / "cells").glob("*/results.json"))
+    nodes = {json.loads(p.read_text())["node"]["ray_node_id"] for p in cells}
+    assert len(cells) == 4 and len(nodes) == 2, nodes  # both nodes ran cells
+    assert (tmp_path / "cluster" / "results.csv").read_bytes() == (tmp_path / "local" / "results.csv").read_bytes()
+    assert seen and not sorted(s for s in seen if not all(loopback(ip) for ip in s[1:] if ip))
