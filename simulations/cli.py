@@ -77,7 +77,7 @@ def run(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="New results directory (default: runs/NAME-TIME).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
     plugin: Annotated[list[Path], typer.Option("--plugin", help="A Python file that registers merging rules, datasets, partitioners or models (repeatable).")] = [],
-    seeds: Annotated[str | None, typer.Option("--seeds", help="Run once per seed, e.g. 0,1,2 (a sweep of one cell per seed), and print mean ± sd per strategy.")] = None,
+    seeds: Annotated[str | None, typer.Option("--seeds", help="Run once per seed, e.g. 0,1,2 (a sweep of one cell per seed, resumable into --out), and print mean ± sd per strategy.")] = None,
     workers: Annotated[int, typer.Option("--workers", help="With --seeds: seeds run at once, as Ray tasks (1: one after another here).")] = 1,
 ) -> None:
     """Run one experiment (its help, with PRESET's, is in the decorator)."""
@@ -86,6 +86,8 @@ def run(
         from simulations.experiment import run_experiment
         from simulations.results import print_table, results_directory
 
+        if workers < 1:
+            raise FedmergeError(f"--workers must be at least 1, got {workers}")
         config = load_config(preset, set_, plugins=plugin)
         if seeds is not None:
             return _run_seeds(config, seeds, out, quiet, workers)
@@ -109,11 +111,13 @@ def _run_seeds(config: ExperimentConfig, seeds: str, out: Path | None, quiet: bo
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     except ValueError:
         raise FedmergeError(f"--seeds expects comma-separated integers, got {seeds!r}") from None
-    if workers < 1:
-        raise FedmergeError(f"--workers must be at least 1, got {workers}")
     spec = SweepSpec.over_seeds(config, seed_list)
-    with results_directory(out, config.name) as out_dir:
+    if out is not None:  # a sweep directory: re-running resumes, as `fedmerge sweep` does
+        out_dir = out
         run_sweep(spec, out_dir, console=err_console, progress=not quiet, workers=workers)
+    else:
+        with results_directory(None, config.name) as out_dir:
+            run_sweep(spec, out_dir, console=err_console, progress=not quiet, workers=workers)
     print_seed_summary(out_dir / "results.csv", console, title=config.name)
     console.print(f"results: {out_dir}/results.csv, one directory per seed in {out_dir}/cells")
 
@@ -133,10 +137,10 @@ def sweep(
     with user_errors("interrupted; finished cells are kept, re-run to resume"):
         from simulations.sweep import SweepSpec, default_workers, print_sweep_summary, run_sweep
 
-        loaded = SweepSpec.load(spec, plugins=plugin).with_resources(cell_cpus, cell_gpus)
-        out_dir = out if out is not None else Path("runs") / f"sweep-{loaded.name}"
         if workers is not None and workers < 1:
             raise FedmergeError(f"--workers must be at least 1, got {workers}")
+        loaded = SweepSpec.load(spec, plugins=plugin).with_resources(cell_cpus, cell_gpus)
+        out_dir = out if out is not None else Path("runs") / f"sweep-{loaded.name}"
         run_sweep(loaded, out_dir, console=err_console, progress=not quiet,
                   workers=workers or default_workers(loaded.cell_cpus), cell_cpus=loaded.cell_cpus,
                   cell_gpus=loaded.cell_gpus)

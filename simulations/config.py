@@ -442,22 +442,22 @@ def machine_resources() -> tuple[int, int]:
     return cpus, torch.cuda.device_count()
 
 
-def check_resources(client_cpus: int, client_gpus: float) -> None:
-    """Refuse per-client resources that a Ray started on this machine could never grant (it would
-    start, then fail every client): more CPUs or GPUs than the machine has, or a GPU share Ray
-    cannot split. Checked where a local simulation starts, not in the config: a ServerApp deployed
-    elsewhere, or a Ray cluster, has other machines' resources."""
+def check_resources(cpus_each: float, gpus_each: float, what: str = "client") -> None:
+    """Refuse per-``what`` resources (a client's, or a sweep cell's) that a Ray started on this
+    machine could never grant (it would start, then wait or fail forever): more CPUs or GPUs than
+    the machine has, or a GPU share Ray cannot split. Checked where a local Ray starts, not in the
+    config: a ServerApp deployed elsewhere, or a Ray cluster, has other machines' resources."""
     cpus, gpus = machine_resources()
-    if client_cpus > cpus:
-        raise ConfigError(f"client-cpus={client_cpus} is more than the {cpus} CPUs of this machine; "
-                         f"use client-cpus <= {cpus} (or engine = \"inprocess\")")
-    if client_gpus > gpus:
-        seen, fix = ("no CUDA GPU is", "client-gpus = 0") if gpus == 0 else (f"only {gpus} CUDA GPUs are",
-                                                                            f"client-gpus <= {gpus}")
-        raise ConfigError(f"client-gpus={client_gpus:g} but {seen} visible on this machine; use {fix}")
-    if client_gpus > 1 and not float(client_gpus).is_integer():
-        raise ConfigError(f"client-gpus={client_gpus:g}: Ray gives a client a share of one GPU or whole GPUs; "
-                         "use a value <= 1 or an integer")
+    if cpus_each > cpus:
+        raise ConfigError(f"{what}-cpus={cpus_each:g} is more than the {cpus} CPUs of this machine; "
+                          f"use {what}-cpus <= {cpus}" + (' (or engine = "inprocess")' if what == "client" else ""))
+    if gpus_each > gpus:
+        seen, fix = ("no CUDA GPU is", f"{what}-gpus = 0") if gpus == 0 else (f"only {gpus} CUDA GPUs are",
+                                                                            f"{what}-gpus <= {gpus}")
+        raise ConfigError(f"{what}-gpus={gpus_each:g} but {seen} visible on this machine; use {fix}")
+    if gpus_each > 1 and not float(gpus_each).is_integer():
+        raise ConfigError(f"{what}-gpus={gpus_each:g}: Ray gives a {what} a share of one GPU or whole GPUs; "
+                          "use a value <= 1 or an integer")
 
 
 def default_cache_dir() -> Path:

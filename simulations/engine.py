@@ -48,12 +48,19 @@ def joins_a_cluster() -> bool:
     return bool(os.environ.get("RAY_ADDRESS"))
 
 
+def _cluster_is_remote() -> bool:
+    """True when ``RAY_ADDRESS`` names a cluster elsewhere (its nodes must reach this machine's
+    interface address); a cluster on 127.0.0.1 stays on loopback like a local simulation."""
+    host = os.environ.get("RAY_ADDRESS", "").removeprefix("ray://").rsplit(":", 1)[0]
+    return bool(host) and host not in ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
 def set_offline_env() -> None:
     """Flower and Ray must not reach the network at run time, and a local Ray stays on the loopback
     address; a user's explicit setting wins."""
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
-    if not joins_a_cluster():
+    if not _cluster_is_remote():
         for key, value in LOOPBACK_ENV.items():
             os.environ.setdefault(key, value)
 

@@ -44,9 +44,10 @@ from fedmerge.io import atomic_path, check_output, write_text_atomic, writing
 from fedmerge.registry import load_plugin_file
 from fedmerge.train import single_thread
 from simulations.config import (
-    PRESETS_DIR, ExperimentConfig, check_run_name, find_shipped, machine_resources, plugin_files, read_toml,
+    PRESETS_DIR, ExperimentConfig, check_resources, check_run_name, find_shipped, machine_resources, plugin_files,
+    read_toml,
 )
-from simulations.engine import joins_a_cluster
+from simulations.engine import joins_a_cluster, set_offline_env
 from simulations.experiment import run_experiment
 from simulations.isolation import Post, run_isolated
 from simulations.plots import plot_sweep
@@ -74,10 +75,11 @@ class SweepSpec:
 
     @classmethod
     def over_seeds(cls, config: ExperimentConfig, seeds: Sequence[int]) -> SweepSpec:
-        """``config`` run once per seed: a sweep of one cell per seed, with no grid."""
+        """``config`` run once per seed: a sweep of one cell per seed, with no grid, on the in-process
+        engine (as every sweep's cells: no Ray start-up per seed)."""
         if not seeds or len(set(seeds)) != len(seeds):
             raise ConfigError(f"--seeds must list distinct seeds, got {list(seeds)}")
-        spec = cls(config.name, config.to_dict(), {}, list(seeds))
+        spec = cls(config.name, {**config.to_dict(), "engine": "inprocess"}, {}, list(seeds))
         for cell in spec.cells():  # every seed's config is checked before any runs
             _ = cell.config
         return spec
@@ -113,9 +115,13 @@ class SweepSpec:
         for key, values in grid.items():
             if not isinstance(values, list) or not values:
                 raise ConfigError(f"{path}: grid.{key} must be a non-empty list of values")
+            if len({json.dumps(v, sort_keys=True) for v in values}) != len(values):
+                raise ConfigError(f"{path}: grid.{key} lists a value twice: {values}")
         seeds = raw.get("seeds", [base.get("seed", 0)])
         if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
             raise ConfigError(f"{path}: seeds must be a non-empty list of integers")
+        if len(set(seeds)) != len(seeds):
+            raise ConfigError(f"{path}: seeds lists a seed twice: {seeds}")
         name = str(raw.get("name", path.stem))
         try:
             check_run_name(name)
@@ -168,8 +174,10 @@ def _check_resources(cpus: float, gpus: float, cpus_key: str, gpus_key: str) -> 
 
 
 def default_workers(cell_cpus: float) -> int:
-    """As many cells as this machine's usable cores hold at ``cell_cpus`` each (at least one)."""
-    return max(1, int(machine_resources()[0] // cell_cpus))
+    """As many cells as this machine's usable cores hold at ``cell_cpus`` each, at least one and at
+    most one per core (each worker is a process with torch loaded)."""
+    cores = machine_resources()[0]
+    return max(1, min(cores, int(cores // cell_cpus)))
 
 
 def run_sweep(spec: SweepSpec, out: Path, console: Console | None = None, progress: bool = True, *,
@@ -207,6 +215,9 @@ def run_sweep(spec: SweepSpec, out: Path, console: Console | None = None, progre
                 bar.update(task, description=f"sweep {spec.name}: {cell.knobs} seed {cell.seed}")
                 finished(cell.id, _run_cell(cell, out))
         else:
+            set_offline_env()  # before the child starts: a local Ray stays on loopback, offline
+            if not joins_a_cluster():
+                check_resources(cell_cpus, cell_gpus, "cell")  # else tasks would wait forever
             run_isolated(_run_cells_on_ray, (pending, out, workers, cell_cpus, cell_gpus),
                          lambda kind, payload: finished(*payload))
     rows = [row for cell in cells if cell.id not in failed
@@ -217,7 +228,8 @@ def run_sweep(spec: SweepSpec, out: Path, console: Console | None = None, progre
         else:
             (out / "failures.json").unlink(missing_ok=True)
         write_csv(rows, list(spec.grid), out / "results.csv")
-        plot_sweep(rows, list(spec.grid), out, title=sweep_title(spec))
+        if rows:  # every cell failed: a CSV of its header, and nothing to plot
+            plot_sweep(rows, list(spec.grid), out, title=sweep_title(spec))
     if failed:
         raise FederationError(f"{len(failed)} of {len(cells)} cells failed twice (their errors: "
                               f"{out / 'failures.json'}); the rest are in {out / 'results.csv'}; re-run to retry")
@@ -228,7 +240,13 @@ def _finished(cell: Cell, out: Path, console: Console) -> bool:
     """Whether ``cell`` ran before and left results that can be read back whole; a directory with
     damaged results is named and removed, so that the cell runs again."""
     cell_dir = out / "cells" / cell.id
+    for staging in (out / "cells").glob(f".{cell.id}.*"):  # left by an interrupted write
+        shutil.rmtree(staging, ignore_errors=True)
     if not cell_dir.exists():
+        return False
+    if not cell_dir.is_dir():
+        console.print(labelled("running again:", "yellow", f"cell {cell.id}: not a directory"))
+        cell_dir.unlink()
         return False
     try:
         read_cell_results(cell, cell_dir)
@@ -278,6 +296,8 @@ def _run_cell(cell: Cell, out: Path) -> str | None:
                 run_experiment(cell.config, out / "cells" / cell.id, progress=False)
             _write_cell_log(out / "cells" / cell.id, lines)
             return None
+        except ConfigError as exc:  # the same input fails the same way: no second try
+            return f"{type(exc).__name__}: {exc}"
         except Exception as exc:  # any failure of one cell is recorded; the sweep goes on
             error = f"{type(exc).__name__}: {exc}"
     return error
@@ -317,13 +337,17 @@ def _run_cells_on_ray(post: Post, deliver: Callable[[Any], None], cells: list[Ce
                  include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False,
                  _node_ip_address="127.0.0.1")
     remote = ray.remote(num_cpus=cell_cpus, num_gpus=cell_gpus, max_retries=1, retry_exceptions=True)(cell_output)
-    running = {remote.remote(cell.config): cell for cell in cells}
-    while running:
+    waiting: list[Cell] = list(cells)
+    running: dict[Any, Cell] = {}
+    while waiting or running:
+        while waiting and len(running) < workers:  # at most ``workers`` cells at once, on a cluster too
+            cell = waiting.pop(0)
+            running[remote.remote(cell.config)] = cell
         (ref,), _ = ray.wait(list(running), num_returns=1)
         cell = running.pop(ref)
         try:
             output, lines = ray.get(ref)
-            write_results(output, cell.config, out / "cells" / cell.id)
+            write_results(output, cell.config.replace(engine="inprocess"), out / "cells" / cell.id)
             _write_cell_log(out / "cells" / cell.id, lines)
             post("cell", cell.id, None)
         except Exception as exc:  # the task's error after its retry, or a failed write: this cell only
@@ -449,7 +473,9 @@ def print_seed_summary(csv_path: Path, console: Console, title: str = "") -> Non
         if not values:
             return ["—", "—"]
         mean = sum(values) / len(values)
-        sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+        if len(values) == 1:
+            return [f"{100 * mean:.2f}", "—"]
+        sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
         return [f"{100 * mean:.2f} ± {100 * sd:.2f}", f"{100 * min(values):.2f}–{100 * max(values):.2f}"]
 
     for strategy in dict.fromkeys(r["strategy"] for r in rows):

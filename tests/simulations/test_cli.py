@@ -186,3 +186,33 @@ def test_bad_seeds(tmp_path, cache_dir, seeds, needle):
     result = runner.invoke(app, ["run", *fast(cache_dir), "--seeds", seeds, "--out", str(tmp_path / "o")])
     assert result.exit_code == 2 and needle in result.output and "Traceback" not in result.output, result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_run_over_seeds_resumes_into_its_out_directory(tmp_path, cache_dir):
+    out = tmp_path / "seeds"
+    args = ["run", *fast(cache_dir), "--set", "strategies=['fedavg']", "--seeds", "0,1", "--out", str(out)]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    csv_text = (out / "results.csv").read_text()
+    cell = next((out / "cells").iterdir())
+    import shutil
+
+    shutil.rmtree(cell)  # as if that seed had failed or been interrupted
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0, again.output
+    assert (out / "results.csv").read_text() == csv_text and cell.is_dir()
+
+
+def test_sweep_cell_resources_this_machine_lacks_are_refused_before_ray_starts(tmp_path, cache_dir,
+                                                                               write_tiny_sweep_spec, monkeypatch):
+    import simulations.config
+
+    monkeypatch.setattr(simulations.config, "machine_resources", lambda: (2, 0))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    spec = write_tiny_sweep_spec(tmp_path / "spec.toml", f"{cache_dir}/sweep")
+    for flags, needle in ((["--cell-gpus", "1"], "cell-gpus=1 but no CUDA GPU is visible on this machine"),
+                          (["--cell-cpus", "4"], "cell-cpus=4 is more than the 2 CPUs of this machine"),
+                          (["--workers", "0"], "--workers must be at least 1, got 0")):
+        result = runner.invoke(app, ["sweep", str(spec), "-q", "--workers", "2", *flags, "--out", str(tmp_path / "o")])
+        assert result.exit_code == 2 and needle in result.output and "Traceback" not in result.output, result.output
+        assert not (tmp_path / "o" / "cells").exists() or not list((tmp_path / "o" / "cells").iterdir())

@@ -37,7 +37,7 @@ def fedmerge_run():
     started: list[subprocess.Popen] = []
 
     def start(tmp_path: Path, *settings: str) -> subprocess.Popen:
-        env = {**os.environ, "FEDMERGE_CACHE": str(tmp_path / "cache"), "FLWR_HOME": str(tmp_path / "flwr")}
+        env = {**clean_environment(), "FEDMERGE_CACHE": str(tmp_path / "cache"), "FLWR_HOME": str(tmp_path / "flwr")}
         args = [sys.executable, "-c", "from simulations.cli import main; main()", "run", "-q",
                 "--set", "num-clients=3", "--set", "pretrain-steps=20", "--set", "strategies=['fedavg']",
                 *(a for s in settings for a in ("--set", s)), "--out", str(tmp_path / "run")]
@@ -50,6 +50,31 @@ def fedmerge_run():
     for proc in started:
         if proc.poll() is None:
             stop_process_tree(proc.pid)
+
+
+def clean_environment() -> dict[str, str]:
+    """This process's environment without the settings fedmerge itself puts there (an earlier test's
+    run sets them in this process): a child must set up Ray's loopback on its own for a test to
+    see that it does."""
+    from simulations.engine import LOOPBACK_ENV
+
+    return {k: v for k, v in os.environ.items() if k not in LOOPBACK_ENV}
+
+
+def sockets(procs) -> set[tuple[str, str, str]]:
+    """(process, local address, remote address) of every internet socket of ``procs``."""
+    seen = set()
+    for p in procs:
+        try:
+            for c in p.net_connections(kind="inet"):
+                seen.add((p.name(), c.laddr.ip, c.raddr.ip if c.raddr else ""))
+        except psutil.Error:
+            continue
+    return seen
+
+
+def off_loopback(seen: set[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
+    return sorted(s for s in seen if not all(loopback(ip) for ip in s[1:] if ip))
 
 
 def descendants(proc: subprocess.Popen) -> list[psutil.Process]:
@@ -251,19 +276,13 @@ def test_an_inprocess_client_past_its_deadline_stops_training(small_config):
 @pytest.mark.ray
 def test_a_ray_run_keeps_every_socket_on_the_loopback_address(fedmerge_run, tmp_path):
     proc = fedmerge_run(tmp_path, 'engine="ray"', "local-steps=2000")
-    seen: set[tuple[str, str, str]] = set()  # (process, local address, remote address)
+    seen: set[tuple[str, str, str]] = set()
     while proc.poll() is None:
-        for p in descendants(proc):
-            try:
-                for c in p.net_connections(kind="inet"):
-                    seen.add((p.name(), c.laddr.ip, c.raddr.ip if c.raddr else ""))
-            except psutil.Error:
-                continue
+        seen |= sockets(descendants(proc))
         time.sleep(0.2)
     assert proc.returncode == 0, proc.stderr.read() if proc.stderr else ""
     assert len({name for name, _, _ in seen}) >= 3  # the GCS, the raylet and workers were seen
-    off_loopback = sorted(s for s in seen if not all(loopback(ip) for ip in s[1:] if ip))
-    assert not off_loopback, off_loopback  # a listener on 0.0.0.0 or :: is off loopback too
+    assert not off_loopback(seen), off_loopback(seen)  # a listener on 0.0.0.0 or :: is off loopback too
 
 
 def loopback(ip: str) -> bool:
@@ -281,15 +300,20 @@ def test_ctrl_c_stops_a_parallel_sweep_and_keeps_its_finished_cells(tmp_path):
     spec.write_text('name = "stop"\nseeds = [0]\n[set]\nnum-clients = 3\npretrain-steps = 20\n'
                     'strategies = ["fedavg"]\ntimeout = 600\n[grid]\nlocal-steps = [5, 10000000]\n'
                     'alpha = [0.3, 3.0]\n')
-    env = {**os.environ, "FEDMERGE_CACHE": str(tmp_path / "cache"), "FLWR_HOME": str(tmp_path / "flwr")}
+    env = {**clean_environment(), "FEDMERGE_CACHE": str(tmp_path / "cache"), "FLWR_HOME": str(tmp_path / "flwr")}
     proc = subprocess.Popen([sys.executable, "-c", "from simulations.cli import main; main()", "sweep", str(spec),
                              "-q", "--workers", "4", "--out", str(tmp_path / "sweep")], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     cells = tmp_path / "sweep" / "cells"
+    seen: set[tuple[str, str, str]] = set()
+
+    def two_cells_done() -> bool:
+        seen.update(sockets(descendants(proc)))  # the parallel sweep's own Ray stays on loopback too
+        return cells.is_dir() and len(list(cells.glob("*/results.json"))) == 2
+
     try:
-        wait_until(lambda: cells.is_dir() and len(list(cells.glob("*/results.json"))) == 2,
-                   "the two short cells to finish", RAY_START_GUARD_SECONDS)
+        wait_until(two_cells_done, "the two short cells to finish", RAY_START_GUARD_SECONDS)
         started = descendants(proc)
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=HANG_GUARD_SECONDS)
@@ -303,6 +327,7 @@ def test_ctrl_c_stops_a_parallel_sweep_and_keeps_its_finished_cells(tmp_path):
     assert len(kept) == 2 and all(name.startswith("local-steps=5-") for name in kept)
     for name in kept:
         assert json.loads((cells / name / "results.json").read_text())["strategies"]["fedavg"]["accuracy"] > 0
+    assert len({name for name, _, _ in seen}) >= 3 and not off_loopback(seen), off_loopback(seen)
 
 
 TWO_NODE_CLUSTER = """
@@ -326,8 +351,7 @@ def test_a_parallel_sweep_spreads_over_a_two_node_cluster_on_loopback(tmp_path, 
     run's, and no socket of the cluster or the sweep leaves the loopback address."""
     spec = write_tiny_sweep_spec(tmp_path / "spec.toml", tmp_path / "cache")
     spec.write_text(spec.read_text().replace("seeds = [0]", "seeds = [0, 1]"))
-    env = {**os.environ, "FEDMERGE_CACHE": str(tmp_path / "cache"), "FLWR_HOME": str(tmp_path / "flwr"),
-           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env = {**clean_environment(), "FEDMERGE_CACHE": str(tmp_path / "cache"), "FLWR_HOME": str(tmp_path / "flwr")}
     cli = [sys.executable, "-c", "from simulations.cli import main; main()", "sweep", str(spec), "-q"]
     subprocess.run([*cli, "--workers", "1", "--out", str(tmp_path / "local")], env=env, check=True,
                    capture_output=True, timeout=300)
@@ -341,12 +365,7 @@ def test_a_parallel_sweep_spreads_over_a_two_node_cluster_on_loopback(tmp_path, 
                                  env={**env, "RAY_ADDRESS": address}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                  text=True)
         while sweep.poll() is None:
-            for p in [psutil.Process(cluster.pid), *descendants(cluster), *descendants(sweep)]:
-                try:
-                    for c in p.net_connections(kind="inet"):
-                        seen.add((p.name(), c.laddr.ip, c.raddr.ip if c.raddr else ""))
-                except psutil.Error:
-                    continue
+            seen |= sockets([psutil.Process(cluster.pid), *descendants(cluster), *descendants(sweep)])
             time.sleep(0.2)
         assert sweep.returncode == 0, sweep.stderr.read()
     finally:
@@ -359,4 +378,4 @@ def test_a_parallel_sweep_spreads_over_a_two_node_cluster_on_loopback(tmp_path, 
     nodes = {json.loads(p.read_text())["node"]["ray_node_id"] for p in cells}
     assert len(cells) == 4 and len(nodes) == 2, nodes  # both nodes ran cells
     assert (tmp_path / "cluster" / "results.csv").read_bytes() == (tmp_path / "local" / "results.csv").read_bytes()
-    assert seen and not sorted(s for s in seen if not all(loopback(ip) for ip in s[1:] if ip))
+    assert seen and not off_loopback(seen), off_loopback(seen)

@@ -187,7 +187,6 @@ def test_a_cell_that_raises_is_tried_again_then_recorded_and_the_sweep_goes_on(f
         run_sweep(SweepSpec.load(spec_path), out, progress=False)
     assert calls.count(bad) == 2 and len(calls) == 3  # tried once more, the other cell ran once
     assert json.loads((out / "failures.json").read_text()) == {bad: "RuntimeError: a worker ran out of memory"}
-    assert not (out / "cells" / bad).exists()
     with (out / "results.csv").open() as fh:  # the other cell's rows, as in the finished sweep
         assert {r["cell"] for r in csv.DictReader(fh)} == {c.id for c in SweepSpec.load(spec_path).cells()} - {bad}
     monkeypatch.setattr(sweep_module, "run_experiment", real)
@@ -220,12 +219,51 @@ def test_a_cells_warnings_go_to_its_log_not_between_the_progress_lines(finished_
         logging.getLogger("fedmerge.io.state").warning("cache entry x.safetensors: damaged; discarded")
         return real(config, out, **kw)
 
+    class Spy(logging.Handler):  # stands for the console handlers: it must hear nothing of the cells
+        def __init__(self):
+            super().__init__(logging.DEBUG)
+            self.heard = []
+
+        def emit(self, record):
+            self.heard.append(record.getMessage())
+
+    spy = Spy()
+    root, flower = logging.getLogger(), logging.getLogger("flwr")
+    monkeypatch.setattr(root, "handlers", [*root.handlers, spy])
+    monkeypatch.setattr(flower, "handlers", [*flower.handlers, spy])
+    before = (list(root.handlers), list(flower.handlers))
     monkeypatch.setattr(sweep_module, "run_experiment", warning_run)
-    capsys.readouterr()
     out = run_sweep(SweepSpec.load(spec_path), tmp_path / "out", progress=False)
-    assert "left out" not in capsys.readouterr().err
+    assert spy.heard == []
     for cell in SweepSpec.load(spec_path).cells():
         log = (out / "cells" / cell.id / "log.txt").read_text().splitlines()
         assert len(log) == 2 and "WARNING flwr: Client node 7 (partition 2) left out" in log[0]
         assert "WARNING fedmerge.io.state: cache entry x.safetensors" in log[1]
-    assert logging.getLogger("flwr").handlers != []  # the console handlers are back after the sweep
+    assert (list(root.handlers), list(flower.handlers)) == before  # every handler is back after the sweep
+    logging.getLogger("flwr").warning("after the sweep")
+    assert "after the sweep" in spy.heard
+
+
+def test_a_sweep_whose_every_cell_fails_is_one_error_and_a_csv_header(finished_sweep, tmp_path, monkeypatch):
+    spec_path, _ = finished_sweep
+    calls = []
+
+    def failing(config, out=None, **kw):
+        calls.append(out.name)
+        raise ConfigError("partition 'flaky' cannot split these labels")  # the same input fails the same way
+
+    monkeypatch.setattr(sweep_module, "run_experiment", failing)
+    with pytest.raises(FederationError, match="2 of 2 cells failed"):
+        run_sweep(SweepSpec.load(spec_path), tmp_path / "out", progress=False)
+    assert len(calls) == 2  # a ConfigError is not tried a second time
+    assert (tmp_path / "out" / "results.csv").read_text().count("\n") == 1
+    assert not list((tmp_path / "out").glob("*.png"))
+
+
+@pytest.mark.parametrize("text,needle", [('seeds = [0, 0]\n[grid]\nalpha = [0.3]\n', "seeds lists a seed twice"),
+                                         ('[grid]\nalpha = [0.3, 0.3]\n', "grid.alpha lists a value twice")])
+def test_a_spec_listing_a_seed_or_value_twice_is_refused(tmp_path, text, needle):
+    spec = tmp_path / "spec.toml"
+    spec.write_text(f'name = "dup"\n{text}')
+    with pytest.raises(ConfigError, match=needle):
+        SweepSpec.load(spec)
