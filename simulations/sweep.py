@@ -38,11 +38,11 @@ from typing import Annotated, Any
 from pydantic import BaseModel, Field, FiniteFloat, Strict, ValidationError
 from rich.console import Console
 from rich.table import Table
+import torch
 
 from fedmerge.errors import ConfigError, FederationError
 from fedmerge.io import atomic_path, check_output, write_text_atomic, writing
 from fedmerge.registry import load_plugin_file
-from fedmerge.train import single_thread
 from simulations.config import (
     PRESETS_DIR, ExperimentConfig, check_resources, check_run_name, find_shipped, machine_resources, plugin_files,
     read_toml,
@@ -173,6 +173,11 @@ def _check_resources(cpus: float, gpus: float, cpus_key: str, gpus_key: str) -> 
         raise ConfigError(f"{gpus_key} must lie in [0, 64], got {gpus:g}")
 
 
+def cell_threads(cell_cpus: float) -> int:
+    """torch threads of a cell with ``cell_cpus`` CPUs: the whole CPUs it has, at least one."""
+    return max(1, int(cell_cpus))
+
+
 def default_workers(cell_cpus: float) -> int:
     """As many cells as this machine's usable cores hold at ``cell_cpus`` each, at least one and at
     most one per core (each worker is a process with torch loaded)."""
@@ -186,7 +191,8 @@ def run_sweep(spec: SweepSpec, out: Path, console: Console | None = None, progre
 
     ``workers`` cells run at a time: one runs them here, one after another; more run them as Ray
     tasks in a child process (:func:`_run_cells_on_ray`), each task on the in-process engine with
-    ``cell_cpus`` CPUs and ``cell_gpus`` GPUs. Either way a cell's directory is written whole or not
+    ``cell_cpus`` CPUs and ``cell_gpus`` GPUs. Either way a cell uses as many torch threads as it has
+    whole CPUs (:func:`run_cell`). Either way a cell's directory is written whole or not
     at all, rows are read back in cell order (the order cells finish in changes nothing), and a cell
     that raises is tried once more, then recorded in ``failures.json``; the others go on. Failed
     cells are a :class:`FederationError` at the end, after the CSV and plots of the rest."""
@@ -213,7 +219,7 @@ def run_sweep(spec: SweepSpec, out: Path, console: Console | None = None, progre
         if workers <= 1 or len(pending) <= 1:
             for cell in pending:
                 bar.update(task, description=f"sweep {spec.name}: {cell.knobs} seed {cell.seed}")
-                finished(cell.id, _run_cell(cell, out))
+                finished(cell.id, _run_cell(cell, out, cell_threads(cell_cpus)))
         else:
             set_offline_env()  # before the child starts: a local Ray stays on loopback, offline
             if not joins_a_cluster():
@@ -287,13 +293,32 @@ def _write_cell_log(cell_dir: Path, lines: list[str]) -> None:
     write_text_atomic(cell_dir / CELL_LOG, "".join(f"{line}\n" for line in lines))
 
 
-def _run_cell(cell: Cell, out: Path) -> str | None:
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """torch on ``threads`` threads in the block (the process-wide setting, restored after)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def run_cell(config: ExperimentConfig, out: Path | None, threads: int) -> tuple[ServerOutput, list[str]]:
+    """One cell's run, with its warnings kept for its log, on ``threads`` torch threads (its
+    ``cell-cpus``): the one way both paths run a cell, so that their floating-point sums, and so the
+    CSV, agree to the last digit whichever path ran it."""
+    with torch_threads(threads), kept_logs() as lines:
+        output = run_experiment(config, out, progress=False)
+    return output, lines
+
+
+def _run_cell(cell: Cell, out: Path, threads: int) -> str | None:
     """Run ``cell`` into its directory, trying once more if it raises; the last error, or None."""
     error = None
     for _ in range(2):
         try:
-            with single_thread(), kept_logs() as lines:  # one thread, as in a Ray worker (see cell_output)
-                run_experiment(cell.config, out / "cells" / cell.id, progress=False)
+            _, lines = run_cell(cell.config, out / "cells" / cell.id, threads)
             _write_cell_log(out / "cells" / cell.id, lines)
             return None
         except ConfigError as exc:  # the same input fails the same way: no second try
@@ -303,17 +328,14 @@ def _run_cell(cell: Cell, out: Path) -> str | None:
     return error
 
 
-def cell_output(config: ExperimentConfig) -> tuple[ServerOutput, list[str]]:
-    """One cell's run on the in-process engine, where a Ray worker runs it, and its log lines: its
-    plugins first (a worker process has not read the config that loads them). Cells run on one
-    torch thread on either path, so their floating-point sums, and so the CSV, are the same to the
-    last digit."""
+def cell_output(config: ExperimentConfig, threads: int) -> tuple[ServerOutput, list[str]]:
+    """A cell's run where a Ray worker runs it (:func:`run_cell` on the in-process engine), and
+    where it ran: its plugins first (a worker process has not read the config that loads them)."""
     import ray
 
     for plugin in config.run.plugins:
         load_plugin_file(plugin)
-    with single_thread(), kept_logs() as lines:
-        output = run_experiment(config.replace(engine="inprocess"), progress=False)
+    output, lines = run_cell(config.replace(engine="inprocess"), None, threads)
     output.results["node"] = {"host": platform.node(), "ray_node_id": ray.get_runtime_context().get_node_id()}
     return output, lines
 
@@ -342,7 +364,7 @@ def _run_cells_on_ray(post: Post, deliver: Callable[[Any], None], cells: list[Ce
     while waiting or running:
         while waiting and len(running) < workers:  # at most ``workers`` cells at once, on a cluster too
             cell = waiting.pop(0)
-            running[remote.remote(cell.config)] = cell
+            running[remote.remote(cell.config, cell_threads(cell_cpus))] = cell
         (ref,), _ = ray.wait(list(running), num_returns=1)
         cell = running.pop(ref)
         try:

@@ -267,3 +267,21 @@ def test_a_spec_listing_a_seed_or_value_twice_is_refused(tmp_path, text, needle)
     spec.write_text(f'name = "dup"\n{text}')
     with pytest.raises(ConfigError, match=needle):
         SweepSpec.load(spec)
+
+
+@pytest.mark.parametrize("cell_cpus,threads", [(1.0, 1), (0.5, 1), (2.0, 2)])
+def test_a_cell_runs_on_as_many_torch_threads_as_it_has_whole_cpus(finished_sweep, tmp_path, monkeypatch,
+                                                                    cell_cpus, threads):
+    import torch
+
+    spec_path, _ = finished_sweep
+    real, seen = sweep_module.run_experiment, []
+
+    def counting(config, out=None, **kw):
+        seen.append(torch.get_num_threads())
+        return real(config, out, **kw)
+
+    monkeypatch.setattr(sweep_module, "run_experiment", counting)
+    before = torch.get_num_threads()
+    run_sweep(SweepSpec.load(spec_path), tmp_path / "out", progress=False, cell_cpus=cell_cpus)
+    assert seen == [threads, threads] and torch.get_num_threads() == before
