@@ -112,12 +112,9 @@ def _run_seeds(config: ExperimentConfig, seeds: str, out: Path | None, quiet: bo
     except ValueError:
         raise FedmergeError(f"--seeds expects comma-separated integers, got {seeds!r}") from None
     spec = SweepSpec.over_seeds(config, seed_list)
-    if out is not None:  # a sweep directory: re-running resumes, as `fedmerge sweep` does
-        out_dir = out
+    # --out is a sweep directory (re-running resumes, as `fedmerge sweep` does); else a new run directory
+    with contextlib.nullcontext(out) if out is not None else results_directory(None, config.name) as out_dir:
         run_sweep(spec, out_dir, console=err_console, progress=not quiet, workers=workers)
-    else:
-        with results_directory(None, config.name) as out_dir:
-            run_sweep(spec, out_dir, console=err_console, progress=not quiet, workers=workers)
     print_seed_summary(out_dir / "results.csv", console, title=config.name)
     console.print(f"results: {out_dir}/results.csv, one directory per seed in {out_dir}/cells")
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import hashlib
 import itertools
 import json
@@ -150,14 +151,15 @@ class Cell:
     seed: int
     base: dict[str, Any]
 
-    @property
+    @functools.cached_property
     def config(self) -> ExperimentConfig:
+        """The cell's validated config, built once (a sweep reads it, and its id, many times per cell)."""
         try:
             return ExperimentConfig.from_mapping({**self.base, **self.knobs, "seed": self.seed})
         except ConfigError as exc:
             raise ConfigError(f"sweep cell {self.knobs} seed {self.seed}: {exc}") from None
 
-    @property
+    @functools.cached_property
     def id(self) -> str:
         """Readable knob values, the seed, and a digest of the whole effective config."""
         config = self.config.to_dict()
