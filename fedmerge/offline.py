@@ -33,6 +33,14 @@ from fedmerge.models.clip import encoder_state, save_pretrained
 from fedmerge.task_vector import TaskVector, apply
 
 
+def _check_method(method: str, options: Mapping[str, Any] | None) -> None:
+    """A known rule and option names it has, before any checkpoint is read (``weights`` or
+    ``method`` given as options would otherwise clash with ``merge``'s own arguments)."""
+    METHODS.check(method)
+    for key in options or {}:
+        METHODS[method].option(key)
+
+
 def merge_checkpoints(
     base: str | os.PathLike,
     models: Sequence[str | os.PathLike],
@@ -52,11 +60,11 @@ def merge_checkpoints(
     ``on_read`` is called once per tensor read from disk (a progress hook). Returns a summary:
     method, scale, number of models, merged and copied tensor names.
     """
+    _check_method(method, options)
     if is_pretrained_source(base):  # Hub id or save_pretrained directory: a CLIP image encoder
         return merge_pretrained(str(base), [str(m) for m in models], method, out, scale=scale, options=options,
                                 weights=weights, overwrite=overwrite)
     out = Path(out)
-    METHODS.check(method)
     if not models:
         raise CheckpointError("no fine-tuned models given")
     if out.suffix != ".safetensors":
@@ -94,7 +102,7 @@ def merge_pretrained(base: str, models: Sequence[str], method: str, out: str | o
                      options: Mapping[str, Any] | None = None, weights: Sequence[float] | None = None,
                      overwrite: bool = False) -> dict[str, Any]:
     """θ0 + λ·merge(τ_i) over CLIP image encoders, written as a ``save_pretrained`` directory ``out``."""
-    METHODS.check(method)
+    _check_method(method, options)
     out = Path(out)
     check_output(out, directory=True, resume=overwrite)
     theta0 = encoder_state(base)

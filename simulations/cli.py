@@ -212,7 +212,6 @@ def merge(
     plugin: Annotated[list[Path], typer.Option("--plugin", help="A Python file that registers merging rules, datasets, partitioners or models (repeatable).")] = [],
 ) -> None:
     """Merge checkpoints you already have, tensor by tensor, into θ0 + λ·τ_merged (no training, no Flower)."""
-    from fedmerge.merging import METHODS
     from fedmerge.offline import merge_checkpoints
     from simulations.config import load_plugins, parse_override
     from simulations.progress import progress_bar
@@ -228,9 +227,6 @@ def merge(
                 raise FedmergeError(f"--option expects key=value, got {text!r}")
             key, value = parse_override(text)
             options[key.replace("-", "_")] = value
-        METHODS.check(method)
-        for key in options:  # before reading any checkpoint; names like "weights" are not options
-            METHODS[method].option(key)
         with progress_bar(err_console, enabled=not quiet, unit="tensors read", transient=True) as bar:
             task = bar.add_task(f"Merging {count(len(models) + len(ctx.args), 'model')} with {method}", total=None)
             summary = merge_checkpoints(base, [*models, *map(Path, ctx.args)], method, out, scale=scale,

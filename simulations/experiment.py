@@ -13,9 +13,8 @@ from rich.console import Console
 import clients
 from fedmerge.data import load_federated
 from fedmerge.errors import FederationError
-from fedmerge.registry import load_plugin_file
 
-from simulations.config import ExperimentConfig, check_resources
+from simulations.config import ExperimentConfig, check_resources, load_plugins
 from simulations.engine import joins_a_cluster, quiet_flower_logs, run_inprocess, run_ray, set_offline_env
 from simulations.isolation import Post, allow_result_type, run_isolated
 from simulations.progress import ForwardedProgress, RunProgress
@@ -70,8 +69,7 @@ def run_engine(build: AppBuilder, config: ExperimentConfig, progress: RunProgres
 
 def _run_on_ray(post: Post, deliver: Callable[[Any], None], build: AppBuilder, config: ExperimentConfig) -> None:
     """The Ray engine's child process: the experiment's plugins, then Flower's simulation on Ray."""
-    for plugin in config.run.plugins:
-        load_plugin_file(plugin)
+    load_plugins(config.run.plugins)
     quiet_flower_logs()
     app = build(config, ForwardedProgress(post), deliver)
     run_ray(app, clients.app, config.num_clients, config.run.client_cpus, config.run.client_gpus)

@@ -43,10 +43,9 @@ import torch
 
 from fedmerge.errors import ConfigError, FederationError
 from fedmerge.io import atomic_path, check_output, write_text_atomic, writing
-from fedmerge.registry import load_plugin_file
 from simulations.config import (
-    PRESETS_DIR, ExperimentConfig, check_resources, check_run_name, find_shipped, machine_resources, plugin_files,
-    read_toml,
+    PRESETS_DIR, ExperimentConfig, check_resources, check_run_name, find_shipped, load_plugins, machine_resources,
+    plugin_files, read_toml,
 )
 from simulations.engine import joins_a_cluster, set_offline_env
 from simulations.experiment import run_experiment
@@ -207,7 +206,8 @@ def run_sweep(spec: SweepSpec, out: Path, console: Console | None = None, progre
     failed: dict[str, str] = {}
     with progress_bar(console, enabled=progress) as bar:
         task = bar.add_task(f"sweep {spec.name}", total=len(cells))
-        pending = [cell for cell in cells if not _finished(cell, out, bar.console)]
+        done_before = {cell.id: results for cell in cells if (results := _finished(cell, out, bar.console))}
+        pending = [cell for cell in cells if cell.id not in done_before]
         bar.advance(task, len(cells) - len(pending))
 
         def finished(cell_id: str, error: str | None) -> None:
@@ -229,7 +229,7 @@ def run_sweep(spec: SweepSpec, out: Path, console: Console | None = None, progre
             run_isolated(_run_cells_on_ray, (pending, out, workers, cell_cpus, cell_gpus),
                          lambda kind, payload: finished(*payload))
     rows = [row for cell in cells if cell.id not in failed
-            for row in tidy_rows(cell, read_cell_results(cell, out / "cells" / cell.id))]
+            for row in tidy_rows(cell, done_before.get(cell.id) or read_cell_results(cell, out / "cells" / cell.id))]
     with writing(out):
         if failed:
             write_text_atomic(out / "failures.json", json.dumps(failed, indent=2) + "\n")
@@ -244,25 +244,24 @@ def run_sweep(spec: SweepSpec, out: Path, console: Console | None = None, progre
     return out
 
 
-def _finished(cell: Cell, out: Path, console: Console) -> bool:
-    """Whether ``cell`` ran before and left results that can be read back whole; a directory with
-    damaged results is named and removed, so that the cell runs again."""
+def _finished(cell: Cell, out: Path, console: Console) -> dict[str, Any] | None:
+    """The results ``cell`` left when it ran before, if they can be read back whole, else None; a
+    directory with damaged results is named and removed, so that the cell runs again."""
     cell_dir = out / "cells" / cell.id
     for staging in (out / "cells").glob(f".{cell.id}.*"):  # left by an interrupted write
         shutil.rmtree(staging, ignore_errors=True)
     if not cell_dir.exists():
-        return False
+        return None
     if not cell_dir.is_dir():
         console.print(labelled("running again:", "yellow", f"cell {cell.id}: not a directory"))
         cell_dir.unlink()
-        return False
+        return None
     try:
-        read_cell_results(cell, cell_dir)
-        return True
+        return read_cell_results(cell, cell_dir)
     except ValueError as exc:
         console.print(labelled("running again:", "yellow", f"cell {cell.id}: {exc}"))
         shutil.rmtree(cell_dir)
-        return False
+        return None
 
 
 CELL_LOG = "log.txt"  # in each cell's directory: the warnings of its run (clients left out, caches)
@@ -335,8 +334,7 @@ def cell_output(config: ExperimentConfig, threads: int) -> tuple[ServerOutput, l
     where it ran: its plugins first (a worker process has not read the config that loads them)."""
     import ray
 
-    for plugin in config.run.plugins:
-        load_plugin_file(plugin)
+    load_plugins(config.run.plugins)
     output, lines = run_cell(config.replace(engine="inprocess"), None, threads)
     output.results["node"] = {"host": platform.node(), "ray_node_id": ray.get_runtime_context().get_node_id()}
     return output, lines

@@ -262,23 +262,24 @@ class OneShotMerge(Strategy):
             )
         # A fixed order makes floating-point sums, and so the merged weights, reproducible.
         self.reports.sort(key=lambda r: (r.partition_id if r.partition_id is not None else 1 << 30, r.node_id))
+        first_model = None  # θ0 + λ·τ_merged of the first rule that merged: the round's returned model
         for m in self.methods:
             task_vectors, weights, options = self.merge_inputs(m)
             t0 = time.perf_counter()
             try:
                 merged = merge(m, task_vectors, weights, **options)
                 seconds = time.perf_counter() - t0
-                apply(self.base, merged, self.scale[m])  # the model θ0 + λ·τ_merged must be finite too
+                model = apply(self.base, merged, self.scale[m])  # the model must be finite too
             except MergeError as exc:  # e.g. an overflow: this rule's result is lost, not the others'
                 self.method_failures[m] = str(exc)
                 log(WARNING, "Merging rule %s failed: %s", m, exc)
                 continue
             self.merged[m], self.merge_seconds[m] = merged, seconds
-        if not self.merged:
+            first_model = model if first_model is None else first_model
+        if first_model is None:
             raise FederationError("every merging rule failed: " + "; ".join(self.method_failures.values()))
-        first = next(iter(self.merged))
-        model = apply(self.base, self.merged[first], self.scale[first])
-        return ArrayRecord(model), MetricRecord({"num-merged": len(self.reports), "num-failed": len(self.failures)})
+        metrics = MetricRecord({"num-merged": len(self.reports), "num-failed": len(self.failures)})
+        return ArrayRecord(first_model), metrics
 
     def merge_inputs(self, method: str) -> tuple[list[dict[str, Tensor]], list[float] | None, dict[str, Any]]:
         """What ``merge(method, ...)`` gets from the accepted replies: task vectors, weights p_i (None:
