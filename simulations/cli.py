@@ -139,8 +139,7 @@ def sweep(
         loaded = SweepSpec.load(spec, plugins=plugin).with_resources(cell_cpus, cell_gpus)
         out_dir = out if out is not None else Path("runs") / f"sweep-{loaded.name}"
         run_sweep(loaded, out_dir, console=err_console, progress=not quiet,
-                  workers=workers or default_workers(loaded.cell_cpus), cell_cpus=loaded.cell_cpus,
-                  cell_gpus=loaded.cell_gpus)
+                  workers=workers or default_workers(loaded.cell_cpus))
     with user_errors(f"interrupted; the sweep's results are complete in {out_dir}"):
         print_sweep_summary(out_dir / "results.csv", list(loaded.grid), console, title=loaded.name)
         console.print(f"sweep: {out_dir}/results.csv and {', '.join(p.name for p in sorted(out_dir.glob('*.png')))}")

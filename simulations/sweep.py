@@ -187,17 +187,18 @@ def default_workers(cell_cpus: float) -> int:
 
 
 def run_sweep(spec: SweepSpec, out: Path, console: Console | None = None, progress: bool = True, *,
-              workers: int = 1, cell_cpus: float = 1.0, cell_gpus: float = 0.0) -> Path:
+              workers: int = 1) -> Path:
     """Run (or resume) every cell, then write ``results.csv`` and the plots into ``out``.
 
     ``workers`` cells run at a time: one runs them here, one after another; more run them as Ray
     tasks in a child process (:func:`_run_cells_on_ray`), each task on the in-process engine with
-    ``cell_cpus`` CPUs and ``cell_gpus`` GPUs. Either way a cell uses as many torch threads as it has
+    the spec's ``cell_cpus`` CPUs and ``cell_gpus`` GPUs. Either way a cell uses as many torch threads as it has
     whole CPUs (:func:`run_cell`). Either way a cell's directory is written whole or not
     at all, rows are read back in cell order (the order cells finish in changes nothing), and a cell
     that raises is tried once more, then recorded in ``failures.json``; the others go on. Failed
     cells are a :class:`FederationError` at the end, after the CSV and plots of the rest."""
     cells = list(spec.cells())
+    cell_cpus, cell_gpus = spec.cell_cpus, spec.cell_gpus
     check_output(out, directory=True, resume=True, option="sweep directory")  # before any cell runs
     with writing(out):
         (out / "cells").mkdir(parents=True, exist_ok=True)

@@ -283,5 +283,5 @@ def test_a_cell_runs_on_as_many_torch_threads_as_it_has_whole_cpus(finished_swee
 
     monkeypatch.setattr(sweep_module, "run_experiment", counting)
     before = torch.get_num_threads()
-    run_sweep(SweepSpec.load(spec_path), tmp_path / "out", progress=False, cell_cpus=cell_cpus)
+    run_sweep(SweepSpec.load(spec_path).with_resources(cell_cpus), tmp_path / "out", progress=False)
     assert seen == [threads, threads] and torch.get_num_threads() == before
