@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 import uuid
@@ -23,47 +22,8 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from fedmerge.train import OutOfTime, time_limit
+from simulations.cluster import ray_init_args
 from simulations.flower_private import Run, set_task_identity
-
-OFFLINE_ENV = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "HF_DATASETS_OFFLINE": "1",
-    "HF_HUB_OFFLINE": "1",
-    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
-}
-
-LOOPBACK_ENV = {
-    # Ray on Linux swaps a node address of 127.0.0.1 for the machine's interface address; with this
-    # off it keeps loopback, so a local simulation's services, workers and connections stay on
-    # 127.0.0.1 (read when Ray is imported: it must be in the environment before that).
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-}
-
-
-def joins_a_cluster() -> bool:
-    """True when Ray is told to join a running cluster (``RAY_ADDRESS``) instead of starting its own."""
-    return bool(os.environ.get("RAY_ADDRESS"))
-
-
-def _cluster_is_remote() -> bool:
-    """True when ``RAY_ADDRESS`` names a cluster elsewhere (its nodes must reach this machine's
-    interface address); a cluster on 127.0.0.1 stays on loopback like a local simulation."""
-    host = os.environ.get("RAY_ADDRESS", "").removeprefix("ray://").rsplit(":", 1)[0]
-    return bool(host) and host not in ("127.0.0.1", "localhost", "::1", "[::1]")
-
-
-def set_offline_env() -> None:
-    """Flower and Ray must not reach the network at run time, and a local Ray stays on the loopback
-    address; a user's explicit setting wins."""
-    for key, value in OFFLINE_ENV.items():
-        os.environ.setdefault(key, value)
-    if not _cluster_is_remote():
-        for key, value in LOOPBACK_ENV.items():
-            os.environ.setdefault(key, value)
-
 
 _client_threads: list[threading.Thread] = []  # the in-process engine's, until their OS threads are gone
 
@@ -265,11 +225,8 @@ def run_ray(server_app: ServerApp, client_app: ClientApp, num_nodes: int, num_cp
 
     backend_config: dict[str, dict[str, Any]] = {
         "client_resources": {"num_cpus": num_cpus, "num_gpus": num_gpus},
-        "init_args": {"logging_level": logging.ERROR, "log_to_driver": False, "configure_logging": True,
-                      "include_dashboard": False},
+        "init_args": {**ray_init_args(), "configure_logging": True},
     }
-    if not joins_a_cluster():  # a local simulation: Ray's traffic stays on loopback
-        backend_config["init_args"]["_node_ip_address"] = "127.0.0.1"
     flwr_logger = logging.getLogger("flwr")
     level = flwr_logger.level
     flwr_logger.setLevel(logging.ERROR)  # hides run_simulation's deprecation notice; failures still surface

@@ -15,7 +15,8 @@ from fedmerge.data import load_federated
 from fedmerge.errors import FederationError
 
 from simulations.config import ExperimentConfig, check_resources, load_plugins
-from simulations.engine import joins_a_cluster, quiet_flower_logs, run_inprocess, run_ray, set_offline_env
+from simulations.cluster import joins_a_cluster, set_offline_env
+from simulations.engine import quiet_flower_logs, run_inprocess, run_ray
 from simulations.isolation import Post, allow_result_type, run_isolated
 from simulations.progress import ForwardedProgress, RunProgress
 from simulations.results import check_out_dir, write_results

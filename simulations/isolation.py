@@ -59,7 +59,8 @@ def _stop_everything_when_the_parent_dies(parent: int, private: Path) -> None:
     threading.Thread(target=watch, name="fedmerge-parent-watch", daemon=True).start()
 
 
-def _child_main(work: Callable[..., Any], args: tuple, events: Any, result_path: str, parent: int) -> None:
+def _child_main(payload: bytes, start: Callable[[], None] | None, events: Any, result_path: str,
+                parent: int) -> None:
     os.setsid()  # Ray's processes join this session; the terminal's Ctrl-C goes to the parent only
     _stop_everything_when_the_parent_dies(parent, Path(result_path).parent)
 
@@ -73,10 +74,35 @@ def _child_main(work: Callable[..., Any], args: tuple, events: Any, result_path:
         post("result")
 
     try:
+        work, args = _unpickled_while(start, payload)
         work(post, deliver, *args)
     except BaseException as exc:  # every failure goes back to the parent, to be reported as one line
         post("error", _picklable(exc))
     post("finished")
+
+
+def _unpickled_while(start: Callable[[], None] | None, payload: bytes) -> Any:
+    """``pickle.loads(payload)``, which imports what the work needs (seconds: torch, Flower), in a
+    thread while ``start()`` (such as starting Ray, which mostly waits on processes it launched)
+    runs here; each one's exception is raised here."""
+    loaded: dict[str, Any] = {}
+
+    def load() -> None:
+        try:
+            loaded["value"] = pickle.loads(payload)
+        except BaseException as exc:
+            loaded["error"] = exc
+
+    loader = threading.Thread(target=load, name="fedmerge-imports")
+    loader.start()
+    try:
+        if start is not None:
+            start()
+    finally:
+        loader.join()
+    if "error" in loaded:
+        raise loaded["error"]
+    return loaded["value"]
 
 
 def _picklable(exc: BaseException) -> BaseException:
@@ -101,21 +127,44 @@ def stop_process_tree(pid: int) -> None:
     for proc in procs:
         with contextlib.suppress(psutil.Error):
             proc.kill()
-    psutil.wait_procs(procs, timeout=_REAP_SECONDS)
+    _wait_until_dead(procs, _REAP_SECONDS)
 
 
-def run_isolated(work: Callable[..., Any], args: tuple, on_event: Callable[[str, tuple], None]) -> Any:
+def _wait_until_dead(procs: list[psutil.Process], timeout: float) -> None:
+    """Wait until every one of ``procs`` has ended. A killed process that is left a zombie counts as
+    ended: it holds no memory, file or socket any more, and whoever reaps it (its parent is killed
+    too, so this machine's init) may take seconds to."""
+    deadline = time.monotonic() + timeout
+    while procs and time.monotonic() < deadline:
+        procs = [proc for proc in procs if _running(proc)]
+        if procs:
+            time.sleep(0.01)
+
+
+def _running(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:  # gone, or no longer ours to see
+        return False
+
+
+def run_isolated(work: Callable[..., Any], args: tuple, on_event: Callable[[str, tuple], None], *,
+                 start: Callable[[], None] | None = None) -> Any:
     """Run ``work(post, deliver, *args)`` in a child process and return what it ``deliver``-ed.
+
+    ``start()``, if given, runs in the child first, while ``work`` and ``args`` are still being
+    unpickled (imported) in a thread beside it; it must come from a module that imports quickly.
 
     ``on_event(kind, payload)`` receives the child's ``post``-ed events as they come. An exception in
     the child is raised here; a child that dies without a result is a :class:`FederationError`. On
     return, on an exception, and on KeyboardInterrupt the child and all its processes are killed.
-    ``work`` and ``args`` must pickle (a module-level function and plain data)."""
+    ``work``, ``args`` and ``start`` must pickle (module-level functions, partials of them and plain data)."""
     context = multiprocessing.get_context("spawn")
     events = context.Queue()
     with tempfile.TemporaryDirectory(prefix="fedmerge-engine-") as private:
         result_path = str(Path(private) / "result.pt")
-        child = context.Process(target=_child_main, args=(work, args, events, result_path, os.getpid()),
+        payload = pickle.dumps((work, args))
+        child = context.Process(target=_child_main, args=(payload, start, events, result_path, os.getpid()),
                                 name="fedmerge-engine")
         with _sigint_ignored():  # inherited: the child never turns Ctrl-C into a traceback of its own
             child.start()

@@ -47,7 +47,7 @@ from simulations.config import (
     PRESETS_DIR, ExperimentConfig, check_resources, check_run_name, find_shipped, load_plugins, machine_resources,
     plugin_files, read_toml,
 )
-from simulations.engine import joins_a_cluster, set_offline_env
+from simulations.cluster import joins_a_cluster, set_offline_env, start_ray
 from simulations.experiment import run_experiment
 from simulations.isolation import Post, run_isolated
 from simulations.plots import plot_sweep
@@ -193,9 +193,10 @@ def run_sweep(spec: SweepSpec, out: Path, console: Console | None = None, progre
     ``workers`` cells run at a time: one runs them here, one after another; more run them as Ray
     tasks in a child process (:func:`_run_cells_on_ray`), each task on the in-process engine with
     the spec's ``cell_cpus`` CPUs and ``cell_gpus`` GPUs. Either way a cell uses as many torch threads as it has
-    whole CPUs (:func:`run_cell`). Either way a cell's directory is written whole or not
+    whole CPUs (:func:`attempt_cell`). Either way a cell's directory is written whole or not
     at all, rows are read back in cell order (the order cells finish in changes nothing), and a cell
-    that raises is tried once more, then recorded in ``failures.json``; the others go on. Failed
+    that raises is tried once more (not for a ConfigError), then recorded in ``failures.json`` with
+    its error and what it logged; the others go on. Failed
     cells are a :class:`FederationError` at the end, after the CSV and plots of the rest."""
     cells = list(spec.cells())
     cell_cpus, cell_gpus = spec.cell_cpus, spec.cell_gpus
@@ -204,16 +205,16 @@ def run_sweep(spec: SweepSpec, out: Path, console: Console | None = None, progre
         (out / "cells").mkdir(parents=True, exist_ok=True)
         write_text_atomic(out / "sweep.json", json.dumps({"name": spec.name, "grid": spec.grid, "seeds": spec.seeds,
                                                           "set": spec.base}, indent=2) + "\n")
-    failed: dict[str, str] = {}
+    failed: dict[str, dict[str, Any]] = {}  # cell id: its last error and what it logged
     with progress_bar(console, enabled=progress) as bar:
         task = bar.add_task(f"sweep {spec.name}", total=len(cells))
         done_before = {cell.id: results for cell in cells if (results := _finished(cell, out, bar.console))}
         pending = [cell for cell in cells if cell.id not in done_before]
         bar.advance(task, len(cells) - len(pending))
 
-        def finished(cell_id: str, error: str | None) -> None:
+        def finished(cell_id: str, error: str | None, log: list[str]) -> None:
             if error is not None:
-                failed[cell_id] = error
+                failed[cell_id] = {"error": error, "log": log}
                 bar.console.print(labelled("cell failed:", "red", f"{cell_id}: {error}"))
             bar.advance(task)
             bar.update(task, description=f"sweep {spec.name} ({len(failed)} failed)" if failed
@@ -222,13 +223,16 @@ def run_sweep(spec: SweepSpec, out: Path, console: Console | None = None, progre
         if workers <= 1 or len(pending) <= 1:
             for cell in pending:
                 bar.update(task, description=f"sweep {spec.name}: {cell.knobs} seed {cell.seed}")
-                finished(cell.id, _run_cell(cell, out, cell_threads(cell_cpus)))
+                attempt = _run_cell(cell, out, cell_threads(cell_cpus))
+                finished(cell.id, attempt.error, attempt.log)
         else:
             set_offline_env()  # before the child starts: a local Ray stays on loopback, offline
             if not joins_a_cluster():
                 check_resources(cell_cpus, cell_gpus, "cell")  # else tasks would wait forever
+            gpus = machine_resources()[1] if cell_gpus else 0
             run_isolated(_run_cells_on_ray, (pending, out, workers, cell_cpus, cell_gpus),
-                         lambda kind, payload: finished(*payload))
+                         lambda kind, payload: finished(*payload),
+                         start=functools.partial(start_ray, math.ceil(workers * cell_cpus), gpus))
     rows = [row for cell in cells if cell.id not in failed
             for row in tidy_rows(cell, done_before.get(cell.id) or read_cell_results(cell, out / "cells" / cell.id))]
     with writing(out):
@@ -306,46 +310,63 @@ def torch_threads(threads: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def run_cell(config: ExperimentConfig, out: Path | None, threads: int) -> tuple[ServerOutput, list[str]]:
-    """One cell's run, with its warnings kept for its log, on ``threads`` torch threads (its
-    ``cell-cpus``): the one way both paths run a cell, so that their floating-point sums, and so the
+@dataclass
+class Attempt:
+    """One try at a cell: its output or the error it raised, and the warnings it logged either way."""
+
+    output: ServerOutput | None
+    log: list[str]
+    error: str | None = None
+    worth_retrying: bool = False  # not a ConfigError: the same input fails the same way
+
+
+def attempt_cell(run: Callable[[], ServerOutput], threads: int) -> Attempt:
+    """``run()`` (one cell) on ``threads`` torch threads (its ``cell-cpus``) with its warnings kept
+    for its log: the one way both paths run a cell, so that their floating-point sums, and so the
     CSV, agree to the last digit whichever path ran it."""
     with torch_threads(threads), kept_logs() as lines:
-        output = run_experiment(config, out, progress=False)
-    return output, lines
-
-
-def _run_cell(cell: Cell, out: Path, threads: int) -> str | None:
-    """Run ``cell`` into its directory, trying once more if it raises; the last error, or None."""
-    error = None
-    for _ in range(2):
         try:
-            _, lines = run_cell(cell.config, out / "cells" / cell.id, threads)
-            _write_cell_log(out / "cells" / cell.id, lines)
-            return None
-        except ConfigError as exc:  # the same input fails the same way: no second try
-            return f"{type(exc).__name__}: {exc}"
+            return Attempt(run(), lines)
+        except ConfigError as exc:
+            return Attempt(None, lines, f"{type(exc).__name__}: {exc}")
         except Exception as exc:  # any failure of one cell is recorded; the sweep goes on
-            error = f"{type(exc).__name__}: {exc}"
-    return error
+            return Attempt(None, lines, f"{type(exc).__name__}: {exc}", worth_retrying=True)
 
 
-def cell_output(config: ExperimentConfig, threads: int) -> tuple[ServerOutput, list[str]]:
-    """A cell's run where a Ray worker runs it (:func:`run_cell` on the in-process engine), and
-    where it ran: its plugins first (a worker process has not read the config that loads them)."""
+def _run_cell(cell: Cell, out: Path, threads: int) -> Attempt:
+    """Run ``cell`` into its directory here, trying once more if it raises something worth retrying."""
+    cell_dir = out / "cells" / cell.id
+    for _ in range(2):
+        attempt = attempt_cell(lambda: run_experiment(cell.config, cell_dir, progress=False), threads)
+        if attempt.error is None:
+            _write_cell_log(cell_dir, attempt.log)
+        if not attempt.worth_retrying:
+            break
+    return attempt
+
+
+def cell_output(config: ExperimentConfig, threads: int) -> Attempt:
+    """A cell's run where a Ray worker runs it (on the in-process engine), and where it ran: its
+    plugins first (a worker process has not read the config that loads them)."""
     import ray
 
-    load_plugins(config.run.plugins)
-    output, lines = run_cell(config.replace(engine="inprocess"), None, threads)
-    output.results["node"] = {"host": platform.node(), "ray_node_id": ray.get_runtime_context().get_node_id()}
-    return output, lines
+    def run() -> ServerOutput:
+        load_plugins(config.run.plugins)
+        output = run_experiment(config.replace(engine="inprocess"), None, progress=False)
+        output.results["node"] = {"host": platform.node(), "ray_node_id": ray.get_runtime_context().get_node_id()}
+        return output
+
+    return attempt_cell(run, threads)
 
 
 def _run_cells_on_ray(post: Post, deliver: Callable[[Any], None], cells: list[Cell], out: Path, workers: int,
                       cell_cpus: float, cell_gpus: float) -> None:
-    """The parallel sweep's process: a Ray of ``workers`` × ``cell_cpus`` CPUs on this machine (or the
-    cluster at ``RAY_ADDRESS``) runs :func:`cell_output` per cell; this process alone writes each
-    cell's directory as its result arrives and posts ``("cell", (id, error or None))``.
+    """The parallel sweep's process: on the Ray it started (:func:`start_ray`: ``workers`` ×
+    ``cell_cpus`` CPUs on this machine, or the cluster at ``RAY_ADDRESS``), runs :func:`cell_output`
+    per cell, at most ``workers`` at once; this process alone writes each cell's directory as its
+    result arrives and posts ``("cell", (id, error or None, log))``. A cell whose run raised is
+    submitted once more (unless the error was a ConfigError); Ray itself retries a task once whose
+    worker died.
 
     Ray's worker processes stay up from cell to cell, so imports, data and the cached base are paid
     once per worker. Cells that share clients (a grid over rules or λ only) may train the same client
@@ -353,29 +374,38 @@ def _run_cells_on_ray(post: Post, deliver: Callable[[Any], None], cells: list[Ce
     both entries are equal, so results do not depend on it."""
     import ray
 
-    if joins_a_cluster():
-        ray.init(logging_level=logging.ERROR, log_to_driver=False)
-    else:
-        ray.init(num_cpus=math.ceil(workers * cell_cpus), num_gpus=machine_resources()[1] if cell_gpus else 0,
-                 include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False,
-                 _node_ip_address="127.0.0.1")
-    remote = ray.remote(num_cpus=cell_cpus, num_gpus=cell_gpus, max_retries=1, retry_exceptions=True)(cell_output)
+    remote = ray.remote(num_cpus=cell_cpus, num_gpus=cell_gpus, max_retries=1)(cell_output)
+    threads = cell_threads(cell_cpus)
     waiting: list[Cell] = list(cells)
     running: dict[Any, Cell] = {}
-    while waiting or running:
-        while waiting and len(running) < workers:  # at most ``workers`` cells at once, on a cluster too
+    tries: dict[str, int] = {}
+
+    def fill() -> None:  # at most ``workers`` cells at once, on a cluster too
+        while waiting and len(running) < workers:
             cell = waiting.pop(0)
-            running[remote.remote(cell.config, cell_threads(cell_cpus))] = cell
+            tries[cell.id] = tries.get(cell.id, 0) + 1
+            running[remote.remote(cell.config, threads)] = cell
+
+    while waiting or running:
+        fill()
         (ref,), _ = ray.wait(list(running), num_returns=1)
         cell = running.pop(ref)
         try:
-            output, lines = ray.get(ref)
-            write_results(output, cell.config.replace(engine="inprocess"), out / "cells" / cell.id)
-            _write_cell_log(out / "cells" / cell.id, lines)
-            post("cell", cell.id, None)
-        except Exception as exc:  # the task's error after its retry, or a failed write: this cell only
+            attempt: Attempt = ray.get(ref)
+        except Exception as exc:  # the worker died, twice
             cause = getattr(exc, "cause", None) or exc
-            post("cell", cell.id, f"{type(cause).__name__}: {cause}")
+            attempt = Attempt(None, [], f"{type(cause).__name__}: {cause}")
+        if attempt.error is not None and attempt.worth_retrying and tries[cell.id] < 2:
+            waiting.insert(0, cell)
+            continue
+        fill()  # the next cell starts before this one is written
+        if attempt.output is not None:
+            try:
+                write_results(attempt.output, cell.config.replace(engine="inprocess"), out / "cells" / cell.id)
+                _write_cell_log(out / "cells" / cell.id, attempt.log)
+            except Exception as exc:  # a failed write fails this cell only
+                attempt.error = f"{type(exc).__name__}: {exc}"
+        post("cell", cell.id, attempt.error, attempt.log)
     deliver(None)
 
 

@@ -12,7 +12,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from sklearn.datasets import load_digits
 
 from fedmerge.data.splits import Split
 from fedmerge.errors import PluginError
@@ -34,6 +33,8 @@ class Dataset:
 
 def digits() -> Dataset:
     """scikit-learn's bundled handwritten digits: 1,797 8×8 images, 10 classes, no download."""
+    from sklearn.datasets import load_digits  # scikit-learn takes a second to import: only when used
+
     bunch = load_digits()
     x = torch.tensor(bunch.images / 16.0, dtype=torch.float32).unsqueeze(1)  # N × 1 × 8 × 8 in [0, 1]
     return Dataset("digits", Split(x, torch.tensor(bunch.target, dtype=torch.long)), 10)

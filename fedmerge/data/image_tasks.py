@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import datasets
 import numpy as np
 import torch
 from PIL import Image
@@ -124,6 +123,8 @@ def _clean(name: str) -> str:
 def _hf_task(name: str) -> ImageTask:
     repo, subset, train_split, test_split, classes = HF_DATASETS[name]
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    import datasets  # Hugging Face datasets (pyarrow, pandas) takes a while to import: only when used
+
     try:
         datasets.disable_progress_bars()
         splits = {s: datasets.load_dataset(repo, subset, split=s) for s in (train_split, test_split)}

@@ -17,13 +17,10 @@ import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any, Protocol
 
-import datasets
 import numpy as np
-from flwr_datasets.partitioner import (
-    DirichletPartitioner, IidPartitioner, PathologicalPartitioner, ShardPartitioner, SizePartitioner,
-)
 
 from fedmerge.data.splits import MIN_CLIENT_EXAMPLES
 from fedmerge.errors import ConfigError, PluginError
@@ -110,14 +107,20 @@ def quantity_sizes(spec: PartitionSpec, pool_size: int) -> list[int]:
     return sizes.tolist()
 
 
-def _through_flwr_datasets(make: Callable[[PartitionSpec, int], Any]) -> SplitFunction:
-    """A split function that runs a flwr-datasets partitioner over a table of (label, row)."""
+def _through_flwr_datasets(make: Callable[[ModuleType, PartitionSpec, int], Any]) -> SplitFunction:
+    """A split function that runs a flwr-datasets partitioner, ``make(flwr_datasets.partitioner,
+    spec, pool_size)``, over a table of (label, row)."""
 
     def split(labels: np.ndarray, spec: PartitionSpec) -> list[np.ndarray]:
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+        # Imported here: datasets and flwr-datasets (pyarrow, pandas, matplotlib) take over a second
+        # to import, which a process that only writes or reads results should not pay.
+        import datasets
+        from flwr_datasets import partitioner
+
         datasets.disable_progress_bars()
         table = datasets.Dataset.from_dict({"label": labels.tolist(), "row": list(range(len(labels)))})
-        flwr_partitioner = make(spec, len(labels))
+        flwr_partitioner = make(partitioner, spec, len(labels))
         flwr_partitioner.dataset = table
         try:
             with warnings.catch_warnings():
@@ -135,25 +138,25 @@ def _through_flwr_datasets(make: Callable[[PartitionSpec, int], Any]) -> SplitFu
     return split
 
 
-def _iid(spec: PartitionSpec, pool_size: int) -> IidPartitioner:
-    return IidPartitioner(num_partitions=spec.num_clients)  # contiguous chunks of the seed-shuffled pool
+def _iid(flwr: ModuleType, spec: PartitionSpec, pool_size: int) -> Any:
+    return flwr.IidPartitioner(num_partitions=spec.num_clients)  # contiguous chunks of the seed-shuffled pool
 
 
 for _entry in (
     Partitioner("iid", _through_flwr_datasets(_iid), "equal IID shares"),
-    Partitioner("dirichlet", _through_flwr_datasets(lambda spec, n: DirichletPartitioner(
+    Partitioner("dirichlet", _through_flwr_datasets(lambda flwr, spec, n: flwr.DirichletPartitioner(
         num_partitions=spec.num_clients, partition_by="label", alpha=spec.alpha,
         min_partition_size=MIN_CLIENT_EXAMPLES, self_balancing=False, seed=spec.seed)),
         "label skew: each client's labels drawn from Dirichlet(alpha)"),
-    Partitioner("pathological", _through_flwr_datasets(lambda spec, n: PathologicalPartitioner(
+    Partitioner("pathological", _through_flwr_datasets(lambda flwr, spec, n: flwr.PathologicalPartitioner(
         num_partitions=spec.num_clients, partition_by="label", num_classes_per_partition=spec.classes_per_client,
         class_assignment_mode="first-deterministic", seed=spec.seed)),
         "classes-per-client labels per client"),
-    Partitioner("shards", _through_flwr_datasets(lambda spec, n: ShardPartitioner(
+    Partitioner("shards", _through_flwr_datasets(lambda flwr, spec, n: flwr.ShardPartitioner(
         num_partitions=spec.num_clients, partition_by="label", num_shards_per_partition=spec.shards_per_client,
         seed=spec.seed)),
         "shards-per-client label-sorted shards per client"),
-    Partitioner("sizes", _through_flwr_datasets(lambda spec, n: SizePartitioner(
+    Partitioner("sizes", _through_flwr_datasets(lambda flwr, spec, n: flwr.SizePartitioner(
         partition_sizes=quantity_sizes(spec, n))),
         "quantity skew: explicit sizes or a power law"),
     Partitioner("transforms", _through_flwr_datasets(_iid),

@@ -56,7 +56,7 @@ def clean_environment() -> dict[str, str]:
     """This process's environment without the settings fedmerge itself puts there (an earlier test's
     run sets them in this process): a child must set up Ray's loopback on its own for a test to
     see that it does."""
-    from simulations.engine import LOOPBACK_ENV
+    from simulations.cluster import LOOPBACK_ENV
 
     return {k: v for k, v in os.environ.items() if k not in LOOPBACK_ENV}
 

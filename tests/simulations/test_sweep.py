@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import shutil
 
 import pytest
@@ -179,6 +180,7 @@ def test_a_cell_that_raises_is_tried_again_then_recorded_and_the_sweep_goes_on(f
     def flaky(config, out=None, **kw):
         calls.append(out.name)
         if out.name == bad:
+            logging.getLogger("fedmerge").warning("client 3 diverged")
             raise RuntimeError("a worker ran out of memory")
         return real(config, out, **kw)
 
@@ -186,7 +188,9 @@ def test_a_cell_that_raises_is_tried_again_then_recorded_and_the_sweep_goes_on(f
     with pytest.raises(FederationError, match="1 of 2 cells failed twice"):
         run_sweep(SweepSpec.load(spec_path), out, progress=False)
     assert calls.count(bad) == 2 and len(calls) == 3  # tried once more, the other cell ran once
-    assert json.loads((out / "failures.json").read_text()) == {bad: "RuntimeError: a worker ran out of memory"}
+    failure = json.loads((out / "failures.json").read_text())
+    assert list(failure) == [bad] and failure[bad]["error"] == "RuntimeError: a worker ran out of memory"
+    assert [line.split(" ", 2)[2] for line in failure[bad]["log"]] == ["WARNING fedmerge: client 3 diverged"]
     with (out / "results.csv").open() as fh:  # the other cell's rows, as in the finished sweep
         assert {r["cell"] for r in csv.DictReader(fh)} == {c.id for c in SweepSpec.load(spec_path).cells()} - {bad}
     monkeypatch.setattr(sweep_module, "run_experiment", real)
@@ -285,3 +289,58 @@ def test_a_cell_runs_on_as_many_torch_threads_as_it_has_whole_cpus(finished_swee
     before = torch.get_num_threads()
     run_sweep(SweepSpec.load(spec_path).with_resources(cell_cpus), tmp_path / "out", progress=False)
     assert seen == [threads, threads] and torch.get_num_threads() == before
+
+
+FLAKY_PARTITION = '''
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from fedmerge import ConfigError
+from fedmerge.data import partitioner
+
+
+@partitioner("flaky")
+def flaky(labels, spec):
+    """IID shares that fail as the cell's alpha says: 0.3 on its first try only, 3.0 with a
+    ConfigError, 10.0 always."""
+    tries = Path(__file__).parent / f"tries-{spec.alpha}"
+    with tries.open("a") as fh:
+        fh.write("x")
+    logging.getLogger("fedmerge").warning("splitting for alpha %s", spec.alpha)
+    if spec.alpha == 3.0:
+        raise ConfigError("flaky cannot split for alpha 3.0")
+    if spec.alpha == 10.0 or tries.read_text() == "x":
+        raise RuntimeError(f"flaky failed for alpha {spec.alpha}")
+    return np.array_split(np.random.default_rng(spec.seed).permutation(len(labels)), spec.num_clients)
+'''
+
+
+@pytest.mark.ray
+def test_a_parallel_sweep_retries_a_failing_cell_once_records_its_log_and_never_retries_a_config_error(
+        tmp_path, cache_dir):
+    (tmp_path / "flaky.py").write_text(FLAKY_PARTITION)
+    spec = write_tiny_sweep_spec_with(tmp_path, cache_dir, 'plugins = ["flaky.py"]', 'partition = "flaky"',
+                                      grid="alpha = [0.3, 3.0, 10.0]")
+    with pytest.raises(FederationError, match="2 of 3 cells failed"):
+        run_sweep(SweepSpec.load(spec), tmp_path / "out", progress=False, workers=2)
+    tries = {alpha: (tmp_path / f"tries-{alpha}").read_text().count("x") for alpha in ("0.3", "3.0", "10.0")}
+    assert tries == {"0.3": 2, "3.0": 1, "10.0": 2}  # retried once; a ConfigError not at all
+    failures = json.loads((tmp_path / "out" / "failures.json").read_text())
+    by_alpha = {cell_id.split("alpha=")[1].split("-seed")[0]: entry for cell_id, entry in failures.items()}
+    assert by_alpha["3.0"]["error"] == "ConfigError: flaky cannot split for alpha 3.0"
+    assert by_alpha["10.0"]["error"] == "RuntimeError: flaky failed for alpha 10.0"
+    assert any("splitting for alpha 10.0" in line for line in by_alpha["10.0"]["log"])  # the worker's log came back
+    rows = list(csv.DictReader((tmp_path / "out" / "results.csv").open()))
+    assert {r["alpha"] for r in rows} == {"0.3"}  # the cell that passed on its second try
+
+
+def write_tiny_sweep_spec_with(tmp_path, cache_dir, *lines, grid):
+    spec = tmp_path / "spec.toml"
+    top, settings = [line for line in lines if line.startswith("plugins")], [
+        line for line in lines if not line.startswith("plugins")]
+    spec.write_text("\n".join(['name = "flaky"', "seeds = [0]", *top, "[set]", "num-clients = 3", "local-steps = 5",
+                               "pretrain-steps = 20", 'strategies = ["fedavg"]', f'cache-dir = "{cache_dir}"',
+                               *settings, "[grid]", grid]) + "\n")
+    return spec
