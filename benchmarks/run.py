@@ -19,8 +19,9 @@ Sections (each prints a table):
   sim      both engines from 8 to 128 clients (Ray at 8, 32, 128): the timing split and the
            engine's overhead per client beyond the clients' own reported seconds.
   cache    reading a cache entry with its checksum and finiteness checked against a plain read.
-  sweep    the shipped data-heterogeneity sweep over 6 seeds on 1 and 2 Ray workers: throughput,
-           identical CSVs, and one cell's time per stage.
+  sweep    the shipped data-heterogeneity sweep over 6 seeds on 1 and 2 Ray workers and on a
+           two-node cluster on 127.0.0.1, and its cells with 2000 local steps: throughput, parallel
+           efficiency, identical CSVs, and one cell's time per stage.
 Timings are wall-clock on whatever machine runs this; min of repeats where cheap. How the numbers
 shaped the code is in docs/performance.md.
 """
@@ -454,34 +455,59 @@ def _seconds(work: Callable[..., object], *args: object) -> float:
 def bench_sweep(quick: bool) -> list[list]:
     """The shipped data-heterogeneity sweep (7 alphas × 6 seeds = 42 cells; --quick: 2 seeds) one cell
     after another and on 2 Ray workers, each from an empty cache, in fresh processes: wall time,
-    cells per minute per worker, the CSVs compared byte for byte; then where one cell's time goes."""
+    cells per minute per worker, parallel efficiency, the CSVs compared byte for byte. Then the same
+    cells with 2000 local steps, where Ray's fixed start is a small part of the sweep; the shipped
+    sweep on a two-node Ray cluster on 127.0.0.1 (one CPU each); and where one cell's time goes."""
     import json
+
+    from simulations.cluster import set_offline_env
+
+    set_offline_env()  # before Ray's import: the cluster below stays on 127.0.0.1
+    from ray.cluster_utils import Cluster
 
     seeds = [0, 1] if quick else list(range(6))
     shipped = (Path(__file__).parent.parent / "simulations" / "sweeps" / "data-heterogeneity.toml").read_text()
-    variants = {"shipped (50 local steps)": shipped.replace("seeds = [0, 1, 2]", f"seeds = {seeds}"),
-                "1000 local steps, 2 seeds": shipped.replace("seeds = [0, 1, 2]", "seeds = [0, 1]")
-                .replace("local-steps = 50", "local-steps = 1000")}
+    shipped = shipped.replace("seeds = [0, 1, 2]", f"seeds = {seeds}")
+    variants = {"shipped (50 local steps)": shipped,
+                "2000 local steps": shipped.replace("local-steps = 50", "local-steps = 2000")}
     rows = []
     with tempfile.TemporaryDirectory(prefix="fedmerge-bench-sweep-") as tmp:
+
+        def sweep(i: int, workers: int, tag: str, env: dict[str, str]) -> tuple[float, int, bytes]:
+            out, cache = Path(tmp) / f"out-{i}-{tag}", Path(tmp) / f"cache-{i}-{tag}"
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "simulations.cli", "sweep", str(Path(tmp) / f"spec-{i}.toml"),
+                            "-q", "--workers", str(workers), "--out", str(out)],
+                           env={**env, "FEDMERGE_CACHE": str(cache)}, check=True, capture_output=True)
+            return time.perf_counter() - t0, len(list((out / "cells").iterdir())), (out / "results.csv").read_bytes()
+
+        def row(variant: str, how: str, workers: int, result: tuple[float, int, bytes],
+                sequential: tuple[float, int, bytes]) -> list[str]:
+            wall, cells, csv = result
+            speedup = sequential[0] / wall
+            return [variant, how, str(workers), str(cells), f"{wall:.1f}", f"{cells / (wall / 60) / workers:.1f}",
+                    "" if result is sequential else f"{speedup:.2f}× ({csv == sequential[2]})",
+                    "" if result is sequential else f"{speedup / workers:.2f}"]
+
         for i, (variant, text) in enumerate(variants.items()):
-            spec = Path(tmp) / f"spec-{i}.toml"
-            spec.write_text(text)
-            csvs, walls = {}, {}
-            for workers in (1, 2):
-                out, cache = Path(tmp) / f"out-{i}-{workers}", Path(tmp) / f"cache-{i}-{workers}"
-                env = {**os.environ, "FEDMERGE_CACHE": str(cache)}
-                t0 = time.perf_counter()
-                subprocess.run([sys.executable, "-m", "simulations.cli", "sweep", str(spec), "-q", "--workers",
-                                str(workers), "--out", str(out)], env=env, check=True, capture_output=True)
-                walls[workers] = time.perf_counter() - t0
-                cells = len(list((out / "cells").iterdir()))
-                csvs[workers] = (out / "results.csv").read_bytes()
-                rows.append([variant, str(workers), str(cells), f"{walls[workers]:.1f}",
-                             f"{cells / (walls[workers] / 60) / workers:.1f}",
-                             "" if workers == 1 else f"{walls[1] / walls[2]:.2f}× ({csvs[1] == csvs[2]})"])
+            (Path(tmp) / f"spec-{i}.toml").write_text(text)
+            sequential = sweep(i, 1, "1", dict(os.environ))
+            rows.append(row(variant, "this machine", 1, sequential, sequential))
+            rows.append(row(variant, "this machine", 2, sweep(i, 2, "2", dict(os.environ)), sequential))
+            if i == 0:  # two Ray nodes of one CPU each, every address 127.0.0.1
+                cluster = Cluster(initialize_head=True, connect=False,
+                                  head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1",
+                                                  "include_dashboard": False})
+                try:
+                    cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+                    cluster.wait_for_nodes()
+                    on_cluster = sweep(i, 2, "cluster", {**os.environ, "RAY_ADDRESS": cluster.address})
+                finally:
+                    cluster.shutdown()
+                rows.append(row(variant, "two-node cluster", 2, on_cluster, sequential))
         table("Sweep throughput: data-heterogeneity (7 alphas), from an empty cache; speed-up over one worker "
-              "(CSV identical)", ["sweep", "workers", "cells", "wall s", "cells/min/worker", "speed-up"], rows)
+              "(CSV identical) and parallel efficiency (speed-up / workers)",
+              ["sweep", "where", "workers", "cells", "wall s", "cells/min/worker", "speed-up", "efficiency"], rows)
         stages = ["data", "pretrain", "clients", "merging", "evaluation"]
         timings = [json.loads(p.read_text())["timing"] for p in (Path(tmp) / "out-0-1" / "cells").glob("*/results.json")]
         mean = {k: sum(t.get(k, 0.0) for t in timings) / len(timings) for k in [*stages, "total"]}

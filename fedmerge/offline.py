@@ -28,7 +28,7 @@ from fedmerge.io.checkpoint import Checkpoint, LazyTaskVector, check_compatible
 from fedmerge.io.hub import is_pretrained_source
 from fedmerge.io.pages import release_free_heap
 from fedmerge.io.state import save_state
-from fedmerge.merging import METHODS, merge
+from fedmerge.merging import METHODS, merge, merge_device
 from fedmerge.models.clip import encoder_state, save_pretrained
 from fedmerge.task_vector import TaskVector, apply
 
@@ -52,18 +52,23 @@ def merge_checkpoints(
     weights: Sequence[float] | None = None,
     overwrite: bool = False,
     on_read: Callable[[], None] | None = None,
+    device: str | torch.device | None = None,
 ) -> dict[str, Any]:
     """Merge fine-tuned checkpoints into θ0 + scale·τ_merged and write it to ``out`` (safetensors).
 
     A ``base`` that is a Hugging Face Hub id or ``save_pretrained`` directory merges CLIP image
     encoders instead (:func:`merge_pretrained`) and ``out`` is a new directory.
-    ``on_read`` is called once per tensor read from disk (a progress hook). Returns a summary:
+    ``on_read`` is called once per tensor read from disk (a progress hook). ``device``: where the
+    rule computes (``"auto"``: the GPU when there is one), tensor by tensor as they are read; the
+    result is written from the CPU. Returns a summary:
     method, scale, number of models, merged and copied tensor names.
     """
     _check_method(method, options)
+    if device is not None:
+        merge_device(device)  # a device this machine lacks fails before anything is read
     if is_pretrained_source(base):  # Hub id or save_pretrained directory: a CLIP image encoder
         return merge_pretrained(str(base), [str(m) for m in models], method, out, scale=scale, options=options,
-                                weights=weights, overwrite=overwrite)
+                                weights=weights, overwrite=overwrite, device=device)
     out = Path(out)
     if not models:
         raise CheckpointError("no fine-tuned models given")
@@ -88,7 +93,7 @@ def merge_checkpoints(
         raise CheckpointError(f"{theta0.path}: holds no floating-point tensors to merge")
     task_vectors = [LazyTaskVector(theta0, m, float_keys) for m in tuned]
     with torch.no_grad():
-        merged = merge(method, task_vectors, weights, **dict(options or {}))
+        merged = merge(method, task_vectors, weights, device=device, **dict(options or {}))
         result: dict[str, Tensor] = {}
         for key in theta0.meta:  # θ0 + λ·τ one tensor at a time, releasing τ_merged as we go
             result[key] = apply({key: theta0[key]}, {key: merged.pop(key)} if key in merged else {}, scale)[key]
@@ -100,14 +105,14 @@ def merge_checkpoints(
 
 def merge_pretrained(base: str, models: Sequence[str], method: str, out: str | os.PathLike, *, scale: float = 1.0,
                      options: Mapping[str, Any] | None = None, weights: Sequence[float] | None = None,
-                     overwrite: bool = False) -> dict[str, Any]:
+                     overwrite: bool = False, device: str | torch.device | None = None) -> dict[str, Any]:
     """θ0 + λ·merge(τ_i) over CLIP image encoders, written as a ``save_pretrained`` directory ``out``."""
     _check_method(method, options)
     out = Path(out)
     check_output(out, directory=True, resume=overwrite)
     theta0 = encoder_state(base)
     taus = [TaskVector.between(theta0, encoder_state(m, base=theta0)) for m in models]
-    merged = merge(method, taus, weights, **dict(options or {}))
+    merged = merge(method, taus, weights, device=device, **dict(options or {}))
     with writing(out):
         save_pretrained(apply(theta0, merged, scale), base, out)
     return {"method": method, "scale": scale, "models": len(taus), "merged": sorted(merged), "copied": [],

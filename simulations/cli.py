@@ -209,6 +209,7 @@ def merge(
     force: Annotated[bool, typer.Option("--force", help="Overwrite --out if it exists.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     plugin: Annotated[list[Path], typer.Option("--plugin", help="A Python file that registers merging rules, datasets, partitioners or models (repeatable).")] = [],
+    merge_device: Annotated[str, typer.Option("--merge-device", help="Where the rule computes: auto (the GPU when there is one), cpu, cuda, cuda:N or mps.")] = "auto",
 ) -> None:
     """Merge checkpoints you already have, tensor by tensor, into θ0 + λ·τ_merged (no training, no Flower)."""
     from fedmerge.offline import merge_checkpoints
@@ -229,7 +230,8 @@ def merge(
         with progress_bar(err_console, enabled=not quiet, unit="tensors read", transient=True) as bar:
             task = bar.add_task(f"Merging {count(len(models) + len(ctx.args), 'model')} with {method}", total=None)
             summary = merge_checkpoints(base, [*models, *map(Path, ctx.args)], method, out, scale=scale,
-                                        options=options, overwrite=force, on_read=lambda: bar.advance(task))
+                                        options=options, overwrite=force, on_read=lambda: bar.advance(task),
+                                        device=merge_device)
     console.print(f"merged {count(summary['models'], 'model')} with {method} (λ={scale:g}): "
                   f"{count(len(summary['merged']), 'tensor')} merged, {len(summary['copied'])} copied from the base "
                   f"-> {out}")

@@ -28,7 +28,7 @@ from pydantic import AfterValidator, BeforeValidator, Field, field_validator, mo
 from fedmerge.attacks import AttackSpec, byzantine_count
 from fedmerge.data import DataSpec
 from fedmerge.errors import ConfigError, MergeError
-from fedmerge.merging import METHODS
+from fedmerge.merging import MERGE_DEVICES, METHODS, merge_device
 from fedmerge.models import family_of, split_name
 from fedmerge.registry import load_plugin_file
 from fedmerge.spec import (MAX_SEED, Bool, Factor, Names, NonNegative, PositiveInt, Seconds, Spec, Str, conform,
@@ -64,6 +64,14 @@ def _scale_value(key: str, value: Any) -> float | str:
         raise ValueError(f"!{key} {exc} (or be \"{TUNE}\"), got {value!r}") from None
 
 
+def _device_name(value: str) -> str:
+    try:
+        merge_device(value, here=False)  # whether it is there is checked where the merge runs
+    except MergeError as exc:
+        raise ValueError(f"!{exc}") from None
+    return value
+
+
 def _scale(value: Any) -> float | str | dict[str, float | str]:
     if isinstance(value, str) and "=" in value:  # flat run configs: "fedavg=1,tsv=0.25"
         pairs = (item.partition("=") for item in value.split(",") if item.strip())
@@ -90,6 +98,7 @@ class MergingSpec(Spec):
     method_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
     weighting: Annotated[Str, one_of(WEIGHTINGS)] = "num-examples"
     max_update_norm: NonNegative = 0.0
+    merge_device: Annotated[Str, AfterValidator(_device_name)] = "auto"
 
     @field_validator("strategies")
     @classmethod
@@ -201,6 +210,8 @@ KEYS: dict[str, tuple[str, str, str]] = {
     "method-options": ("merging", "method_options", "options per rule, e.g. {fedgma = {rho = 0.4}}"),
     "weighting": ("merging", "weighting", "client weights p_i: num-examples or uniform"),
     "max-update-norm": ("merging", "max_update_norm", "reject task vectors with a larger L2 norm; 0: no bound"),
+    "merge-device": ("merging", "merge_device", f"where the server merges: {MERGE_DEVICES} (auto: the GPU when "
+                                                f"there is one)"),
     "seed": ("data", "seed", f"drives data splits, initialisation, client shuffling and MIN:MAX draws; an integer "
                              f"in [0, {MAX_SEED}] (2^32 − 1: derived per-client seeds stay valid for numpy and torch)"),
     "engine": ("run", "engine", "ray (Flower's simulation engine) or inprocess (same apps, one process)"),

@@ -41,6 +41,7 @@ def build_strategy(config: ExperimentConfig) -> OneShotMerge:
         train_plans={i: {**plan.to_config(), **attack_plan(config, i)} for i, plan in enumerate(config.client_plans())},
         node_wait_timeout=max(120.0, config.run.timeout),
         max_update_norm=config.merging.max_update_norm or None,
+        merge_device=config.merging.merge_device,
     )
 
 
@@ -213,7 +214,7 @@ def tune_scales(config: ExperimentConfig, data, base, strategy: OneShotMerge, ev
         task_vectors, weights, options = strategy.merge_inputs(m)  # exactly what the round merged
         with single_thread():  # hundreds of small evaluations: one thread avoids contention
             out[m] = tune_method(m, task_vectors, score, weights=weights, options=options,
-                                 merged=strategy.merged[m])
+                                 merged=strategy.merged[m], device=strategy.merge_device)
     return out
 
 

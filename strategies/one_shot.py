@@ -22,6 +22,7 @@ from torch import Tensor
 
 from fedmerge.errors import FederationError, MergeError
 from fedmerge.merging import METHODS, merge, validate_task_vector
+from fedmerge.merging import merge_device as merge_device_of
 from fedmerge.task_vector import TaskVector, apply, floating_items
 
 PARTITION_KEY = "partition-id"
@@ -73,6 +74,10 @@ class OneShotMerge(Strategy):
     max_update_norm : float, optional
         A reply whose task vector has a larger L2 norm (over all entries) is excluded and named,
         like any other invalid reply; ``None`` sets no bound.
+    merge_device : str (default: "auto")
+        Where every rule computes: auto (the GPU when there is one), cpu, cuda, cuda:N or mps. The
+        merged task vectors come back to the CPU; a device this machine lacks is a ``MergeError``
+        here, before the round.
     arrayrecord_key, configrecord_key : str
         Record names in messages, as in Flower's built-in strategies.
 
@@ -93,6 +98,7 @@ class OneShotMerge(Strategy):
         train_plans: Mapping[int, Mapping[str, Any]] | None = None,
         node_wait_timeout: float = 120.0,
         max_update_norm: float | None = None,
+        merge_device: str = "auto",
         arrayrecord_key: str = "arrays",
         configrecord_key: str = "config",
     ) -> None:
@@ -120,6 +126,7 @@ class OneShotMerge(Strategy):
         if max_update_norm is not None and not (isinstance(max_update_norm, (int, float)) and max_update_norm > 0):
             raise FederationError(f"max_update_norm must be a positive number or None, got {max_update_norm!r}")
         self.max_update_norm = None if max_update_norm is None else float(max_update_norm)
+        self.merge_device = merge_device_of(merge_device)
         self.arrayrecord_key = arrayrecord_key
         self.configrecord_key = configrecord_key
         self.required_metrics = sorted(
@@ -267,7 +274,7 @@ class OneShotMerge(Strategy):
             task_vectors, weights, options = self.merge_inputs(m)
             t0 = time.perf_counter()
             try:
-                merged = merge(m, task_vectors, weights, **options)
+                merged = merge(m, task_vectors, weights, device=self.merge_device, **options)
                 seconds = time.perf_counter() - t0
                 model = apply(self.base, merged, self.scale[m])  # the model must be finite too
             except MergeError as exc:  # e.g. an overflow: this rule's result is lost, not the others'

@@ -138,15 +138,16 @@ def tune_method(
     options: Mapping[str, Any] | None = None,
     scales: Sequence[float] | None = None,
     merged: dict[str, Tensor] | None = None,
+    device: str | torch.device | None = None,
 ) -> TuningResult:
     """Tune λ (and rho where the method has one and ``options`` does not fix it) for one method.
 
     ``merged``, when given, is the method's merged vector with ``options`` alone (already computed by
-    the round), reused instead of merging again."""
+    the round), reused instead of merging again. ``device``: where the merges run (see :func:`merge`)."""
     entry = METHODS[method]
     fixed = dict(options or {})
     grid = scales if scales is not None else scale_grid(entry.natural_scale, len(task_vectors))
     with torch.no_grad():
         return tune(lambda extra: merged if merged is not None and not extra
-                    else merge(method, task_vectors, weights, **fixed, **extra),
+                    else merge(method, task_vectors, weights, device=device, **fixed, **extra),
                     score, grid, entry.tuning_grid(task_vectors, fixed))

@@ -1,7 +1,8 @@
 """One-shot merging rules: one verb, one registry.
 
-``merge(method, task_vectors, weights=None, **options)`` returns the merged task vector τ_merged
-(not yet scaled by λ, not yet added to θ0; use :func:`fedmerge.apply`). ``METHODS`` holds one
+``merge(method, task_vectors, weights=None, *, device=None, **options)`` returns the merged task
+vector τ_merged (not yet scaled by λ, not yet added to θ0; use :func:`fedmerge.apply`), computed on
+the task vectors' device or on ``device`` ("auto": the GPU when there is one). ``METHODS`` holds one
 :class:`MergeMethod` per rule, with its options, natural scale, citation and formula; ``fedmerge
 methods`` prints them and the README's table is generated from them.
 
@@ -14,12 +15,14 @@ is computed in float32, SVDs in float64).
 
 from fedmerge.merging import linear, order, spectral, ties  # noqa: F401  (each registers its rules)
 from fedmerge.merging.linear import linear_combination
-from fedmerge.merging.registry import METHODS, MergeMethod, Option, merge, method_from_function, rule
+from fedmerge.merging.registry import (
+    MERGE_DEVICES, METHODS, MergeMethod, Option, merge, merge_device, method_from_function, rule,
+)
 from fedmerge.merging.validation import (
     TaskVectors, normalised_weights, validate_task_vector, validate_task_vectors,
 )
 
 __all__ = [
-    "METHODS", "MergeMethod", "Option", "TaskVectors", "linear_combination", "merge", "method_from_function",
-    "normalised_weights", "rule", "validate_task_vector", "validate_task_vectors",
+    "MERGE_DEVICES", "METHODS", "MergeMethod", "Option", "TaskVectors", "linear_combination", "merge", "merge_device",
+    "method_from_function", "normalised_weights", "rule", "validate_task_vector", "validate_task_vectors",
 ]

@@ -148,6 +148,6 @@ def cclip(task_vectors: TaskVectors, p: Sequence[float] | None = None, *,
         norms = [l2_norm({k: times_power_of_two(t.double(), -e) for k, t in tv.items()}) for tv in task_vectors]
         rho = None if rho is None else math.ldexp(rho, -e)
     if rho is None:
-        rho = float(torch.tensor(norms, dtype=torch.float64).quantile(0.5))
+        rho = float(torch.tensor(norms, dtype=torch.float64, device="cpu").quantile(0.5))  # Python floats
     factors = [1.0 if nrm == 0 else min(1.0, rho / nrm) for nrm in norms]
     return linear_combination(task_vectors, [pi * f for pi, f in zip(uniform_if_none(p, len(task_vectors)), factors)])

@@ -27,7 +27,7 @@ from torch import Tensor
 from fedmerge.errors import MergeError, PluginError
 from fedmerge.merging.validation import TaskVectors, normalised_weights, per_client_values, validate_task_vectors
 from fedmerge.registry import Registry
-from fedmerge.task_vector import require_finite
+from fedmerge.task_vector import TaskVector, require_finite
 
 RuleFunction = Callable[..., dict[str, Tensor]]
 Grid = Sequence[Any] | Callable[[TaskVectors], Sequence[Any]]
@@ -319,13 +319,76 @@ def rule(name: str | None = None, *, natural_scale: str = "mean", options: Seque
     return deco
 
 
-def merge(method: str, task_vectors: TaskVectors, weights: Sequence[float] | None = None,
-          **options: Any) -> dict[str, Tensor]:
+def merge(method: str, task_vectors: TaskVectors, weights: Sequence[float] | None = None, *,
+          device: str | torch.device | None = None, **options: Any) -> dict[str, Tensor]:
     """Merge task vectors with a registered rule: the merged task vector (not scaled by λ, not
     added to θ0; see :func:`fedmerge.apply`). ``weights`` are the clients' weights (normalised to
     p_i; uniform when omitted); ``options`` the rule's. Raises :class:`MergeError` naming the client
-    and tensor at fault, for unknown rules and options, and for non-finite results."""
-    return METHODS[method](task_vectors, weights, **options)
+    and tensor at fault, for unknown rules and options, and for non-finite results.
+
+    Every rule computes on the device its task vectors are on. ``device`` (``"auto"``: the GPU when
+    there is one; see :func:`merge_device`) moves them there first, and the merged tensors come back
+    to the inputs' device."""
+    if device is None:
+        return METHODS[method](task_vectors, weights, **options)
+    target = merge_device(device)
+    home = next((t.device for tv in task_vectors for t in tv.values()), target)
+    merged = METHODS[method]([on_device(tv, target) for tv in task_vectors], weights, **options)
+    return {key: value.to(home) for key, value in merged.items()}
+
+
+MERGE_DEVICES = "auto, cpu, cuda, cuda:N or mps"
+
+
+def merge_device(name: str | torch.device, *, here: bool = True) -> torch.device:
+    """The device ``name`` stands for: ``auto`` is the first GPU when torch sees one, else the CPU.
+    A name torch does not know, or (with ``here``) a device this machine lacks, is a
+    :class:`MergeError`; without ``here`` only the name is checked (a config read on one machine
+    may merge on another)."""
+    if isinstance(name, torch.device):
+        device = name
+    elif name == "auto":
+        return torch.device("cuda") if here and torch.cuda.is_available() else torch.device("cpu")
+    else:
+        try:
+            device = torch.device(name)
+        except (RuntimeError, TypeError):
+            raise MergeError(f"merge-device {name!r} is not a device; use {MERGE_DEVICES}") from None
+    available: dict[str, Callable[[], bool]] = {"cpu": lambda: True, "cuda": torch.cuda.is_available,
+                                               "mps": torch.backends.mps.is_available}
+    if device.type not in available:
+        raise MergeError(f"merge-device {str(name)!r} is not supported; use {MERGE_DEVICES}")
+    cuda_index_missing = device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count()
+    missing = not available[device.type]() or cuda_index_missing
+    if here and missing:
+        raise MergeError(f"merge-device {str(name)!r} is not available on this machine")
+    return device
+
+
+def on_device(task_vector: Mapping[str, Tensor], device: torch.device) -> Mapping[str, Tensor]:
+    """``task_vector`` on ``device``: copied there at once when it is held in memory, else (a lazy
+    mapping that reads checkpoints tensor by tensor) a view that moves each tensor as it is read."""
+    if not isinstance(task_vector, (dict, TaskVector)):
+        return _OnDevice(task_vector, device)
+    if all(t.device == device for t in task_vector.values()):
+        return task_vector
+    return {key: value.to(device) for key, value in task_vector.items()}
+
+
+class _OnDevice(Mapping[str, Tensor]):
+    """A view of a mapping of tensors that moves each one to ``device`` when it is read."""
+
+    def __init__(self, tensors: Mapping[str, Tensor], device: torch.device):
+        self._tensors, self._device = tensors, device
+
+    def __getitem__(self, key: str) -> Tensor:
+        return self._tensors[key].to(self._device)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
 
 
 def uniform_if_none(p: Sequence[float] | None, n: int) -> Sequence[float]:

@@ -65,6 +65,8 @@ BAD_CONFIGS = [
     ("batch-size=0", "batch-size must be an integer >= 1"),
     ("weight-decay=-1", "weight-decay must lie in [0, 100], got -1"),
     ("max-update-norm=-1", "max-update-norm must be >= 0"),
+    ("merge-device='tpu'", "merge-device 'tpu' is not a device"),
+    ("merge-device='meta'", "merge-device 'meta' is not supported"),
     ("byzantine-fraction=-0.1", "byzantine-fraction must lie in [0, 1)"),
     ("byzantine-fraction=1", "byzantine-fraction must lie in [0, 1)"),
     ("byzantine-std=-1", "byzantine-std must lie in [0, 1000000], got -1"),

@@ -62,6 +62,13 @@ def _orthonormal(y: Tensor) -> Tensor:
     return torch.linalg.qr(y).Q
 
 
+def _gaussian(shape: tuple[int, ...] | torch.Size, gen: torch.Generator, dtype: torch.dtype,
+              device: torch.device) -> Tensor:
+    """Standard normal values drawn on the CPU from ``gen``, then moved to ``device``: the same
+    sketch on every device, so a GPU merge agrees with a CPU one to rounding."""
+    return torch.randn(shape, generator=gen, dtype=dtype, device="cpu").to(device)
+
+
 def _orthonormal_complement(w: Tensor, basis: Tensor, gen: torch.Generator) -> Tensor:
     """Orthonormal columns spanning w's part outside the span of ``basis`` (orthonormal columns).
 
@@ -77,7 +84,7 @@ def _orthonormal_complement(w: Tensor, basis: Tensor, gen: torch.Generator) -> T
     q = project_out(_orthonormal(project_out(w)))
     fresh = q.norm(dim=-2, keepdim=True) > 0.5
     if not bool(fresh.all()):
-        noise = torch.randn(q.shape, generator=gen, dtype=q.dtype)
+        noise = _gaussian(q.shape, gen, q.dtype, q.device)
         q = project_out(project_out(torch.where(fresh, q, noise)))
     return _orthonormal(q)
 
@@ -133,12 +140,12 @@ def _block_krylov_top_k(
     b = block_size
     work = torch.float64 if a.dtype == torch.float64 else torch.float32
     aw = a.to(work)
-    gen = torch.Generator().manual_seed(_SKETCH_SEED)
+    gen = torch.Generator(device="cpu").manual_seed(_SKETCH_SEED)
     z = aw.new_empty(batch, n, steps * b)  # the Krylov basis Z, filled block by block
     y = aw.new_empty(batch, m, steps * b)  # A Z
     w = aw.new_empty(batch, n, steps * b)  # Aᵀ A Z / scale: the next block's seed, then the residuals
-    z[..., :b] = _orthonormal(torch.randn(n, b, generator=gen, dtype=work).expand(batch, n, b))
-    live = torch.arange(batch)  # the matrices still iterated
+    z[..., :b] = _orthonormal(_gaussian((n, b), gen, work, a.device).expand(batch, n, b))
+    live = torch.arange(batch, device=a.device)  # the matrices still iterated
     for j in range(steps):
         block = slice(j * b, (j + 1) * b)
         if j:
@@ -192,7 +199,7 @@ def _looks_flat(z: Tensor, w: Tensor, scale: Tensor, k: int) -> Tensor:
     measured in ``docs/performance.md``). Only saves work: the residual check decides what is accurate.
     """
     if k < 8:
-        return torch.zeros(z.shape[0], dtype=torch.bool)
+        return torch.zeros(z.shape[0], dtype=torch.bool, device=z.device)
     theta = torch.linalg.eigvalsh(_projected_gram(z, w, scale)).flip(-1).clamp_min(0).sqrt()
     sigma_k = theta[..., k - 1]
     return (sigma_k > _FLAT_RATIO * theta[..., (k + 1) // 2 - 1]) & (theta[..., -1] > _FLAT_TAIL * sigma_k)
@@ -260,7 +267,7 @@ def polar_by_whitening(x: Tensor, live_columns: Tensor, dtype: torch.dtype, *,
         x = x.mT
     out = x.new_empty(x.shape, dtype=dtype)
     sigma_min = x.new_empty(x.shape[0], dtype=torch.float64)
-    rest = torch.ones(x.shape[0], dtype=torch.bool)
+    rest = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
     if float32_gram and dtype == torch.float32 and x.shape[-2] >= 2 * x.shape[-1]:
         x32 = x.float()
         lam, q = torch.linalg.eigh(x32.mT @ x32)

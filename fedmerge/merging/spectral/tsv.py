@@ -164,7 +164,7 @@ def tsv(task_vectors: TaskVectors, p: Sequence[float] | None = None) -> dict[str
         step = max(1, _TSV_BATCH_BYTES // per_layer)
         for i in range(0, len(keys), step):
             chunk = keys[i:i + step]
-            mats = torch.empty(len(chunk), len(task_vectors), *shape,
+            mats = torch.empty(len(chunk), len(task_vectors), *shape, device=first[chunk[0]].device,
                                dtype=torch.float64 if dtype == torch.float64 else torch.float32)
             exponents = []
             for i_layer, key in enumerate(chunk):  # one copy of the inputs, converted on the way
@@ -286,7 +286,7 @@ def singular_task_interference(matrices: Sequence[Tensor]) -> float:
         return 0.0
     u_cat = torch.cat([u[t][:, keep[t]] for t in range(len(matrices))], dim=1)
     v_cat = torch.cat([vh[t][keep[t]].T for t in range(len(matrices))], dim=1)
-    eye = torch.eye(u_cat.shape[1], dtype=torch.float64)
+    eye = torch.eye(u_cat.shape[1], dtype=torch.float64, device=u_cat.device)
     return float((((u_cat.T @ u_cat - eye) * s[keep]) @ (v_cat.T @ v_cat - eye)).abs().sum())
 
 
