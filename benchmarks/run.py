@@ -19,6 +19,8 @@ Sections (each prints a table):
   sim      both engines from 8 to 128 clients (Ray at 8, 32, 128): the timing split and the
            engine's overhead per client beyond the clients' own reported seconds.
   cache    reading a cache entry with its checksum and finiteness checked against a plain read.
+  gpu      (CUDA only) TSV-M on ViT-B/32 and ViT-L/14 blocks at T = 8, 14, 20 against the published
+           algorithm on the same GPU, and the linear rules in GB/s.
   sweep    the shipped data-heterogeneity sweep over 6 seeds on 1 and 2 Ray workers and on a
            two-node cluster on 127.0.0.1, and its cells with 2000 local steps: throughput, parallel
            efficiency, identical CSVs, and one cell's time per stage.
@@ -201,6 +203,65 @@ def bench_tsv(quick: bool) -> list[list]:
           f"{eigh_s:.2f} s + the Krylov products {products_s:.2f} s = {eigh_s + products_s:.2f} s, timed alone; the "
           f"published code takes {pub_s:.2f} s on that block, so 8× would need ≤ {pub_s / 8:.2f} s for everything.")
     return rows
+
+
+def bench_gpu(quick: bool) -> list[list]:
+    """On the GPU (skipped without one): TSV-M on ViT-B/32 and ViT-L/14 blocks at T = 8, 14, 20
+    against the published algorithm (FusionBench's and the authors' float32 SVDs) on the same GPU,
+    errors against the float64 full-SVD reference; then the linear and order-statistic rules in GB/s."""
+    from fedmerge.merging.spectral import tsv_merge_matrix_reference
+
+    if not torch.cuda.is_available():
+        print("\ngpu: no CUDA device here; skipped")
+        return []
+    gpu = torch.device("cuda")
+    name = torch.cuda.get_device_name(gpu)
+
+    def timed(fn: Callable[[], object]) -> float:
+        fn()  # warm-up: kernels, cuSOLVER handles, the caching allocator
+        torch.cuda.synchronize()
+        best = math.inf
+        for _ in range(1 if quick else 3):
+            t0 = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t0)
+        return best
+
+    rows = []
+    configs = [(model, t) for model in ("ViT-B/32", "ViT-L/14") for t in ((8,) if quick else (8, 14, 20))]
+    for model, tasks in configs:
+        width, blocks = MODELS[model]
+        tvs = [{k: v.to(gpu) for k, v in tv.items()}
+               for tv in block_task_vectors(width, 0, tasks, "power", seed=tasks, layout="open_clip")]
+        fast_s = timed(lambda tvs=tvs: merge("tsv", tvs))
+        pub_s = timed(lambda tvs=tvs: {k: published_tsv_merge([tv[k] for tv in tvs]) for k in tvs[0]})
+        out = merge("tsv", tvs)
+        pub = {k: published_tsv_merge([tv[k] for tv in tvs]) for k in tvs[0]}
+        ref = {k: tsv_merge_matrix_reference([tv[k].cpu() for tv in tvs]).float() for k in tvs[0]}
+        rows.append([model, tasks, f"{fast_s * blocks:.2f}", f"{pub_s * blocks:.2f}", f"{pub_s / fast_s:.1f}×",
+                     f"{rel_err({k: v.cpu() for k, v in out.items()}, ref):.1e}",
+                     f"{rel_err({k: v.cpu() for k, v in pub.items()}, ref):.1e}"])
+        del tvs, out, pub
+        torch.cuda.empty_cache()
+    table(f"TSV-M on {name}: one block timed (best of 3 after a warm-up), scaled to the model's blocks; "
+          "errors: relative Frobenius distance to the float64 full-SVD reference",
+          ["model", "T", "fedmerge s", "published s", "speed-up", "error", "published error"], rows)
+    n, numel = 8, (4 if quick else 64) * 2**20
+    gen = torch.Generator(device=gpu).manual_seed(0)
+    shapes = [(numel // 8 // 1024, 1024)] * 8
+    tvs = [{f"t{i}": torch.randn(*sh, generator=gen, device=gpu) for i, sh in enumerate(shapes)} for _ in range(n)]
+    size = sum(t.numel() * t.element_size() for t in tvs[0].values())
+    linear_rows = []
+    for method, entry in sorted(METHODS.items()):
+        options = bench_options(entry, n)
+        if is_spectral(entry) or isinstance(options, str):
+            continue
+        seconds = timed(lambda method=method, options=options: merge(method, tvs, **options))
+        linear_rows.append([method, f"{seconds * 1e3:.1f}", f"{n * size / seconds / 1e9:.1f}"])
+    table(f"Linear and order-statistic rules on {name}: {n} task vectors × {size / 1e6:.0f} MB float32",
+          ["method", "ms", "GB/s of task vectors"], linear_rows)
+    return rows + linear_rows
 
 
 # ------------------------------------------------------------------------------------------------
@@ -485,6 +546,7 @@ def bench_sweep(quick: bool) -> list[list]:
                 sequential: tuple[float, int, bytes]) -> list[str]:
             wall, cells, csv = result
             speedup = sequential[0] / wall
+            print(f"  sweep {variant}, {how}, {workers} worker(s): {wall:.1f} s", flush=True)
             return [variant, how, str(workers), str(cells), f"{wall:.1f}", f"{cells / (wall / 60) / workers:.1f}",
                     "" if result is sequential else f"{speedup:.2f}× ({csv == sequential[2]})",
                     "" if result is sequential else f"{speedup / workers:.2f}"]
@@ -519,7 +581,7 @@ def bench_sweep(quick: bool) -> list[list]:
 
 
 SECTIONS = {"tsv": bench_tsv, "linear": bench_linear, "offline": bench_offline, "default": bench_default,
-            "sim": bench_sim, "cache": bench_cache, "sweep": bench_sweep}
+            "sim": bench_sim, "cache": bench_cache, "sweep": bench_sweep, "gpu": bench_gpu}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -129,17 +129,23 @@ def sweep(
     workers: Annotated[int | None, typer.Option("--workers", help="Cells run at once, as Ray tasks (default: this machine's usable cores over cell-cpus; 1 runs them one after another here).")] = None,
     cell_cpus: Annotated[float | None, typer.Option("--cell-cpus", help="CPUs per cell on Ray (default: the spec's cell-cpus, else 1).")] = None,
     cell_gpus: Annotated[float | None, typer.Option("--cell-gpus", help="GPUs per cell on Ray (default: the spec's cell-gpus, else 0).")] = None,
+    address: Annotated[str | None, typer.Option("--address", help="A running Ray cluster to spread the cells over (as RAY_ADDRESS does); --workers then defaults to the cluster's CPUs over cell-cpus.")] = None,
 ) -> None:
     """Run a sweep (its help, with SPEC's, is in the decorator)."""
     with user_errors("interrupted; finished cells are kept, re-run to resume"):
+        from simulations.cluster import joins_a_cluster
         from simulations.sweep import SweepSpec, default_workers, print_sweep_summary, run_sweep
 
         if workers is not None and workers < 1:
             raise FedmergeError(f"--workers must be at least 1, got {workers}")
+        if address is not None:
+            if not address.strip():
+                raise FedmergeError("--address must name a Ray cluster, e.g. 10.0.0.5:6379")
+            os.environ["RAY_ADDRESS"] = address
         loaded = SweepSpec.load(spec, plugins=plugin).with_resources(cell_cpus, cell_gpus)
         out_dir = out if out is not None else Path("runs") / f"sweep-{loaded.name}"
         run_sweep(loaded, out_dir, console=err_console, progress=not quiet,
-                  workers=workers or default_workers(loaded.cell_cpus))
+                  workers=workers or (None if joins_a_cluster() else default_workers(loaded.cell_cpus)))
     with user_errors(f"interrupted; the sweep's results are complete in {out_dir}"):
         print_sweep_summary(out_dir / "results.csv", list(loaded.grid), console, title=loaded.name)
         console.print(f"sweep: {out_dir}/results.csv and {', '.join(p.name for p in sorted(out_dir.glob('*.png')))}")

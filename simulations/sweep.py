@@ -187,10 +187,11 @@ def default_workers(cell_cpus: float) -> int:
 
 
 def run_sweep(spec: SweepSpec, out: Path, console: Console | None = None, progress: bool = True, *,
-              workers: int = 1) -> Path:
+              workers: int | None = 1) -> Path:
     """Run (or resume) every cell, then write ``results.csv`` and the plots into ``out``.
 
-    ``workers`` cells run at a time: one runs them here, one after another; more run them as Ray
+    ``workers`` cells run at a time (None: as many as the Ray cluster at ``RAY_ADDRESS``, or this
+    machine, has CPUs for): one runs them here, one after another; more run them as Ray
     tasks in a child process (:func:`_run_cells_on_ray`), each task on the in-process engine with
     the spec's ``cell_cpus`` CPUs and ``cell_gpus`` GPUs. Either way a cell uses as many torch threads as it has
     whole CPUs (:func:`attempt_cell`). Either way a cell's directory is written whole or not
@@ -212,17 +213,34 @@ def run_sweep(spec: SweepSpec, out: Path, console: Console | None = None, progre
         pending = [cell for cell in cells if cell.id not in done_before]
         bar.advance(task, len(cells) - len(pending))
 
+        running: set[str] = set()
+
+        def show(current: str = "") -> None:  # "sweep NAME[: the cell running here], 2 running, 1 failed"
+            counts = [f"{len(running)} running"] if running else []
+            counts += [f"{len(failed)} failed"] if failed else []
+            bar.update(task, description=", ".join([f"sweep {spec.name}" + (f": {current}" if current else ""),
+                                                    *counts]))
+
+        def started(cell_id: str) -> None:
+            running.add(cell_id)
+            show()
+
         def finished(cell_id: str, error: str | None, log: list[str]) -> None:
+            running.discard(cell_id)
             if error is not None:
                 failed[cell_id] = {"error": error, "log": log}
                 bar.console.print(labelled("cell failed:", "red", f"{cell_id}: {error}"))
             bar.advance(task)
-            bar.update(task, description=f"sweep {spec.name} ({len(failed)} failed)" if failed
-                       else f"sweep {spec.name}")
+            show()
 
-        if workers <= 1 or len(pending) <= 1:
+        def on_event(kind: str, payload: tuple) -> None:
+            (started if kind == "cell-started" else finished)(*payload)
+
+        if workers is None and not joins_a_cluster():
+            workers = default_workers(cell_cpus)
+        if (workers is not None and workers <= 1) or len(pending) <= 1:
             for cell in pending:
-                bar.update(task, description=f"sweep {spec.name}: {cell.knobs} seed {cell.seed}")
+                show(f"{cell.knobs} seed {cell.seed}")
                 attempt = _run_cell(cell, out, cell_threads(cell_cpus))
                 finished(cell.id, attempt.error, attempt.log)
         else:
@@ -230,9 +248,9 @@ def run_sweep(spec: SweepSpec, out: Path, console: Console | None = None, progre
             if not joins_a_cluster():
                 check_resources(cell_cpus, cell_gpus, "cell")  # else tasks would wait forever
             gpus = machine_resources()[1] if cell_gpus else 0
-            run_isolated(_run_cells_on_ray, (pending, out, workers, cell_cpus, cell_gpus),
-                         lambda kind, payload: finished(*payload),
-                         start=functools.partial(start_ray, math.ceil(workers * cell_cpus), gpus))
+            cpus = 0 if workers is None else math.ceil(workers * cell_cpus)  # joining a cluster: its own
+            run_isolated(_run_cells_on_ray, (pending, out, workers, cell_cpus, cell_gpus), on_event,
+                         start=functools.partial(start_ray, cpus, gpus))
     rows = [row for cell in cells if cell.id not in failed
             for row in tidy_rows(cell, done_before.get(cell.id) or read_cell_results(cell, out / "cells" / cell.id))]
     with writing(out):
@@ -359,23 +377,27 @@ def cell_output(config: ExperimentConfig, threads: int) -> Attempt:
     return attempt_cell(run, threads)
 
 
-def _run_cells_on_ray(post: Post, deliver: Callable[[Any], None], cells: list[Cell], out: Path, workers: int,
-                      cell_cpus: float, cell_gpus: float) -> None:
+def _run_cells_on_ray(post: Post, deliver: Callable[[Any], None], cells: list[Cell], out: Path,
+                      workers: int | None, cell_cpus: float, cell_gpus: float) -> None:
     """The parallel sweep's process: on the Ray it started (:func:`start_ray`: ``workers`` ×
     ``cell_cpus`` CPUs on this machine, or the cluster at ``RAY_ADDRESS``), runs :func:`cell_output`
-    per cell, at most ``workers`` at once; this process alone writes each cell's directory as its
-    result arrives and posts ``("cell", (id, error or None, log))``. A cell whose run raised is
+    per cell, at most ``workers`` at once (None: as many as the cluster's CPUs hold); this process
+    alone writes each cell's directory as its result arrives. It posts ``("cell-started", (id,))``
+    and ``("cell-done", (id, error or None, log))``. A cell whose run raised is
     submitted once more (unless the error was a ConfigError); Ray itself retries a task once whose
     worker died.
 
     Ray's worker processes stay up from cell to cell, so imports, data and the cached base are paid
-    once per worker. Cells that share clients (a grid over rules or λ only) may train the same client
-    in two workers at once: both write the same cache entry atomically, the last rename wins, and
-    both entries are equal, so results do not depend on it."""
+    once per worker. Cells that share clients (a grid over rules or λ only) or a base need the same
+    cache entries at once: on one machine the first computes each entry under its lock while the
+    others wait and read it (:func:`fedmerge.io.state.read_or_compute`); on a cluster each node
+    keeps its own cache."""
     import ray
 
     remote = ray.remote(num_cpus=cell_cpus, num_gpus=cell_gpus, max_retries=1)(cell_output)
     threads = cell_threads(cell_cpus)
+    if workers is None:
+        workers = max(1, int(ray.cluster_resources().get("CPU", 1) // cell_cpus))
     waiting: list[Cell] = list(cells)
     running: dict[Any, Cell] = {}
     tries: dict[str, int] = {}
@@ -385,6 +407,7 @@ def _run_cells_on_ray(post: Post, deliver: Callable[[Any], None], cells: list[Ce
             cell = waiting.pop(0)
             tries[cell.id] = tries.get(cell.id, 0) + 1
             running[remote.remote(cell.config, threads)] = cell
+            post("cell-started", cell.id)
 
     while waiting or running:
         fill()
@@ -405,7 +428,7 @@ def _run_cells_on_ray(post: Post, deliver: Callable[[Any], None], cells: list[Ce
                 _write_cell_log(out / "cells" / cell.id, attempt.log)
             except Exception as exc:  # a failed write fails this cell only
                 attempt.error = f"{type(exc).__name__}: {exc}"
-        post("cell", cell.id, attempt.error, attempt.log)
+        post("cell-done", cell.id, attempt.error, attempt.log)
     deliver(None)
 
 

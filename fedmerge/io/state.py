@@ -3,6 +3,7 @@ cache entries: safetensors files that carry a digest of their own content, check
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -10,8 +11,9 @@ import os
 import pickle
 import re
 import shutil
+import tempfile
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TypeVar
 
@@ -152,6 +154,47 @@ def write_cache_entry(tensors: Mapping[str, Tensor], path: str | os.PathLike,
         save_verified(tensors, path, metadata)
     except OSError as exc:
         log.warning("could not write cache entry %s (%s); going on without it", path, exc.strerror or exc)
+
+
+def read_or_compute(path: Path | None, read: Callable[[Path], T | None], compute: Callable[[], T]) -> T:
+    """The cache entry at ``path`` as ``read`` gives it, else ``compute()`` (which writes it), with the
+    entry's lock held: processes and threads that need one entry at once (parallel sweep cells
+    sharing a client or a base) compute it once, the others wait and read it. ``path`` None: no cache."""
+    if path is None:
+        return compute()
+    if (hit := read(path)) is not None:
+        return hit
+    with cache_entry_lock(path):
+        if (hit := read(path)) is not None:  # computed while this one waited
+            return hit
+        return compute()
+
+
+@contextlib.contextmanager
+def cache_entry_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on the cache entry at ``path``: ``flock`` on a file named by a hash of the
+    entry's absolute path in a per-user directory under the system's temporary directory (so the
+    cache holds only entries), held per open file, so between threads too. Lock files stay: removing
+    one while another process waits on it would let a third take a different lock. Where none can be
+    made (no ``fcntl``, no writable temporary directory), nothing is locked: duplicate work at worst."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    locks = Path(tempfile.gettempdir()) / f"fedmerge-locks-{os.getuid()}"
+    name = hashlib.sha256(str(path.absolute()).encode()).hexdigest()[:32]
+    try:
+        locks.mkdir(mode=0o700, exist_ok=True)
+        fd = os.open(locks / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # and with it the lock
 
 
 def read_cache_entry(path: str | os.PathLike, use: Callable[[dict[str, Tensor], dict[str, str]], T]) -> T | None:

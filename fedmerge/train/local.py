@@ -19,7 +19,7 @@ from torch import Tensor
 
 from fedmerge.data.splits import ClientData, Split
 from fedmerge.evaluation.scores import score
-from fedmerge.io.state import hash_tensor, non_finite_tensor, read_cache_entry, write_cache_entry
+from fedmerge.io.state import hash_tensor, non_finite_tensor, read_cache_entry, read_or_compute, write_cache_entry
 from fedmerge.models.registry import build_model, device_for
 from fedmerge.task_vector import TaskVector
 from fedmerge.train.loop import TrainPlan, single_thread, train
@@ -73,14 +73,16 @@ def local_update(
     path = None
     if cache_dir:
         path = Path(cache_dir) / "task-vectors" / f"{update_key(model_name, base, client, plan, seed)}.safetensors"
-        if (hit := _read_cached(path)) is not None:
-            return hit
-    update = _fine_tune(model_name, base, client, plan, seed, input_shape, num_classes)
-    if path is not None and non_finite_tensor(update.task_vector) is None:  # a diverged update is not kept
-        meta = {"num_examples": str(update.num_examples), "local_steps": str(update.local_steps),
-                "train_loss": repr(update.train_loss), "accuracy": repr(update.accuracy)}
-        write_cache_entry(dict(update.task_vector), path, metadata=meta)
-    return update
+
+    def trained() -> LocalUpdate:
+        update = _fine_tune(model_name, base, client, plan, seed, input_shape, num_classes)
+        if path is not None and non_finite_tensor(update.task_vector) is None:  # a diverged update is not kept
+            meta = {"num_examples": str(update.num_examples), "local_steps": str(update.local_steps),
+                    "train_loss": repr(update.train_loss), "accuracy": repr(update.accuracy)}
+            write_cache_entry(dict(update.task_vector), path, metadata=meta)
+        return update
+
+    return read_or_compute(path, _read_cached, trained)
 
 
 def _fine_tune(

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from fedmerge.data.federated import FederatedData
 from fedmerge.errors import ConfigError
-from fedmerge.io.state import non_finite_tensor, read_cache_entry, write_cache_entry
+from fedmerge.io.state import non_finite_tensor, read_cache_entry, read_or_compute, write_cache_entry
 from fedmerge.models.registry import build_model, pretrained_state
 from fedmerge.spec import LearningRate, PositiveInt, Spec, check
 from fedmerge.train.loop import TrainPlan, single_thread, train
@@ -51,16 +51,22 @@ def pretrained_base(spec: PretrainSpec, model_name: str, seed: int, data: Federa
         model.load_state_dict(tensors)  # raises RuntimeError for weights that no longer fit the model
         return model.state_dict()
 
-    if path is not None and (cached := read_cache_entry(path, cached_model)) is not None:
-        return cached, True
-    model = build_model(model_name, data.input_shape, data.num_classes, seed=seed)
-    plan = TrainPlan(local_steps=spec.steps, lr=spec.lr, batch_size=spec.batch_size)
-    with single_thread():
-        train(model, data.pretrain, plan, seed=seed)
-    state = model.state_dict()
-    if (bad := non_finite_tensor(state)) is not None:
-        raise ConfigError(f"the pre-trained base θ0 of {model_name} diverged: tensor {bad!r} is NaN or Inf after "
-                          f"{spec.steps} pre-training steps at lr {spec.lr:g}; lower {spec.key_name(('lr',))}")
-    if path is not None:
-        write_cache_entry(state, path)
-    return state, False
+    def read(entry: Path) -> tuple[dict, bool] | None:
+        cached = read_cache_entry(entry, cached_model)
+        return None if cached is None else (cached, True)
+
+    def pretrained() -> tuple[dict, bool]:
+        model = build_model(model_name, data.input_shape, data.num_classes, seed=seed)
+        plan = TrainPlan(local_steps=spec.steps, lr=spec.lr, batch_size=spec.batch_size)
+        with single_thread():
+            train(model, data.pretrain, plan, seed=seed)
+        state = model.state_dict()
+        if (bad := non_finite_tensor(state)) is not None:
+            raise ConfigError(f"the pre-trained base θ0 of {model_name} diverged: tensor {bad!r} is NaN or Inf "
+                              f"after {spec.steps} pre-training steps at lr {spec.lr:g}; lower "
+                              f"{spec.key_name(('lr',))}")
+        if path is not None:
+            write_cache_entry(state, path)
+        return state, False
+
+    return read_or_compute(path, read, pretrained)

@@ -361,9 +361,9 @@ def test_a_parallel_sweep_spreads_over_a_two_node_cluster_on_loopback(tmp_path, 
     try:
         address = cluster.stdout.readline().strip()
         assert address.startswith("127.0.0.1:"), address
-        sweep = subprocess.Popen([*cli, "--workers", "2", "--out", str(tmp_path / "cluster")],
-                                 env={**env, "RAY_ADDRESS": address}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                 text=True)
+        # --address (as RAY_ADDRESS), and no --workers: as many cells at once as the cluster has CPUs
+        sweep = subprocess.Popen([*cli, "--address", address, "--out", str(tmp_path / "cluster")],
+                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         while sweep.poll() is None:
             seen |= sockets([psutil.Process(cluster.pid), *descendants(cluster), *descendants(sweep)])
             time.sleep(0.2)

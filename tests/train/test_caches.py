@@ -135,3 +135,63 @@ def test_a_diverged_client_update_is_not_cached(data, tmp_path):
     update = local_update("mlp", base, client, plan, 0, data.input_shape, data.num_classes, cache_dir=tmp_path)
     assert not all(torch.isfinite(t).all() for t in update.task_vector.values())  # it did diverge
     assert not (tmp_path / "task-vectors").exists() or not any((tmp_path / "task-vectors").iterdir())
+
+
+def test_two_cells_needing_one_client_at_once_train_it_once(data, tmp_path, monkeypatch):
+    """Parallel sweep cells that share a client (a grid over rules or λ) ask for its task vector at
+    the same moment: one trains it while the other waits for the entry and reads it."""
+    import threading
+    import time
+
+    import fedmerge.train.local as local
+
+    base = build_model("mlp", data.input_shape, data.num_classes, seed=0).state_dict()
+    trainings, real = [], local._fine_tune
+
+    def slow_fine_tune(*args, **kwargs):
+        trainings.append(threading.current_thread().name)
+        time.sleep(0.5)  # long enough that the other thread asks while this one trains
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(local, "_fine_tune", slow_fine_tune)
+    plan, results = TrainPlan(local_steps=8, lr=0.05), {}
+
+    def cell(name: str) -> None:
+        results[name] = local_update("mlp", base, data.clients[0], plan, 0, data.input_shape, data.num_classes,
+                                     cache_dir=tmp_path)
+
+    threads = [threading.Thread(target=cell, args=(f"cell-{i}",), name=f"cell-{i}") for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(trainings) == 1
+    assert sorted(r.cached for r in results.values()) == [False, True]  # the waiting cell read the entry
+    a, b = (results[name].task_vector for name in ("cell-0", "cell-1"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    assert [p.suffix for p in (tmp_path / "task-vectors").iterdir()] == [".safetensors"]  # no lock file there
+
+
+def test_two_runs_needing_one_base_at_once_pretrain_it_once(data, tmp_path, monkeypatch):
+    import threading
+    import time
+
+    import fedmerge.train.pretrain as pretrain
+
+    calls, real = [], pretrain.train
+
+    def counted_train(*args, **kwargs):
+        calls.append(1)
+        time.sleep(0.5)  # long enough that the other thread asks while this one trains
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pretrain, "train", counted_train)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(
+        pretrained_base(PretrainSpec(), "mlp", 0, data, tmp_path))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and sorted(cached for _, cached in results) == [False, True]
