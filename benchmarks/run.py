@@ -19,6 +19,8 @@ Sections (each prints a table):
   sim      both engines from 8 to 128 clients (Ray at 8, 32, 128): the timing split and the
            engine's overhead per client beyond the clients' own reported seconds.
   cache    reading a cache entry with its checksum and finiteness checked against a plain read.
+  llm      ``fedmerge merge`` on a 1.1B-parameter Llama-shaped bf16 base and 4 fine-tuned models,
+           sharded (about 11 GB of temporary disk): peak memory against the largest tensor, GB/s read.
   gpu      (CUDA only) TSV-M on ViT-B/32 and ViT-L/14 blocks at T = 8, 14, 20 against the published
            algorithm on the same GPU, and the linear rules in GB/s.
   sweep    the shipped data-heterogeneity sweep over 6 seeds on 1 and 2 Ray workers and on a
@@ -31,6 +33,7 @@ shaped the code is in docs/performance.md.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import shutil
@@ -410,6 +413,85 @@ def bench_offline(quick: bool) -> list[list]:
     return rows
 
 
+def _synthetic_llama(directory: Path, seed: int, like: Path | None = None, noise: float = 0.01) -> int:
+    """A Llama-shaped causal LM of 1.1B parameters (TinyLlama-1.1B's shapes) in bf16, written tensor
+    by tensor as sharded safetensors with config.json: random, or ``like`` plus Gaussian noise.
+    Returns the size of its weights in bytes."""
+    from fedmerge.io.sharded import ModelWeights, ShardedWriter
+
+    hidden, inter, layers, vocab, kv = 2048, 5632, 22, 32000, 256
+    shapes = {"model.embed_tokens.weight": (vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes |= {p + "self_attn.q_proj.weight": (hidden, hidden), p + "self_attn.k_proj.weight": (kv, hidden),
+                   p + "self_attn.v_proj.weight": (kv, hidden), p + "self_attn.o_proj.weight": (hidden, hidden),
+                   p + "mlp.gate_proj.weight": (inter, hidden), p + "mlp.up_proj.weight": (inter, hidden),
+                   p + "mlp.down_proj.weight": (hidden, inter), p + "input_layernorm.weight": (hidden,),
+                   p + "post_attention_layernorm.weight": (hidden,)}
+    shapes |= {"model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)}
+    directory.mkdir()
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+              "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": 32,
+              "num_key_value_heads": 4, "vocab_size": vocab, "torch_dtype": "bfloat16"}
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    gen = torch.Generator().manual_seed(seed)
+    source = None if like is None else ModelWeights(like)
+    entries = [(k, shape, torch.bfloat16) for k, shape in shapes.items()]
+    with ShardedWriter(directory, entries, 2 * 10**9) as writer:
+        for key, shape, _ in entries:
+            values = torch.randn(shape, generator=gen).mul_(0.02 if source is None else noise)
+            if source is not None:
+                values += source[key].float()
+            writer.write(key, values.to(torch.bfloat16))
+    return sum(torch.Size(s).numel() * 2 for s in shapes.values())
+
+
+def bench_llm(quick: bool) -> list[list]:
+    """`fedmerge merge` on model directories at LLM scale: a 1.1B-parameter Llama-shaped base and 4
+    fine-tuned models in bf16, sharded: peak memory above the imports against the largest tensor, and
+    GB/s of checkpoints read, per rule."""
+    exe = shutil.which("fedmerge")
+    if exe is None or not Path("/usr/bin/time").exists():
+        print("\nllm: needs the `fedmerge` command and /usr/bin/time; skipped")
+        return []
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="fedmerge-bench-llm-") as tmp:
+        root = Path(tmp)
+        t0 = time.perf_counter()
+        model_bytes = _synthetic_llama(root / "base", 0)
+        for i in range(4):
+            _synthetic_llama(root / f"ft{i}", i + 1, like=root / "base", noise=0.001 * (i + 1))
+        print(f"  llm: 5 models of {model_bytes / 1e9:.2f} GB written in {time.perf_counter() - t0:.0f} s", flush=True)
+        largest = 32000 * 2048 * 2  # the embedding and the LM head, in bf16
+        probe = subprocess.run([sys.executable, "-c", "import simulations.cli, fedmerge.offline; "
+                                "import os; print(int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE'))"],
+                               capture_output=True, text=True)
+        baseline = int(probe.stdout.split()[-1]) if probe.returncode == 0 else 0
+        methods = ["fedavg", "ties"] if quick else ["fedavg", "task_arithmetic", "median", "cclip", "ties", "tsv"]
+        for method in methods:
+            out = root / f"merged-{method}"
+            cmd = ["/usr/bin/time", "-v", exe, "merge", "--base", str(root / "base"),
+                   "--models", *(str(root / f"ft{i}") for i in range(4)), "--method", method, "--out", str(out),
+                   "--quiet", "--max-shard-size", "2GB"]
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            wall = time.perf_counter() - t0
+            peak = next((int(line.split(":")[1]) * 1024 for line in proc.stderr.splitlines()
+                         if "Maximum resident set size" in line), 0)
+            note = "" if proc.returncode == 0 else proc.stderr.strip().splitlines()[-1][:80]
+            extra = peak - baseline
+            rows.append([method, f"{wall:.1f}", f"{5 * model_bytes / 1e9 / wall:.2f}", f"{peak / 1e9:.2f}",
+                         f"{baseline / 1e9:.2f}", f"{extra / largest:.1f}", f"{extra / model_bytes:.2f}", note])
+            print(f"  llm {method}: {wall:.1f} s, {extra / largest:.1f} largest tensors", flush=True)
+            shutil.rmtree(out, ignore_errors=True)
+    table(f"Model directories at LLM scale: `fedmerge merge` over a 1.1B-parameter Llama-shaped bf16 base and 4 "
+          f"fine-tuned models ({model_bytes / 1e9:.2f} GB each, sharded); memory above the imports in units of the "
+          f"largest tensor ({largest / 1e6:.0f} MB in bf16; the bound (inputs + 2) is 6) and of the model",
+          ["method", "seconds", "GB/s read", "peak GB", "imports GB", "above imports / largest tensor",
+           "/ model", "note"], rows)
+    return rows
+
+
 # ------------------------------------------------------------------------------------------------
 # Simulation scaling
 # ------------------------------------------------------------------------------------------------
@@ -519,8 +601,6 @@ def bench_sweep(quick: bool) -> list[list]:
     cells per minute per worker, parallel efficiency, the CSVs compared byte for byte. Then the same
     cells with 2000 local steps, where Ray's fixed start is a small part of the sweep; the shipped
     sweep on a two-node Ray cluster on 127.0.0.1 (one CPU each); and where one cell's time goes."""
-    import json
-
     from simulations.cluster import set_offline_env
 
     set_offline_env()  # before Ray's import: the cluster below stays on 127.0.0.1
@@ -581,7 +661,8 @@ def bench_sweep(quick: bool) -> list[list]:
 
 
 SECTIONS = {"tsv": bench_tsv, "linear": bench_linear, "offline": bench_offline, "default": bench_default,
-            "sim": bench_sim, "cache": bench_cache, "sweep": bench_sweep, "gpu": bench_gpu}
+            "sim": bench_sim, "cache": bench_cache, "sweep": bench_sweep, "gpu": bench_gpu,
+            "llm": bench_llm}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -206,20 +206,25 @@ def equivalence(
 @app.command(context_settings={"allow_extra_args": True})
 def merge(
     ctx: typer.Context,
-    base: Annotated[Path, typer.Option("--base", help="The pre-trained checkpoint θ0 (.safetensors or a PyTorch state dict).")],
-    models: Annotated[list[Path], typer.Option("--models", help="Fine-tuned checkpoints: --models FT1 FT2 ... (same architecture as --base).")],
-    method: Annotated[str, typer.Option("--method", help="Merging method (see `fedmerge methods`).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="The merged model, a new .safetensors file.")],
+    base: Annotated[Path | None, typer.Option("--base", help="The pre-trained model θ0: a checkpoint file (.safetensors or a PyTorch state dict), a Hugging Face model directory or a Hub id in the local cache.")] = None,
+    models: Annotated[list[Path] | None, typer.Option("--models", help="Fine-tuned models: --models FT1 FT2 ... (the architecture of --base, in the same form).")] = None,
+    method: Annotated[str | None, typer.Option("--method", help="Merging method (see `fedmerge methods`).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="The merged model: a new .safetensors file, or for model directories a new directory.")] = None,
+    recipe: Annotated[str | None, typer.Option("--recipe", help=f"A merge recipe TOML file, or a shipped recipe's name ({_shipped('recipes')}), instead of --base, --models, --method and the rest (--out overrides its out).")] = None,
     scale: Annotated[float, typer.Option("--scale", help="λ in θ0 + λ·τ_merged.")] = 1.0,
     option: Annotated[list[str], typer.Option("--option", help="A method option key=value, e.g. k=0.2 (repeatable).")] = [],
     force: Annotated[bool, typer.Option("--force", help="Overwrite --out if it exists.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     plugin: Annotated[list[Path], typer.Option("--plugin", help="A Python file that registers merging rules, datasets, partitioners or models (repeatable).")] = [],
     merge_device: Annotated[str, typer.Option("--merge-device", help="Where the rule computes: auto (the GPU when there is one), cpu, cuda, cuda:N or mps.")] = "auto",
+    dtype: Annotated[str | None, typer.Option("--dtype", help="Model directories: the output's dtype, bfloat16, float16 or float32 (default: the base's).")] = None,
+    max_shard_size: Annotated[str | None, typer.Option("--max-shard-size", help="Model directories: the largest output shard, e.g. 5GB (the default) or 500MB.")] = None,
+    embeddings: Annotated[str | None, typer.Option("--embeddings", help="Model directories whose vocabularies differ: error (the default), or base to merge the rows they share and keep the base's vocabulary.")] = None,
 ) -> None:
     """Merge checkpoints you already have, tensor by tensor, into θ0 + λ·τ_merged (no training, no Flower)."""
     from fedmerge.offline import merge_checkpoints
-    from simulations.config import load_plugins, parse_override
+    from fedmerge.recipe import MergeRecipe
+    from simulations.config import RECIPES_DIR, find_shipped, load_plugins, parse_override
     from simulations.progress import progress_bar
 
     extra = [a for a in ctx.args if a.startswith("-")]
@@ -227,6 +232,25 @@ def merge(
         if extra:
             raise FedmergeError(f"unknown option {extra[0]!r}")
         load_plugins([str(p) for p in plugin])
+        if recipe is not None:
+            given = [flag for flag, value in (("--base", base), ("--models", models), ("--method", method)) if value]
+            if given:
+                raise FedmergeError(f"--recipe holds the whole merge; drop {', '.join(given)}")
+            steps = MergeRecipe.load(find_shipped(recipe, RECIPES_DIR, "recipe"))
+            if out is not None:  # the recipe's models and rules, written elsewhere
+                steps = steps.model_copy(update={"out": str(out)})
+            with progress_bar(err_console, enabled=not quiet, unit="tensors read", transient=True) as bar:
+                task = bar.add_task(f"Merging {count(len(steps.models), 'model')} with {', '.join(steps.methods)}",
+                                    total=None)
+                summaries = steps.run(overwrite=force, on_read=lambda: bar.advance(task))
+            for summary in summaries:
+                _print_merged(summary)
+            return
+        missing = [flag for flag, value in (("--base", base), ("--models", models), ("--method", method),
+                                             ("--out", out)) if not value]
+        if missing:
+            raise FedmergeError(f"give {', '.join(missing)} (or --recipe)")
+        assert base is not None and models is not None and method is not None and out is not None
         options = {}
         for text in option:
             if "=" not in text:
@@ -235,12 +259,18 @@ def merge(
             options[key.replace("-", "_")] = value
         with progress_bar(err_console, enabled=not quiet, unit="tensors read", transient=True) as bar:
             task = bar.add_task(f"Merging {count(len(models) + len(ctx.args), 'model')} with {method}", total=None)
+            model_options = {k: v for k, v in {"dtype": dtype, "max_shard_size": max_shard_size,
+                                                "embeddings": embeddings}.items() if v is not None}
             summary = merge_checkpoints(base, [*models, *map(Path, ctx.args)], method, out, scale=scale,
                                         options=options, overwrite=force, on_read=lambda: bar.advance(task),
-                                        device=merge_device)
-    console.print(f"merged {count(summary['models'], 'model')} with {method} (λ={scale:g}): "
+                                        device=merge_device, model_options=model_options)
+    _print_merged(summary)
+
+
+def _print_merged(summary: dict) -> None:
+    console.print(f"merged {count(summary['models'], 'model')} with {summary['method']} (λ={summary['scale']:g}): "
                   f"{count(len(summary['merged']), 'tensor')} merged, {len(summary['copied'])} copied from the base "
-                  f"-> {out}")
+                  f"-> {summary['out']}")
 
 
 @app.command(context_settings={"allow_extra_args": True})

@@ -40,6 +40,7 @@ WEIGHTINGS = ("num-examples", "uniform")
 TUNE = "tune"  # a scale value: choose λ (and rho) on the clients' validation splits
 PRESETS_DIR = Path(__file__).parent / "presets"
 DEFAULT_PRESET = PRESETS_DIR / "default.toml"
+RECIPES_DIR = Path(__file__).parent / "recipes"  # merge recipes (fedmerge merge --recipe)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -16,13 +16,15 @@ is computed in float32, SVDs in float64).
 from fedmerge.merging import linear, order, spectral, ties  # noqa: F401  (each registers its rules)
 from fedmerge.merging.linear import linear_combination
 from fedmerge.merging.registry import (
-    MERGE_DEVICES, METHODS, MergeMethod, Option, merge, merge_device, method_from_function, rule,
+    MERGE_DEVICES, METHODS, MergeMethod, Option, WholeVectorStatistics, merge, merge_device, merge_each,
+    method_from_function, rule,
 )
 from fedmerge.merging.validation import (
     TaskVectors, normalised_weights, validate_task_vector, validate_task_vectors,
 )
 
 __all__ = [
-    "MERGE_DEVICES", "METHODS", "MergeMethod", "Option", "TaskVectors", "linear_combination", "merge", "merge_device",
-    "method_from_function", "normalised_weights", "rule", "validate_task_vector", "validate_task_vectors",
+    "MERGE_DEVICES", "METHODS", "MergeMethod", "Option", "TaskVectors", "WholeVectorStatistics", "linear_combination",
+    "merge", "merge_device", "merge_each", "method_from_function", "normalised_weights", "rule",
+    "validate_task_vector", "validate_task_vectors",
 ]

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from fedmerge.merging.registry import Option, rule, uniform_if_none
+from fedmerge.merging.registry import Option, WholeVectorStatistics, rule, uniform_if_none
 from fedmerge.merging.validation import TaskVectors, all_finite
 from fedmerge.numerics import scaled_to_unit, times_power_of_two, unit_exponent
 from fedmerge.task_vector import compute_dtype, l2_norm
@@ -134,14 +134,9 @@ def cclip_rho_grid(task_vectors: TaskVectors) -> list[float]:
     return sorted({lo + (hi - lo) * i / CCLIP_RHO_POINTS for i in range(CCLIP_RHO_POINTS)})
 
 
-@rule("cclip", natural_scale="mean",
-      options=[Option("rho", default=None, low=0.0, high=math.inf, grid=cclip_rho_grid,
-                      help="clipping radius (default: the median client norm)")],
-      citation="Karimireddy et al., Learning from History for Byzantine Robust Optimization, ICML 2021",
-      formula="Σ_i p_i τ_i · min(1, rho / ‖τ_i‖₂)")
-def cclip(task_vectors: TaskVectors, p: Sequence[float] | None = None, *,
-          rho: float | None = None) -> dict[str, Tensor]:
-    """Centred clipping at θ0: Σ_i p_i τ_i · min(1, rho / ‖τ_i‖₂); rho defaults to the median norm."""
+def cclip_factors(task_vectors: TaskVectors, p: Sequence[float] | None = None, *,
+                  rho: float | None = None) -> dict[str, list[float]]:
+    """CCLIP's whole-vector statistics: each client's factor min(1, rho / ‖τ_i‖₂)."""
     norms = [l2_norm(tv) for tv in task_vectors]
     if any(math.isinf(nrm) for nrm in norms):  # norms beyond float64's range: compare 2^-e τ_i and 2^-e rho
         e = unit_exponent(t for tv in task_vectors for t in tv.values())
@@ -149,5 +144,19 @@ def cclip(task_vectors: TaskVectors, p: Sequence[float] | None = None, *,
         rho = None if rho is None else math.ldexp(rho, -e)
     if rho is None:
         rho = float(torch.tensor(norms, dtype=torch.float64, device="cpu").quantile(0.5))  # Python floats
-    factors = [1.0 if nrm == 0 else min(1.0, rho / nrm) for nrm in norms]
+    return {"factors": [1.0 if nrm == 0 else min(1.0, rho / nrm) for nrm in norms]}
+
+
+@rule("cclip", natural_scale="mean",
+      options=[Option("rho", default=None, low=0.0, high=math.inf, grid=cclip_rho_grid,
+                      help="clipping radius (default: the median client norm)")],
+      citation="Karimireddy et al., Learning from History for Byzantine Robust Optimization, ICML 2021",
+      formula="Σ_i p_i τ_i · min(1, rho / ‖τ_i‖₂)",
+      statistics=WholeVectorStatistics(("factors",), cclip_factors))
+def cclip(task_vectors: TaskVectors, p: Sequence[float] | None = None, *,
+          rho: float | None = None, factors: Sequence[float] | None = None) -> dict[str, Tensor]:
+    """Centred clipping at θ0: Σ_i p_i τ_i · min(1, rho / ‖τ_i‖₂); rho defaults to the median norm.
+    ``factors``: the clients' min(1, rho / ‖τ_i‖₂), when computed beforehand (:func:`merge_each`)."""
+    if factors is None:
+        factors = cclip_factors(task_vectors, p, rho=rho)["factors"]
     return linear_combination(task_vectors, [pi * f for pi, f in zip(uniform_if_none(p, len(task_vectors)), factors)])

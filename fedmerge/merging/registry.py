@@ -127,6 +127,17 @@ class Option:
 
 
 @dataclass(frozen=True)
+class WholeVectorStatistics:
+    """Values a rule computes over each client's whole task vector before it merges (CCLIP's clip
+    factors, TIES's trim thresholds). ``compute(task_vectors, p, **options)`` returns them as the
+    rule's keyword arguments ``names``; given them, the rule's result for one tensor needs only that
+    tensor's inputs, which is what lets :func:`merge_each` merge one tensor at a time."""
+
+    names: tuple[str, ...]
+    compute: Callable[..., dict[str, Any]]
+
+
+@dataclass(frozen=True)
 class MergeMethod:
     """A registered merging rule and every fact the rest of fedmerge needs about it."""
 
@@ -138,6 +149,7 @@ class MergeMethod:
     citation: str = ""
     formula: str = ""
     summary: str = field(default="")
+    statistics: WholeVectorStatistics | None = None
 
     def __post_init__(self) -> None:
         if self.natural_scale not in NATURAL_SCALES:
@@ -197,14 +209,15 @@ class MergeMethod:
         return [dict(zip(names, combo)) for combo in itertools.product(*(values for _, values in axes))]
 
     # -- merging -------------------------------------------------------------------------------
-    def __call__(self, task_vectors: TaskVectors, weights: Sequence[float] | None = None,
-                 **options: Any) -> dict[str, Tensor]:
+    def __call__(self, task_vectors: TaskVectors, weights: Sequence[float] | None = None, *,
+                 statistics: Mapping[str, Any] | None = None, **options: Any) -> dict[str, Tensor]:
         """Validate, then merge: see :func:`merge`. Tensors without entries merge to tensors without
-        entries; the rule never sees them."""
+        entries; the rule never sees them. ``statistics``: the rule's whole-vector statistics,
+        computed beforehand (see :class:`WholeVectorStatistics`)."""
         shapes = validate_task_vectors(task_vectors)
         n = len(task_vectors)
         p = None if weights is None else normalised_weights(weights, n)
-        checked = self.check_options(options, n)
+        checked = {**self.check_options(options, n), **(statistics or {})}
         empty = [key for key, shape in shapes.items() if shape.numel() == 0]
         if not empty:
             merged = self.function(list(task_vectors), p, **checked)
@@ -270,8 +283,10 @@ def _adapt(name: str, obj: object) -> MergeMethod:
 
 def method_from_function(name: str, function: RuleFunction, *, natural_scale: str = "mean",
                          options: Sequence[Option] | None = None, uses_weights: bool = True,
-                         citation: str = "", formula: str = "") -> MergeMethod:
-    """A rule entry for ``function``; options not declared are read from its keyword parameters."""
+                         citation: str = "", formula: str = "",
+                         statistics: WholeVectorStatistics | None = None) -> MergeMethod:
+    """A rule entry for ``function``; options not declared are read from its keyword parameters
+    (except those that take its whole-vector ``statistics``)."""
     try:
         params = list(inspect.signature(function).parameters.values())
     except (TypeError, ValueError):
@@ -280,9 +295,10 @@ def method_from_function(name: str, function: RuleFunction, *, natural_scale: st
     if len(positional) < 2 and not any(p.kind is p.VAR_POSITIONAL for p in params):
         raise PluginError(f"merging rule {name!r} must take (task_vectors, weights=None, **options)")
     declared = {o.name: o for o in (options or ())}
+    internal = set(statistics.names) if statistics else set()
     for p in params[2:]:
         if p.kind is p.KEYWORD_ONLY or p.kind is p.POSITIONAL_OR_KEYWORD:
-            if p.name in declared:
+            if p.name in declared or p.name in internal:
                 continue
             if p.default is inspect.Parameter.empty:
                 declared[p.name] = Option(p.name, required=True)
@@ -295,7 +311,7 @@ def method_from_function(name: str, function: RuleFunction, *, natural_scale: st
             raise PluginError(f"merging rule {name!r}: option {p.name!r} declares default {option.default!r} "
                               f"but the function's is {p.default!r}")
     return MergeMethod(name, function, natural_scale=natural_scale, options=tuple(declared.values()),
-                       uses_weights=uses_weights, citation=citation, formula=formula)
+                       uses_weights=uses_weights, citation=citation, formula=formula, statistics=statistics)
 
 
 METHODS: Registry[MergeMethod] = Registry("merging method", "fedmerge.methods", adapt=_adapt, error=MergeError)
@@ -303,14 +319,17 @@ METHODS: Registry[MergeMethod] = Registry("merging method", "fedmerge.methods", 
 
 def rule(name: str | None = None, *, natural_scale: str = "mean", options: Sequence[Option] = (),
          uses_weights: bool = True, citation: str = "", formula: str = "",
+         statistics: WholeVectorStatistics | None = None,
          register: bool = True) -> Callable[[RuleFunction], RuleFunction]:
     """Declare ``function`` a merging rule (and add it to ``METHODS`` unless ``register=False``,
-    for a function exported through an entry point, which names it)."""
+    for a function exported through an entry point, which names it). A rule whose result for one
+    tensor depends on the clients' whole task vectors declares those ``statistics``; without them,
+    a tensor's result must depend on that tensor's inputs alone (as :func:`merge_each` assumes)."""
 
     def deco(function: RuleFunction) -> RuleFunction:
         method = method_from_function(name or function.__name__, function, natural_scale=natural_scale,
                                       options=options, uses_weights=uses_weights, citation=citation,
-                                      formula=formula)
+                                      formula=formula, statistics=statistics)
         function.__fedmerge_rule__ = method  # type: ignore[attr-defined]
         if register:
             METHODS.add(method.name, method)
@@ -335,6 +354,25 @@ def merge(method: str, task_vectors: TaskVectors, weights: Sequence[float] | Non
     home = next((t.device for tv in task_vectors for t in tv.values()), target)
     merged = METHODS[method]([on_device(tv, target) for tv in task_vectors], weights, **options)
     return {key: value.to(home) for key, value in merged.items()}
+
+
+def merge_each(method: str, task_vectors: TaskVectors, weights: Sequence[float] | None = None, *,
+               device: str | torch.device | None = None, **options: Any) -> Iterator[tuple[str, Tensor]]:
+    """``merge(method, ...)`` one tensor at a time, in the first task vector's order: pairs (name,
+    merged tensor), with one tensor per client held at a time, so merging a model far larger than
+    memory holds only a few of its tensors. Rules with whole-vector statistics (CCLIP's norms,
+    TIES's thresholds) compute them first, in one pass over the task vectors."""
+    entry = METHODS[method]
+    n = len(task_vectors)
+    p = None if weights is None else normalised_weights(weights, n)
+    checked = entry.check_options(options, n)
+    target = None if device is None else merge_device(device)
+    vectors: list[Mapping[str, Tensor]] = list(task_vectors) if target is None else [
+        _OnDevice(tv, target) for tv in task_vectors]
+    statistics = entry.statistics.compute(vectors, p, **checked) if entry.statistics else {}
+    for key in list(task_vectors[0]):
+        merged = entry([_Subset(tv, [key]) for tv in vectors], p, statistics=statistics, **checked)[key]
+        yield key, merged if target is None else merged.to(task_vectors[0][key].device)
 
 
 MERGE_DEVICES = "auto, cpu, cuda, cuda:N or mps"

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from fedmerge.errors import MergeError
-from fedmerge.merging.registry import Option, rule, uniform_if_none
+from fedmerge.merging.registry import Option, WholeVectorStatistics, rule, uniform_if_none
 from fedmerge.merging.validation import TaskVectors
 from fedmerge.task_vector import compute_dtype
 
@@ -52,8 +52,11 @@ def _magnitude_threshold(tv: Mapping[str, Tensor], k: float) -> float:
       options=[Option("k", default=0.2, low=0.0, high=1.0, low_open=True,
                       help="fraction of each task vector's largest magnitudes kept")],
       citation="Yadav et al., TIES-Merging: Resolving Interference When Merging Models, NeurIPS 2023",
-      formula="trim each τ_i to its top-k magnitudes, elect signs, disjoint weighted mean")
-def ties(task_vectors: TaskVectors, p: Sequence[float] | None = None, *, k: float = 0.2) -> dict[str, Tensor]:
+      formula="trim each τ_i to its top-k magnitudes, elect signs, disjoint weighted mean",
+      statistics=WholeVectorStatistics(("thresholds",), lambda task_vectors, p, k=0.2: {
+          "thresholds": ties_thresholds(task_vectors, k)}))  # over all tensors together, as in the paper
+def ties(task_vectors: TaskVectors, p: Sequence[float] | None = None, *, k: float = 0.2,
+         thresholds: Sequence[float] | None = None) -> dict[str, Tensor]:
     """TIES-Merging: trim each τ_i to its top-k magnitudes, elect signs, disjoint (weighted) mean.
 
     Yadav et al., "TIES-Merging: Resolving Interference When Merging Models", NeurIPS 2023.
@@ -71,7 +74,8 @@ def ties(task_vectors: TaskVectors, p: Sequence[float] | None = None, *, k: floa
     scale: "mean" (λ = 1 in the paper).
     """
     p = uniform_if_none(p, len(task_vectors))
-    thresholds = ties_thresholds(task_vectors, k)
+    if thresholds is None:  # else computed beforehand over the whole task vectors (merge_each)
+        thresholds = ties_thresholds(task_vectors, k)
     out: dict[str, Tensor] = {}
     for key, ref in task_vectors[0].items():  # client by client: no n-deep stacks of temporaries
         dt = compute_dtype(ref.dtype)

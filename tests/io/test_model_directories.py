@@ -1,0 +1,298 @@
+"""Merging Hugging Face model directories of any architecture: sharded safetensors and .bin inputs,
+sharded outputs that ``from_pretrained`` loads, bf16 kept, vocabularies that differ, and the errors.
+
+The models are tiny Llama-shaped ones built here from a transformers config (nothing downloads);
+expected weights are computed in float64 numpy from whole state dicts, sharing no code with the
+tensor-by-tensor path under test."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from fedmerge import merge  # noqa: E402
+from fedmerge.errors import CheckpointError  # noqa: E402
+from fedmerge.offline import merge_checkpoints, merge_models  # noqa: E402
+
+VOCAB = 48
+
+
+def tiny_config(**changes):
+    settings = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+    return transformers.LlamaConfig(**{**settings, **changes})
+
+
+def save_tokenizer(directory: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"w{i}": i for i in range(VOCAB - 1)} | {"<unk>": VOCAB - 1}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(directory)
+
+
+def save_model(model, directory: Path, *, shard: str = "20KB") -> Path:
+    model.save_pretrained(directory, max_shard_size=shard)
+    return directory
+
+
+def save_bin_shards(directory: Path, out: Path) -> Path:
+    """The model as transformers 4 saved it without safetensors: pytorch_model-0000i-of-00002.bin
+    pickles and pytorch_model.bin.index.json."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16)
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+    names = list(tensors)
+    out.mkdir()
+    shutil.copy(directory / "config.json", out / "config.json")
+    weight_map = {}
+    for i, part in enumerate((names[: len(names) // 2], names[len(names) // 2:]), start=1):
+        file = f"pytorch_model-{i:05d}-of-00002.bin"
+        torch.save({k: tensors[k] for k in part}, out / file)
+        weight_map |= {k: file for k in part}
+    (out / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A bf16 base and three fine-tuned bf16 models (the base plus noise of different sizes), sharded."""
+    root = tmp_path_factory.mktemp("llama")
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(tiny_config()).to(torch.bfloat16)
+    base.generation_config.max_new_tokens = 7
+    save_model(base, root / "base")
+    save_tokenizer(root / "base")
+    tuned = []
+    for i in range(3):
+        model = transformers.LlamaForCausalLM(tiny_config()).to(torch.bfloat16)
+        model.load_state_dict(base.state_dict())
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p, dtype=torch.float32).mul(0.01 * (i + 1)).to(p.dtype))
+        tuned.append(save_model(model, root / f"ft{i}"))
+    return root / "base", tuned
+
+
+def state(directory: Path) -> dict[str, np.ndarray]:
+    """Every tensor of a model directory as float64 numpy, read with transformers' own loader."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16)
+    return {k: v.detach().double().numpy() for k, v in model.state_dict().items()}
+
+
+def bf16(x: np.ndarray) -> np.ndarray:
+    return torch.from_numpy(x).to(torch.bfloat16).double().numpy()
+
+
+def test_a_sharded_bf16_merge_loads_with_from_pretrained_and_equals_the_float64_reference(models, tmp_path):
+    base, tuned = models
+    out = tmp_path / "merged"
+    summary = merge_models(base, tuned, "task_arithmetic", out, scale=0.5, max_shard_size="30KB")
+    assert summary["models"] == 3
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1  # sharded
+    assert all(f.stat().st_size <= 30_000 + 10_000 for f in out.glob("model-*.safetensors"))  # header slack
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (out / name).read_bytes() == (base / name).read_bytes(), name
+    merged = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert merged.dtype == torch.bfloat16 and merged.generation_config.max_new_tokens == 7
+    theta0, thetas = state(base), [state(d) for d in tuned]
+    got = {k: v.detach().double().numpy() for k, v in merged.state_dict().items()}
+    for key, b in theta0.items():
+        expected = b + 0.5 * sum(t[key] - b for t in thetas)
+        ulp = np.abs(expected) * 2.0**-8 + 1e-30  # one bf16 rounding of a float32 result
+        assert np.all(np.abs(got[key] - bf16(expected)) <= ulp), key
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    assert tokenizer("w3 w5")["input_ids"] == [3, 5]
+
+
+def test_bin_shards_merge_as_safetensors_do(models, tmp_path):
+    base, tuned = models
+    bins = [save_bin_shards(directory, tmp_path / f"{directory.name}-bin") for directory in tuned[:2]]
+    merge_models(base, tuned[:2], "median", tmp_path / "a")
+    merge_models(base, bins, "median", tmp_path / "b")
+    a, b = state(tmp_path / "a"), state(tmp_path / "b")
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("method", ["ties", "cclip", "tsv", "fednova"])
+def test_every_rule_merges_directories_as_it_merges_task_vectors_in_memory(models, tmp_path, method):
+    base, tuned = models
+    options = {"local_steps": [10, 20, 40]} if method == "fednova" else {}
+    merge_models(base, tuned, method, tmp_path / "out", options=options, dtype="float32")
+    theta0 = {k: torch.from_numpy(v).float() for k, v in state(base).items()}
+    taus = [{k: torch.from_numpy(v).float() - theta0[k] for k, v in state(d).items()} for d in tuned]
+    expected = merge(method, taus, **options)
+    got = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).state_dict()
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["torch_dtype"] == "float32"
+    for key, tau in expected.items():
+        torch.testing.assert_close(got[key], theta0[key] + tau, rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def added_token(models, tmp_path_factory):
+    """A fine-tuned model whose vocabulary has one token more (as WizardMath-13B has over Llama-2-13B)."""
+    base, tuned = models
+    model = transformers.AutoModelForCausalLM.from_pretrained(tuned[0], dtype=torch.bfloat16)
+    model.resize_token_embeddings(VOCAB + 1)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[-1] = 7.0
+    return save_model(model, tmp_path_factory.mktemp("bigger") / "ft-extra")
+
+
+def test_a_vocabulary_mismatch_is_one_error_naming_the_tensors_and_shapes(models, added_token, tmp_path):
+    base, tuned = models
+    with pytest.raises(CheckpointError) as caught:
+        merge_models(base, [added_token, tuned[1]], "fedavg", tmp_path / "out")
+    message = str(caught.value)
+    assert "model.embed_tokens.weight (49, 32) (base (48, 32))" in message and "lm_head.weight" in message
+    assert 'embeddings = "base"' in message and not (tmp_path / "out").exists()
+
+
+def test_embeddings_base_merges_the_shared_rows_and_keeps_the_base_vocabulary(models, added_token, tmp_path):
+    base, tuned = models
+    merge_models(base, [added_token, tuned[1]], "fedavg", tmp_path / "out", embeddings="base")
+    got, theta0 = state(tmp_path / "out"), state(base)
+    extra, other = state(added_token), state(tuned[1])
+    key = "model.embed_tokens.weight"
+    assert got[key].shape == theta0[key].shape
+    expected = theta0[key] + 0.5 * ((extra[key][:VOCAB] - theta0[key]) + (other[key] - theta0[key]))
+    assert np.all(np.abs(got[key] - bf16(expected)) <= np.abs(expected) * 2.0**-8 + 1e-30)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"] == VOCAB
+
+
+def test_another_architecture_or_missing_tensors_are_one_error_naming_them(models, tmp_path):
+    base, tuned = models
+    deeper = save_model(transformers.LlamaForCausalLM(tiny_config(num_hidden_layers=3)), tmp_path / "deeper")
+    with pytest.raises(CheckpointError, match=r"not in the base: \['model.layers.2"):
+        merge_models(base, [tuned[0], deeper], "fedavg", tmp_path / "out")
+    gpt = tmp_path / "gpt2"
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=VOCAB)
+                                 ).save_pretrained(gpt)
+    with pytest.raises(CheckpointError, match="model_type 'gpt2' differs from the base's 'llama'"):
+        merge_models(base, [tuned[0], gpt], "fedavg", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_hub_id_in_the_local_cache_merges_like_its_directory(models, tmp_path, monkeypatch):
+    """A Hub id resolves through huggingface_hub's cache layout (models--ORG--NAME/snapshots/REV),
+    offline; nothing is downloaded."""
+    base, tuned = models
+    cache = tmp_path / "hub"
+    revision = "0" * 40
+    for name, directory in (("base", base), ("ft0", tuned[0]), ("ft1", tuned[1])):
+        repo = cache / f"models--tiny--{name}"
+        shutil.copytree(directory, repo / "snapshots" / revision)
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text(revision)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    merge_checkpoints("tiny/base", ["tiny/ft0", "tiny/ft1"], "fedavg", tmp_path / "from-hub")
+    merge_models(base, tuned[:2], "fedavg", tmp_path / "from-dirs")
+    a, b = state(tmp_path / "from-hub"), state(tmp_path / "from-dirs")
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_the_writer_streams_each_tensor_to_disk_as_it_comes(models, tmp_path, monkeypatch):
+    """The mechanism behind the memory bound: a tensor is on disk before the next is merged."""
+    import fedmerge.io.sharded as sharded
+
+    base, tuned = models
+    sizes: list[int] = []
+    real = sharded.ShardedWriter.write
+
+    def spy(self, name, tensor):
+        real(self, name, tensor)
+        self._file.flush()
+        sizes.append(sum(f.stat().st_size for f in self.directory.glob("*.safetensors")))
+
+    monkeypatch.setattr(sharded.ShardedWriter, "write", spy)
+    merge_models(base, tuned, "fedavg", tmp_path / "out", max_shard_size="1GB")
+    assert len(sizes) == len(state(base)) and sizes == sorted(sizes) and len(set(sizes)) == len(sizes)
+
+
+# --- merge recipes -------------------------------------------------------------------------------
+
+
+def write_recipe(path: Path, base: Path, tuned: list[Path], body: str) -> Path:
+    path.write_text(f'base = "{base}"\nmodels = {json.dumps([str(t) for t in tuned])}\n' + body)
+    return path
+
+
+def test_a_recipe_merges_each_rule_into_its_directory_as_the_command_line_would(models, tmp_path):
+    from typer.testing import CliRunner
+
+    from simulations.cli import app
+
+    base, tuned = models
+    recipe = write_recipe(tmp_path / "recipe.toml", base, tuned, f'''
+methods = ["ties", "fednova"]
+out = "{tmp_path / 'merged'}"
+dtype = "float32"
+max-shard-size = "40KB"
+[scale]
+ties = 0.8
+fednova = 1.0
+[options.ties]
+k = 0.3
+[options.fednova]
+local_steps = [10, 20, 40]
+''')
+    result = CliRunner().invoke(app, ["merge", "--recipe", str(recipe), "-q"])
+    assert result.exit_code == 0, result.output
+    merge_models(base, tuned, "ties", tmp_path / "ties", scale=0.8, options={"k": 0.3}, dtype="float32")
+    merge_models(base, tuned, "fednova", tmp_path / "fednova", options={"local_steps": [10, 20, 40]}, dtype="float32")
+    for method in ("ties", "fednova"):
+        assert "merged 3 models with " + method in result.output
+        a, b = state(tmp_path / "merged" / method), state(tmp_path / method)
+        assert all(np.array_equal(a[k], b[k]) for k in a), method
+    assert (tmp_path / "merged" / "ties" / "model.safetensors.index.json").is_file()
+
+
+@pytest.mark.parametrize("body,needle", [
+    ('method = "tie"\nout = "x"\n', "'tie' is not a merging rule"),
+    ('method = "ties"\nmethods = ["median"]\nout = "x"\n', "give method or methods, not both"),
+    ('method = "ties"\nout = "x"\n[options.ties]\nkk = 1\n', "ties: unknown option 'kk'"),
+    ('method = "ties"\nout = "x"\n[options.median]\n', "options.median is for a rule the recipe does not use"),
+    ('methods = ["ties", "median"]\nout = "x"\n[scale]\nties = 1.0\n', "scale has no value for median"),
+    ('method = "fednova"\nout = "x"\n', "required option 'local_steps' is missing"),
+    ('method = "ties"\nout = "x"\nweights = [1, 2]\n', "weights has 2 entries for 3 models"),
+    ('method = "ties"\nout = "x"\ndtype = "float8"\n', "dtype"),
+    ('method = "ties"\nout = "x"\nembedings = "base"\n', "embedings"),
+    ('method = "ties"\nout = "x"\nmerge-device = "tpu"\n', "merge-device 'tpu' is not a device"),
+    ('method = "ties"\nout = "x"\nscale = "big"\n', "scale"),
+    ('method = "ties"\nout = "x"\n[[', "not valid TOML"),
+])
+def test_a_bad_recipe_is_one_line_naming_what_is_wrong_and_nothing_is_read(models, tmp_path, body, needle):
+    from typer.testing import CliRunner
+
+    from simulations.cli import app
+
+    base, tuned = models
+    recipe = write_recipe(tmp_path / "recipe.toml", base, tuned, body)
+    result = CliRunner().invoke(app, ["merge", "--recipe", str(recipe)], terminal_width=400)
+    assert result.exit_code == 2, result.output
+    assert needle in result.output and "Traceback" not in result.output, result.output
+    assert not (tmp_path / "x").exists()
+
+
+def test_the_shipped_llama2_recipe_names_the_papers_models_and_rules():
+    from fedmerge.recipe import MergeRecipe
+    from simulations.config import RECIPES_DIR
+
+    recipe = MergeRecipe.load(RECIPES_DIR / "llama2-13b-wizard.toml")
+    assert recipe.base == "meta-llama/Llama-2-13b-hf" and len(recipe.models) == 3
+    assert set(recipe.methods) == {"task_arithmetic", "fednova", "fedgma", "median", "cclip", "ties", "tsv"}
+    assert recipe.embeddings == "base"  # WizardMath-13B has one token more than Llama-2-13B
+    assert set(recipe.outputs()) == set(recipe.methods)
