@@ -478,7 +478,9 @@ def bench_llm(quick: bool) -> list[list]:
             wall = time.perf_counter() - t0
             peak = next((int(line.split(":")[1]) * 1024 for line in proc.stderr.splitlines()
                          if "Maximum resident set size" in line), 0)
-            note = "" if proc.returncode == 0 else proc.stderr.strip().splitlines()[-1][:80]
+            if proc.returncode != 0:
+                print(proc.stderr, flush=True)
+            note = "" if proc.returncode == 0 else "failed (printed above)"
             extra = peak - baseline
             rows.append([method, f"{wall:.1f}", f"{5 * model_bytes / 1e9 / wall:.2f}", f"{peak / 1e9:.2f}",
                          f"{baseline / 1e9:.2f}", f"{extra / largest:.1f}", f"{extra / model_bytes:.2f}", note])

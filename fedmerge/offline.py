@@ -199,7 +199,7 @@ def merge_models(
             on_read()
 
     theta0 = ModelWeights(base_dir, on_base_read)
-    tuned = [ModelWeights(d, on_read) for d in model_dirs]
+    tuned = [ModelWeights(d, on_read, keep_last=False) for d in model_dirs]
     for model in tuned:
         _check_tensors(theta0, model, embeddings)
     float_keys = [k for k in theta0.meta if theta0.is_float(k)]
@@ -222,8 +222,10 @@ def merge_models(
                     continue
                 merged_key, tau = next(merged)
                 assert merged_key == key
-                base_tensor = theta0[key].float()
+                # θ0 + λτ in float32 (apply), rounded once: to the base's dtype, or from float32 to another
+                base_tensor = theta0[key] if out_dtype == theta0.meta[key][1] else theta0[key].float()
                 writer.write(key, _checked(apply({key: base_tensor}, {key: tau}, scale)[key].to(out_dtype), key, scale))
+                del tau
     return {"method": method, "scale": scale, "models": len(tuned), "merged": float_keys,
             "copied": [k for k in theta0.meta if k not in float_keys], "out": str(out)}
 
@@ -243,13 +245,12 @@ class _Float32TaskVector(Mapping[str, Tensor]):
         self.base, self.finetuned, self.keys_ = base, finetuned, list(keys)
 
     def __getitem__(self, key: str) -> Tensor:
-        b, f = self.base[key].float(), self.finetuned[key].float()
+        b, f = self.base[key], self.finetuned[key]
+        tau = f.to(torch.float32, copy=True)  # a copy: the model's tensor itself is never changed
         if f.shape != b.shape:  # only the first dimension differs (checked): the shared rows
             rows = min(f.shape[0], b.shape[0])
-            padded = b.clone()
-            padded[:rows] = f[:rows]
-            f = padded
-        return f - b
+            tau = torch.cat([tau[:rows], b[rows:].float()]) if rows < b.shape[0] else tau[:rows].clone()
+        return tau.sub_(b)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.keys_)

@@ -35,9 +35,11 @@ _SAFETENSORS_DTYPES = {
 class Checkpoint:
     """A state dict on disk, read one tensor at a time: names, shapes and dtypes without loading it."""
 
-    def __init__(self, path: str | os.PathLike, on_read: Callable[[], None] | None = None):
+    def __init__(self, path: str | os.PathLike, on_read: Callable[[], None] | None = None, *,
+                 keep_last: bool = True):
         self.path = Path(path)
         self.on_read = on_read or (lambda: None)
+        self.keep_last = keep_last  # a base's tensor is read by every client's τ; a model's only by its own
         if not self.path.is_file():
             raise CheckpointError(f"{self.path}: no such file")
         self._state: dict[str, Tensor] | None = None
@@ -68,8 +70,13 @@ class Checkpoint:
         tensor = self._read(key)
         if tensor.is_floating_point() and not all_finite(tensor):  # named here, where the file is known
             raise CheckpointError(f"{self.path}: tensor {key!r} contains NaN or Inf")
-        self._last = (key, tensor)
+        if self.keep_last:
+            self._last = (key, tensor)
         return tensor
+
+    def forget(self) -> None:
+        """Drop the tensor kept from the last read (its memory goes when no one else holds it)."""
+        self._last = None
 
     def _read(self, key: str) -> Tensor:
         self.on_read()

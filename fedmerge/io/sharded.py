@@ -70,15 +70,19 @@ def weight_files(directory: Path) -> list[Path]:
 
 class ModelWeights:
     """A model's weights on disk (a model directory in any layout, or one file), read one tensor at a
-    time: names, shapes and dtypes without loading anything (see :class:`Checkpoint`)."""
+    time: names, shapes and dtypes without loading anything (see :class:`Checkpoint`). With
+    ``keep_last`` (a base, whose tensor every client's τ reads) the tensor read last is kept, one
+    for the whole model."""
 
-    def __init__(self, path: str | os.PathLike, on_read: Callable[[], None] | None = None):
+    def __init__(self, path: str | os.PathLike, on_read: Callable[[], None] | None = None, *,
+                 keep_last: bool = True):
         self.path = Path(path)
         files = weight_files(self.path) if self.path.is_dir() else [self.path]
         self._where: dict[str, Checkpoint] = {}
+        self._current: Checkpoint | None = None  # the shard read last: the only one keeping a tensor
         self.meta: dict[str, tuple[tuple[int, ...], torch.dtype | None]] = {}
         for file in files:
-            shard = Checkpoint(file, on_read)
+            shard = Checkpoint(file, on_read, keep_last=keep_last)
             for key, meta in shard.meta.items():
                 if key in self._where:
                     raise CheckpointError(f"{self.path}: tensor {key!r} is in two shards, "
@@ -90,7 +94,11 @@ class ModelWeights:
         return dtype is not None and dtype.is_floating_point
 
     def __getitem__(self, key: str) -> Tensor:
-        return self._where[key][key]
+        shard = self._where[key]
+        if self._current is not None and self._current is not shard:
+            self._current.forget()
+        self._current = shard
+        return shard[key]
 
 
 def plan_shards(entries: Sequence[Entry], max_shard_size: int) -> list[list[Entry]]:

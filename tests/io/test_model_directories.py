@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+from fedmerge import merge
+from fedmerge.errors import CheckpointError
+from fedmerge.offline import merge_checkpoints, merge_models
 
-from fedmerge import merge  # noqa: E402
-from fedmerge.errors import CheckpointError  # noqa: E402
-from fedmerge.offline import merge_checkpoints, merge_models  # noqa: E402
+transformers = pytest.importorskip("transformers")
 
 VOCAB = 48
 
