@@ -49,11 +49,11 @@ def fine_tune(msg: Message, pid: int, num_partitions: int) -> Message:
         "partition-id": pid,
         "cached": int(update.cached),
     })
-    task_vector = dict(update.task_vector)
+    task_vector = update.sent  # the dense τ_i, or a LoRA client's factors
     if config.get("byzantine", False):  # an attacker, by the experiment's design: it lies about τ_i only
         scale, std = config["byzantine-scale"], config["byzantine-std"]
         assert isinstance(scale, (int, float)) and isinstance(std, (int, float))  # the server sends numbers
-        task_vector = attack(str(config["byzantine-mode"]), task_vector, scale=float(scale), std=float(std),
-                             seed=client_seed(spec.seed, pid))
+        task_vector = attack(str(config["byzantine-mode"]), dict(update.task_vector), scale=float(scale),
+                             std=float(std), seed=client_seed(spec.seed, pid))
     metrics["train-seconds"] = time.perf_counter() - started
     return Message(RecordDict({"arrays": ArrayRecord(task_vector), "metrics": metrics}), reply_to=msg)

@@ -95,10 +95,11 @@ def run(
             results = run_experiment(config, out_dir, progress=not quiet, console=err_console).results
     with user_errors(f"interrupted; the results are complete in {out_dir}"):
         print_table(results, console)
-        if results["config"].get("tasks"):  # the CLIP benchmark: the papers' per-task table too
+        if len({c["task"] for c in results["clients"]}) > 1:  # clients with tasks of their own: per task too
             from simulations.clip_report import print_task_table, rows_from_run
 
-            print_task_table(rows_from_run(results), console)
+            print_task_table(rows_from_run(results), console,
+                             title="CLIP tasks" if results["config"].get("tasks") else "clients' tasks")
         console.print(f"results: {out_dir}/results.json  (timing: {results['timing']['total']:.1f} s)")
 
 

@@ -14,13 +14,15 @@ def _pct(value: float | None) -> str:
 
 
 def rows_from_run(results: dict[str, Any]) -> dict[str, Any]:
-    """The table's rows from a ``fedmerge run`` results dict of a ``tasks`` experiment."""
+    """The table's rows from a ``fedmerge run`` results dict whose clients have tasks of their own
+    (CLIP tasks, input transforms, text tasks)."""
     clients = results["clients"]
     tasks = [c["task"] for c in clients]
     own = [c["accuracy"] for c in clients]
+    base_row = "zero-shot" if results["config"].get("tasks") else "base"  # CLIP's θ0 is zero-shot
     rows = {"fine-tuned": {"accuracies": own, "accuracy": sum(own) / len(own), "normalized_accuracy": 1.0},
-            "zero-shot": {"accuracies": None, "accuracy": results["base"]["client_accuracy"],
-                          "normalized_accuracy": results["base"]["normalized_accuracy"]}}
+            base_row: {"accuracies": None, "accuracy": results["base"]["client_accuracy"],
+                       "normalized_accuracy": results["base"]["normalized_accuracy"]}}
     for name, s in results["strategies"].items():
         rows[name] = {"scale": s["scale"], "accuracies": s["client_accuracies"], "accuracy": s["client_accuracy"],
                       "normalized_accuracy": s["normalized_accuracy"]}

@@ -205,6 +205,12 @@ KEYS: dict[str, tuple[str, str, str]] = {
     "warmup-steps": ("train", "warmup_steps", "linear learning-rate warm-up steps (per client)"),
     "lr-schedule": ("train", "lr_schedule", "after warm-up: constant or cosine (per client)"),
     "grad-clip": ("train", "grad_clip", "clip each gradient's global L2 norm to this; 0: off (per client)"),
+    "lora-rank": ("train", "lora_rank", "LoRA rank r through PEFT; 0: every weight trains (per client)"),
+    "lora-alpha": ("train", "lora_alpha", "LoRA α: the update is (α/r)·B·A (per client)"),
+    "lora-dropout": ("train", "lora_dropout", "dropout on the LoRA branch, in [0, 1) (per client)"),
+    "lora-targets": ("train", "lora_targets", "linear layers that get adapters, by name or name ending (e.g. "
+                                              "[\"q_proj\", \"v_proj\"]); empty: all"),
+    "lora-send": ("train", "lora_send", "a LoRA client replies its dense update or its factors (per client)"),
     "strategies": ("merging", "strategies", "merging rules applied to the same task vectors (`fedmerge methods`)"),
     "scale": ("merging", "scale", "λ in θ0 + λ·τ_merged, in [-1e6, 1e6]: one number, a table per rule, or \"tune\" "
                                   "(chosen on validation splits)"),
@@ -229,6 +235,7 @@ KEYS: dict[str, tuple[str, str, str]] = {
     "pretrain-steps": ("pretrain", "steps", "SGD steps that pre-train θ0 on a split no client sees"),
     "pretrain-lr": ("pretrain", "lr", "learning rate of pre-training, in (0, 10]"),
     "pretrain-batch-size": ("pretrain", "batch_size", "batch size of pre-training"),
+    "pretrain-optimizer": ("pretrain", "optimizer", "optimizer of pre-training: sgd, adam or adamw"),
     "pretrain-fraction": ("data", "pretrain_fraction", "share of the dataset kept for pre-training"),
     "test-fraction": ("data", "test_fraction", "share of the dataset kept as the global test split"),
     "local-test-fraction": ("data", "local_test_fraction", "share of each client's partition held out as its "

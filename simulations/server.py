@@ -118,10 +118,10 @@ def honest_normalized(config: ExperimentConfig, data, reports: list[ClientReport
     """Normalized accuracy of a model from its accuracies on the clients' splits (in the order of
     ``reports``, ``own`` the clients' own models' on the same splits): over the honest clients only,
     since an attacker's own model is its attacked θ0 + τ_i, and leaving out clients whose own model
-    is no better than chance, 1 / number of classes."""
+    is no better than chance (the dataset's: 1 / number of classes, 0 for exact-match text)."""
     attackers = set(config.byzantine_clients())
     honest = [i for i, r in enumerate(reports) if partition(r) not in attackers]
-    chance = 1 / data.num_classes
+    chance = data.chance_level
 
     def normalized(accuracies: list[float]) -> float:
         return normalized_accuracy([accuracies[i] for i in honest], [own[i] for i in honest], chance=chance)
@@ -162,6 +162,7 @@ def evaluate(config: ExperimentConfig, data, base, strategy: OneShotMerge, progr
             "global_accuracy": global_acc, "task_vector_norm": TaskVector(r.task_vector).norm(),
             "cached": bool(r.metrics.get("cached", 0)),
             "train_seconds": r.metrics.get("train-seconds"),  # None from clients that do not report it
+            "bytes_sent": r.bytes_sent,  # the task vector's (or its LoRA factors') arrays, as received
             "byzantine": r.partition_id in byzantine,  # its τ_i (and so `accuracy`) is the attacked one
         })
     normalized = honest_normalized(config, data, reports, own)

@@ -24,6 +24,7 @@ from fedmerge.errors import FederationError, MergeError
 from fedmerge.merging import METHODS, merge, validate_task_vector
 from fedmerge.merging import merge_device as merge_device_of
 from fedmerge.task_vector import TaskVector, apply, floating_items
+from fedmerge.train.lora import dense_task_vector, has_factors
 
 PARTITION_KEY = "partition-id"
 log = getLogger("flwr").log  # Flower's logger, as its own strategies use it
@@ -31,12 +32,14 @@ log = getLogger("flwr").log  # Flower's logger, as its own strategies use it
 
 @dataclass
 class ClientReport:
-    """A client whose reply was accepted: its task vector and the metrics it sent."""
+    """A client whose reply was accepted: its task vector, the metrics it sent and the bytes of the
+    arrays it sent them in (its dense task vector, or a LoRA client's factors)."""
 
     node_id: int
     partition_id: int | None
     metrics: dict[str, Any]
     task_vector: dict[str, Tensor] = field(repr=False)
+    bytes_sent: int = 0
 
 
 @dataclass(frozen=True)
@@ -231,17 +234,21 @@ class OneShotMerge(Strategy):
             value = metrics[k]
             if not isinstance(value, (int, float)) or not value > 0:
                 raise MergeError(f"reply metric {k!r} must be a positive number, got {value!r}")
+        record = content.array_records[self.arrayrecord_key]
         try:
-            tv = content.array_records[self.arrayrecord_key].to_torch_state_dict()
+            tv: dict[str, Tensor] = dict(record.to_torch_state_dict())
         except Exception as exc:  # undecodable arrays (e.g. an unsupported dtype)
             raise MergeError(f"task vector cannot be decoded: {exc}") from None
+        if has_factors(tv):  # a LoRA client's factors: its dense update (α/r)·B·A
+            tv = dense_task_vector(tv, self.base)
         validate_task_vector(tv, floating_items(self.base), "task vector")
         if self.max_update_norm is not None:
             norm = TaskVector(tv).norm()
             if not norm <= self.max_update_norm:
                 raise MergeError(f"task vector norm {norm:.4g} exceeds max-update-norm {self.max_update_norm:g}")
         pid = self.partition_of.get(nid, metrics.get(PARTITION_KEY))
-        return ClientReport(nid, int(pid) if isinstance(pid, (int, float)) else None, metrics, tv)
+        return ClientReport(nid, int(pid) if isinstance(pid, (int, float)) else None, metrics, tv,
+                            bytes_sent=sum(len(array.data) for array in record.values()))
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

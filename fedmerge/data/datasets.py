@@ -14,21 +14,33 @@ from dataclasses import dataclass
 import torch
 
 from fedmerge.data.splits import Split
+from fedmerge.data.text_tasks import TASKS, TextExamples, TokenSplit, text_task_examples, text_task_texts
 from fedmerge.errors import PluginError
 from fedmerge.registry import Registry
 
 
 @dataclass(frozen=True)
 class Dataset:
-    """A labelled dataset in memory: ``data.x`` (N × …, float32) and ``data.y`` (N, integer labels)."""
+    """A labelled dataset in memory: ``data.x`` (N × …: float32 images, or tokens) and ``data.y``
+    (N, integer labels: classes, or the text tasks). ``chance``: the accuracy of guessing, below which
+    a client's own model learned nothing (default 1 / ``num_classes``; 0 for exact-match text).
+    A text dataset keeps its ``texts`` too: a model with a tokenizer of its own (``causal-lm:...``)
+    reads them tokenized by it, ``tiny-lm`` reads ``data`` (the character vocabulary)."""
 
     name: str
-    data: Split
+    data: Split | TokenSplit
     num_classes: int
+    chance: float | None = None
+    label_names: tuple[str, ...] = ()  # labels that are tasks (text): a client is named by its tasks
+    texts: TextExamples | None = None  # text: the examples as text, for a model with its own tokenizer
 
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.data.x.shape[1:])
+
+    @property
+    def chance_level(self) -> float:
+        return 1 / self.num_classes if self.chance is None else self.chance
 
 
 def digits() -> Dataset:
@@ -59,7 +71,15 @@ def dataset(name: str | None = None) -> Callable[[Callable[[], Dataset]], Callab
     return deco
 
 
+def text_tasks() -> Dataset:
+    """Five synthetic text tasks (addition, reversal, sorting, copying, counting), 600 examples each,
+    for language models (``tiny-lm``): the task is the label, scored by exact match."""
+    return Dataset("text-tasks", text_task_examples(), len(TASKS), chance=0.0, label_names=tuple(TASKS),
+                   texts=text_task_texts())
+
+
 DATASETS.add("digits", digits)
+DATASETS.add("text-tasks", text_tasks)
 
 
 @functools.lru_cache(maxsize=4)

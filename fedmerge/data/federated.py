@@ -9,18 +9,20 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-from fedmerge.data.datasets import load_dataset
+from fedmerge.data.datasets import Dataset, load_dataset
 from fedmerge.data.image_tasks import ImageSplit, clip_transform, load_task
 from fedmerge.data.partitioners import PARTITIONERS, partition_indices
 from fedmerge.data.spec import DataSpec
 from fedmerge.data.splits import MIN_CLIENT_EXAMPLES, ClientData, Examples, Split
 from fedmerge.data.transforms import task_transform
 from fedmerge.errors import ConfigError
+from fedmerge.data.text_tasks import tokenizer_encoder
 from fedmerge.models.clip import preprocessing, zero_shot_head
+from fedmerge.models.language import tokenizer
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,11 @@ class FederatedData:
     test: Examples
     clients: tuple[ClientData, ...]
     task_tests: tuple[Examples, ...] = ()  # under partition="transforms": the global test split in each task
+    chance: float | None = None  # guessing's accuracy (default 1 / num_classes); see Dataset
+
+    @property
+    def chance_level(self) -> float:
+        return 1 / self.num_classes if self.chance is None else self.chance
 
     @property
     def global_tests(self) -> tuple[Examples, ...]:
@@ -46,6 +53,16 @@ class FederatedData:
                 for k, v in enumerate(split.label_counts(self.num_classes)):
                     counts[k] += v
         return counts
+
+
+def _task_name(ds: Dataset, train: Examples) -> str:
+    """A client's task: the dataset's name, or for labels that are tasks, those that make up at least a
+    tenth of its training examples ("sorting", "addition+counting")."""
+    if not ds.label_names:
+        return ds.name
+    counts = train.label_counts(ds.num_classes)
+    total = max(1, sum(counts))
+    return "+".join(name for name, n in zip(ds.label_names, counts) if n >= 0.1 * total)
 
 
 def check_pool(spec: DataSpec, pool_size: int) -> None:
@@ -64,6 +81,10 @@ def load_federated(spec: DataSpec) -> FederatedData:
     if spec.tasks:  # one CLIP image task per client
         return load_task_suite(spec)
     ds = load_dataset(spec.dataset)
+    if ds.texts is not None and spec.encoder:  # a language model with a tokenizer of its own
+        ds = replace(ds, data=ds.texts.tokens(*tokenizer_encoder(tokenizer(spec.encoder))))
+    if PARTITIONERS[spec.partition].transforms and not isinstance(ds.data, Split):
+        raise ConfigError(f"partition = {spec.partition!r} transforms images; dataset {spec.dataset!r} is text")
     n = len(ds.data)
     order = np.random.default_rng(spec.seed).permutation(n)
     n_pre, n_test = round(spec.pretrain_fraction * n), round(spec.test_fraction * n)
@@ -85,7 +106,7 @@ def load_federated(spec: DataSpec) -> FederatedData:
             n_test, n_val = 1, 1
         train, val, local_test = (pool.subset(rows[n_test + n_val:]), pool.subset(rows[n_test:n_test + n_val]),
                                   pool.subset(rows[:n_test]))
-        client = ClientData(pid, train=train, val=val, test=local_test)
+        client = ClientData(pid, train=train, val=val, test=local_test, task=_task_name(ds, train))
         if PARTITIONERS[spec.partition].transforms:
             kinds = spec.transforms
             name, fn = task_transform(kinds[pid % len(kinds)], pid // len(kinds), spec.seed)
@@ -93,7 +114,8 @@ def load_federated(spec: DataSpec) -> FederatedData:
             client = ClientData(pid, train, val, local_test, task=name)
             task_tests.append(Split(fn(test.x), test.y))
         clients.append(client)
-    return FederatedData(spec, ds.num_classes, ds.input_shape, pretrain, test, tuple(clients), tuple(task_tests))
+    return FederatedData(spec, ds.num_classes, ds.input_shape, pretrain, test, tuple(clients), tuple(task_tests),
+                         ds.chance)
 
 
 def load_task_suite(spec: DataSpec) -> FederatedData:

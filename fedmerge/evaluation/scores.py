@@ -20,7 +20,8 @@ class Scores:
 
 @torch.no_grad()
 def score(model: nn.Module, data: Examples, batch_size: int = 1024) -> Scores:
-    """Mean loss and accuracy on ``data`` (a :class:`Split` or any split with ``batch``, e.g. CLIP tasks)."""
+    """Mean loss and accuracy on ``data`` (a :class:`Split` or any split with ``batch``: CLIP tasks, or
+    text whose accuracy is exact match and whose loss is summed over each example's scored tokens)."""
     model.eval()
     total_loss, correct = 0.0, 0
     device = next(model.parameters()).device
@@ -32,9 +33,16 @@ def score(model: nn.Module, data: Examples, batch_size: int = 1024) -> Scores:
         x, y = x.to(device), y.to(device)
         logits = forward(model, x, data)
         total_loss += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
-        correct += int((logits.argmax(dim=1) == y).sum())
+        correct += int(_correct(logits, y).sum())
     n = max(1, len(data))
     return Scores(total_loss / n, correct / n)
+
+
+def _correct(logits: Tensor, y: Tensor) -> Tensor:
+    """Per example: the top class is the label; for sequences (logits N × V × L, targets N × L with
+    ignored positions < 0), every scored position's top token is its target: exact match."""
+    hits = logits.argmax(dim=1) == y
+    return hits if y.dim() == 1 else (hits | (y < 0)).all(dim=1)
 
 
 class Evaluator:

@@ -30,7 +30,8 @@ def transformers_module() -> Any:
     try:
         import transformers
     except ImportError:
-        raise ConfigError("CLIP models need Hugging Face transformers: pip install 'fedmerge[clip]'") from None
+        raise ConfigError("Hugging Face models (CLIP, tiny-lm, causal-lm) need transformers: pip install "
+                          "'fedmerge[clip]' or 'fedmerge[lm]'") from None
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     return transformers

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from fedmerge.errors import ConfigError, PluginError
 from fedmerge.models import clip as clip_models
+from fedmerge.models.language import causal_lm, causal_lm_state, tiny_lm
 from fedmerge.models.small import cnn, mlp
 from fedmerge.registry import Registry
 
@@ -71,6 +72,9 @@ MODELS.add("cnn", ModelFamily("cnn", cnn))
 MODELS.add("clip", ModelFamily("clip", lambda input_shape, num_classes, source: clip_models.build_classifier(source),
                                pretrained=clip_models.encoder_state, accelerated=True,
                                example="clip:openai/clip-vit-base-patch32"))
+MODELS.add("tiny-lm", ModelFamily("tiny-lm", tiny_lm))
+MODELS.add("causal-lm", ModelFamily("causal-lm", causal_lm, pretrained=causal_lm_state, accelerated=True,
+                                    example="causal-lm:TinyLlama/TinyLlama-1.1B-Chat-v1.0"))
 
 
 def split_name(name: str) -> tuple[str, str]:

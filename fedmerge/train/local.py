@@ -22,6 +22,7 @@ from fedmerge.evaluation.scores import score
 from fedmerge.io.state import hash_tensor, non_finite_tensor, read_cache_entry, read_or_compute, write_cache_entry
 from fedmerge.models.registry import build_model, device_for
 from fedmerge.task_vector import TaskVector
+from fedmerge.train.lora import dense_task_vector, dense_update, factor_arrays, has_factors, lora_factors, with_lora
 from fedmerge.train.loop import TrainPlan, single_thread, train
 
 
@@ -33,6 +34,12 @@ class LocalUpdate:
     train_loss: float  # loss on the whole local train split after training
     accuracy: float  # the client's own fine-tuned model on its local test split
     cached: bool = False  # read from the task-vector cache instead of trained
+    factors: dict[str, Tensor] | None = None  # LoRA factors, when the client sends them instead of τ
+
+    @property
+    def sent(self) -> dict[str, Tensor]:
+        """What the client's reply carries: its LoRA factors, or the dense task vector."""
+        return dict(self.task_vector) if self.factors is None else self.factors
 
 
 def client_seed(seed: int, partition_id: int) -> int:
@@ -58,11 +65,16 @@ def update_key(model_name: str, base: Mapping[str, Tensor], client: ClientData, 
     return h.hexdigest()[:32]
 
 
-def _read_cached(path: Path) -> LocalUpdate | None:
-    """The cached update at ``path`` when it is there and verified (see ``read_cache_entry``)."""
-    return read_cache_entry(path, lambda tensors, meta: LocalUpdate(
-        TaskVector(tensors), int(meta["num_examples"]), int(meta["local_steps"]), float(meta["train_loss"]),
-        float(meta["accuracy"]), cached=True))
+def _read_cached(path: Path, base: Mapping[str, Tensor]) -> LocalUpdate | None:
+    """The cached update at ``path`` when it is there and verified (see ``read_cache_entry``): what
+    the client sent, its dense task vector, or its LoRA factors made dense with ``base``."""
+    def update(tensors: dict[str, Tensor], meta: dict[str, str]) -> LocalUpdate:
+        factors = tensors if has_factors(tensors) else None
+        dense = tensors if factors is None else dense_task_vector(factors, base)
+        return LocalUpdate(TaskVector(dense), int(meta["num_examples"]), int(meta["local_steps"]),
+                           float(meta["train_loss"]), float(meta["accuracy"]), cached=True, factors=factors)
+
+    return read_cache_entry(path, update)
 
 
 def local_update(
@@ -79,10 +91,10 @@ def local_update(
         if path is not None and non_finite_tensor(update.task_vector) is None:  # a diverged update is not kept
             meta = {"num_examples": str(update.num_examples), "local_steps": str(update.local_steps),
                     "train_loss": repr(update.train_loss), "accuracy": repr(update.accuracy)}
-            write_cache_entry(dict(update.task_vector), path, metadata=meta)
+            write_cache_entry(update.sent, path, metadata=meta)
         return update
 
-    return read_or_compute(path, _read_cached, trained)
+    return read_or_compute(path, lambda entry: _read_cached(entry, base), trained)
 
 
 def _fine_tune(
@@ -92,13 +104,25 @@ def _fine_tune(
     model = build_model(model_name, input_shape, num_classes)
     model.load_state_dict(base)
     model.to(device_for(model_name))
-    with single_thread():
-        train(model, client.train, plan, seed=client_seed(seed, client.partition_id))
-        train_scores, test_scores = score(model, client.train), score(model, client.test)
+    names = {id(p): k for k, p in model.state_dict(keep_vars=True).items()}  # θ0's name of each tensor
+    trained = model if plan.lora_rank == 0 else with_lora(model, plan.lora_rank, plan.lora_alpha, plan.lora_dropout,
+                                                           plan.lora_targets, client_seed(seed, client.partition_id))
+    with single_thread(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(client_seed(seed, client.partition_id))  # dropout (LoRA's) draws the same each run
+        train(trained, client.train, plan, seed=client_seed(seed, client.partition_id))
+        train_scores, test_scores = score(trained, client.train), score(trained, client.test)
+    factors = None
+    if plan.lora_rank == 0:
+        task_vector = TaskVector.between(base, {k: v.cpu() for k, v in model.state_dict().items()})
+    else:  # the frozen θ0 has not moved: τ is the adapters' (α/r)·B·A
+        low_rank = {k: (b.cpu(), a.cpu()) for k, (b, a) in lora_factors(trained, names).items()}
+        task_vector = TaskVector(dense_update(low_rank, base))
+        factors = factor_arrays(low_rank) if plan.lora_send == "factors" else None
     return LocalUpdate(
-        task_vector=TaskVector.between(base, {k: v.cpu() for k, v in model.state_dict().items()}),
+        task_vector=task_vector,
         num_examples=len(client.train),
         local_steps=plan.local_steps,
         train_loss=train_scores.loss,
         accuracy=test_scores.accuracy,
+        factors=factors,
     )

@@ -16,11 +16,13 @@ from torch import nn
 
 from fedmerge.errors import FederationError
 from fedmerge.data.splits import Examples, Split, iterate_batches
-from fedmerge.spec import LearningRate, NonNegative, NonNegativeInt, PositiveInt, Spec, Str, WeightDecay, one_of
+from fedmerge.spec import (Float, LearningRate, Names, NonNegative, NonNegativeInt, Positive, PositiveInt, Spec, Str,
+                           WeightDecay, check, one_of)
 from fedmerge.models.registry import forward
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("constant", "cosine")
+LORA_SENDS = ("dense", "factors")
 
 
 class TrainPlan(Spec):
@@ -28,7 +30,10 @@ class TrainPlan(Spec):
 
     ``warmup_steps``: linear warm-up from lr/warmup to lr over the first steps; ``lr_schedule``: after
     warm-up, "constant" or "cosine" decay to 0 at the last step; ``grad_clip``: clip the gradient's
-    global L2 norm to this (0: no clipping)."""
+    global L2 norm to this (0: no clipping). ``lora_rank`` > 0 trains LoRA adapters of that rank
+    (scaled by ``lora_alpha`` / rank, with ``lora_dropout``) on the linear layers named by
+    ``lora_targets`` (names or name endings; all when empty) instead of every weight; ``lora_send``:
+    the reply carries the dense update or its factors (:mod:`fedmerge.train.lora`)."""
 
     local_steps: PositiveInt
     lr: LearningRate = 0.1
@@ -38,6 +43,11 @@ class TrainPlan(Spec):
     warmup_steps: NonNegativeInt = 0
     lr_schedule: Annotated[Str, one_of(LR_SCHEDULES)] = "constant"
     grad_clip: NonNegative = 0.0
+    lora_rank: NonNegativeInt = 0
+    lora_alpha: Positive = 8.0
+    lora_dropout: Annotated[Float, check(lambda v: 0 <= v < 1, "must lie in [0, 1)")] = 0.0
+    lora_targets: Names = ()
+    lora_send: Annotated[Str, one_of(LORA_SENDS)] = "dense"
 
     @model_validator(mode="after")
     def _warmup_ends(self) -> TrainPlan:

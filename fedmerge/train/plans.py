@@ -14,7 +14,7 @@ from typing import Annotated, Any
 from pydantic import BeforeValidator, model_validator
 
 from fedmerge.errors import ConfigError
-from fedmerge.spec import Float, LearningRate, Spec, WeightDecay, check, conform
+from fedmerge.spec import Float, LearningRate, Names, Spec, WeightDecay, check, conform
 from fedmerge.train.loop import TrainPlan
 
 PerClient = int | float | str | list[Any]
@@ -73,6 +73,9 @@ def _scalar(key: str, value: Any, kind: type, limits: Any = None) -> Any:
     return value
 
 
+_NAMES = ("optimizer", "lr_schedule", "lora_send")  # text: never a "MIN:MAX" range
+
+
 class TrainingSpec(Spec):
     """Per-client training settings (training heterogeneity); :meth:`plans` gives each client's plan."""
 
@@ -86,6 +89,11 @@ class TrainingSpec(Spec):
     warmup_steps: Annotated[PerClient, _per_client("warmup-steps", int)] = 0
     lr_schedule: Annotated[PerClient, _per_client("lr-schedule", str)] = "constant"
     grad_clip: Annotated[PerClient, _per_client("grad-clip", float)] = 0.0
+    lora_rank: Annotated[PerClient, _per_client("lora-rank", int)] = 0
+    lora_alpha: Annotated[PerClient, _per_client("lora-alpha", float)] = 8.0
+    lora_dropout: Annotated[PerClient, _per_client("lora-dropout", float)] = 0.0
+    lora_targets: Names = ()  # the same layers for every client
+    lora_send: Annotated[PerClient, _per_client("lora-send", str)] = "dense"
 
     @model_validator(mode="after")
     def _spread_needs_one_value(self) -> TrainingSpec:
@@ -105,7 +113,7 @@ class TrainingSpec(Spec):
                 if len(value) != num_clients:
                     raise ConfigError(f"{key} has {len(value)} entries but num-clients is {num_clients}")
                 columns[name] = list(value)
-            elif isinstance(value, str) and ":" in value and name not in ("optimizer", "lr_schedule"):
+            elif isinstance(value, str) and ":" in value and name not in _NAMES:
                 lo, hi = (_number(key, v) for v in value.split(":"))
                 rng = random.Random(f"{seed}:{key}")
                 columns[name] = [rng.randint(int(lo), int(hi)) if kind is int else rng.uniform(lo, hi)

@@ -14,8 +14,8 @@ from fedmerge.data.federated import FederatedData
 from fedmerge.errors import ConfigError
 from fedmerge.io.state import non_finite_tensor, read_cache_entry, read_or_compute, write_cache_entry
 from fedmerge.models.registry import build_model, pretrained_state
-from fedmerge.spec import LearningRate, PositiveInt, Spec, check
-from fedmerge.train.loop import TrainPlan, single_thread, train
+from fedmerge.spec import LearningRate, PositiveInt, Spec, Str, check, one_of
+from fedmerge.train.loop import OPTIMIZERS, TrainPlan, single_thread, train
 from fedmerge.train.plans import MAX_STEPS
 
 
@@ -25,6 +25,7 @@ class PretrainSpec(Spec):
     steps: Annotated[PositiveInt, check(lambda v: v <= MAX_STEPS, f"must be at most {MAX_STEPS:,}")] = 100
     lr: LearningRate = 0.1
     batch_size: PositiveInt = 32
+    optimizer: Annotated[Str, one_of(OPTIMIZERS)] = "sgd"
 
     @classmethod
     def key_name(cls, location: tuple[str, ...]) -> str:
@@ -57,7 +58,7 @@ def pretrained_base(spec: PretrainSpec, model_name: str, seed: int, data: Federa
 
     def pretrained() -> tuple[dict, bool]:
         model = build_model(model_name, data.input_shape, data.num_classes, seed=seed)
-        plan = TrainPlan(local_steps=spec.steps, lr=spec.lr, batch_size=spec.batch_size)
+        plan = TrainPlan(local_steps=spec.steps, lr=spec.lr, batch_size=spec.batch_size, optimizer=spec.optimizer)
         with single_thread():
             train(model, data.pretrain, plan, seed=seed)
         state = model.state_dict()
