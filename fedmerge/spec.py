@@ -179,6 +179,10 @@ def within(low: float, high: float, *, open_low: bool = False) -> AfterValidator
     return check(lambda v: (low < v if open_low else low <= v) and v <= high, f"must lie in {interval}")
 
 
+# Ray resources of one task: a share of a CPU or whole CPUs, and of GPUs; the bounds only catch typos.
+TaskCPUs = Annotated[Float, within(0, 1024, open_low=True)]
+TaskGPUs = Annotated[Float, within(0, 64)]
+
 # Seeds: numpy's SeedSequence takes integers >= 0 and torch's manual_seed at most 2**64 - 1; clients
 # shuffle with seed * 100_003 + partition_id * 7_919 + 1 (fedmerge.train.local.client_seed), and
 # Flower's messages carry signed 64-bit integers. Seeds up to 2**32 - 1 (numpy's classic range) keep

@@ -43,6 +43,7 @@ import torch
 
 from fedmerge.errors import ConfigError, FederationError
 from fedmerge.io import atomic_path, check_output, write_text_atomic, writing
+from fedmerge.spec import TaskCPUs, TaskGPUs, conform
 from simulations.config import (
     PRESETS_DIR, ExperimentConfig, check_resources, check_run_name, find_shipped, load_plugins, machine_resources,
     plugin_files, read_toml,
@@ -168,10 +169,11 @@ class Cell:
 
 
 def _check_resources(cpus: float, gpus: float, cpus_key: str, gpus_key: str) -> None:
-    if not (math.isfinite(cpus) and 0 < cpus <= 1024):
-        raise ConfigError(f"{cpus_key} must lie in (0, 1024], got {cpus:g}")
-    if not (math.isfinite(gpus) and 0 <= gpus <= 64):
-        raise ConfigError(f"{gpus_key} must lie in [0, 64], got {gpus:g}")
+    for kind, value, key in ((TaskCPUs, cpus, cpus_key), (TaskGPUs, gpus, gpus_key)):
+        try:
+            conform(kind, value)
+        except ValueError as exc:
+            raise ConfigError(f"{key} {exc}, got {value:g}") from None
 
 
 def cell_threads(cell_cpus: float) -> int:

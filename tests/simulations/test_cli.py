@@ -212,7 +212,10 @@ def test_sweep_cell_resources_this_machine_lacks_are_refused_before_ray_starts(t
     spec = write_tiny_sweep_spec(tmp_path / "spec.toml", f"{cache_dir}/sweep")
     for flags, needle in ((["--cell-gpus", "1"], "cell-gpus=1 but no CUDA GPU is visible on this machine"),
                           (["--cell-cpus", "4"], "cell-cpus=4 is more than the 2 CPUs of this machine"),
-                          (["--workers", "0"], "--workers must be at least 1, got 0")):
+                          (["--workers", "0"], "--workers must be at least 1, got 0"),
+                          (["--cell-cpus", "0"], "cell-cpus must lie in (0, 1024], got 0"),
+                          (["--cell-cpus", "nan"], "cell-cpus must be a finite number, got nan"),
+                          (["--cell-gpus", "-1"], "cell-gpus must lie in [0, 64], got -1")):
         result = runner.invoke(app, ["sweep", str(spec), "-q", "--workers", "2", *flags, "--out", str(tmp_path / "o")])
         assert result.exit_code == 2 and needle in result.output and "Traceback" not in result.output, result.output
         assert not (tmp_path / "o" / "cells").exists() or not list((tmp_path / "o" / "cells").iterdir())
