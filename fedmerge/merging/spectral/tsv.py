@@ -52,6 +52,16 @@ def balancing_exponent(tensors: Sequence[Tensor]) -> int:
     return unit_exponent([largest])
 
 
+def to_unit_scale(tensor: Tensor, e: int) -> Tensor:
+    """``tensor`` · 2^-e (in float64 when e ≠ 0: exact), the input of a homogeneous rule."""
+    return times_power_of_two(tensor.double(), -e) if e else tensor
+
+
+def from_unit_scale(tensor: Tensor, e: int, dtype: torch.dtype) -> Tensor:
+    """A result merged at unit scale, · 2^e, in ``dtype``."""
+    return times_power_of_two(tensor.double(), e).to(dtype) if e else tensor.to(dtype)
+
+
 def _tsv_merge_batch(mats: Tensor, *, method: str = "fast") -> Tensor:
     """TSV-M for a batch of layers of one shape: ``mats`` (L, T, m, n) → merged (L, m, n).
 
@@ -172,11 +182,11 @@ def tsv(task_vectors: TaskVectors, p: Sequence[float] | None = None) -> dict[str
                 # scaled before the conversion: a client's float64 values may lie beyond float32's range
                 e = balancing_exponent(tensors)
                 for i_task, t in enumerate(tensors):
-                    mats[i_layer, i_task] = times_power_of_two(t.double(), -e) if e else t
+                    mats[i_layer, i_task] = to_unit_scale(t, e)
                 exponents.append(e)
             merged = _tsv_merge_batch(mats)
             for key, mat, e in zip(chunk, merged, exponents):
-                out[key] = times_power_of_two(mat.double(), e).to(dtype) if e else mat.to(dtype)
+                out[key] = from_unit_scale(mat, e, dtype)
     return {key: out[key] for key in first}
 
 
@@ -209,12 +219,8 @@ def per_matrix(task_vectors: TaskVectors, p: Sequence[float] | None, merge_matri
     for key, ref in first.items():
         if ref.dim() == 2:
             matrices = [tv[key] for tv in task_vectors]
-            e = balancing_exponent(matrices)
-            if e:  # every matrix rule here is homogeneous: merged at unit scale, scaled back
-                matrices = [times_power_of_two(m.double(), -e) for m in matrices]
-                out[key] = times_power_of_two(merge_matrix(matrices, p).double(), e).to(ref.dtype)
-            else:
-                out[key] = merge_matrix(matrices, p).to(ref.dtype)
+            e = balancing_exponent(matrices)  # every matrix rule here is homogeneous: merged at unit scale
+            out[key] = from_unit_scale(merge_matrix([to_unit_scale(m, e) for m in matrices], p), e, ref.dtype)
     return {key: out[key] for key in first}
 
 
