@@ -21,11 +21,8 @@ import torch
 from torch import Tensor
 
 from fedmerge.errors import ConfigError
+from fedmerge.models.language import BOS, CHARACTERS, EOS, PAD, SEQ_LEN, VOCAB_SIZE  # noqa: F401  (tiny-lm's vocabulary)
 
-PAD, BOS, EOS = 0, 1, 2
-CHARACTERS = "0123456789abcdefgh+=:ARSCN"
-VOCAB_SIZE = 3 + len(CHARACTERS)
-SEQ_LEN = 16
 EXAMPLES_PER_TASK = 600
 IGNORED = -100  # a target position the loss and the score skip (cross-entropy's ignore_index)
 

@@ -14,9 +14,15 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from fedmerge.data.text_tasks import BOS, EOS, PAD, SEQ_LEN, VOCAB_SIZE
 from fedmerge.errors import ConfigError
 from fedmerge.io.hub import read_state, resolve, transformers_module
+
+# tiny-lm's vocabulary: padding, BOS, EOS, then one token per character the text tasks are written in
+# (fedmerge.data.text_tasks), and the longest sequence it reads.
+PAD, BOS, EOS = 0, 1, 2
+CHARACTERS = "0123456789abcdefgh+=:ARSCN"
+VOCAB_SIZE = 3 + len(CHARACTERS)
+SEQ_LEN = 16
 
 TINY_LM = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
            "num_key_value_heads": 4}
