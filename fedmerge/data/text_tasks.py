@@ -12,6 +12,7 @@ client, ``dirichlet`` skewed mixtures.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -119,6 +120,13 @@ class TokenSplit:
 
     def batch(self, index: Tensor) -> tuple[Tensor, Tensor]:
         return self.x[index], self.targets[index]
+
+    def fingerprint(self) -> str:
+        """A digest of every token, target and label: what a cached client update was trained on."""
+        digest = hashlib.sha256()
+        for tensor in (self.x, self.targets, self.y):
+            digest.update(tensor.contiguous().numpy().tobytes())
+        return digest.hexdigest()
 
 
 @dataclass(frozen=True)

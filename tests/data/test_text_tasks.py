@@ -103,3 +103,37 @@ def test_the_tiny_lm_preset_tells_the_merging_story(tmp_path, cache_dir):
     assert set(results["strategies"]) == set(config.strategies)
     assert all(s["normalized_accuracy"] is not None for s in results["strategies"].values())
     assert output.merged and all(c["bytes_sent"] > 0 for c in results["clients"])
+
+
+@pytest.mark.slow  # two cells of a language sweep
+def test_a_sweep_runs_on_the_text_tasks(tmp_path, cache_dir):
+    import csv
+
+    from simulations.sweep import SweepSpec, run_sweep
+
+    spec = tmp_path / "spec.toml"
+    spec.write_text(f"""
+name = "tiny-lm-skew"
+preset = "tiny-lm-tasks"
+seeds = [0]
+[set]
+partition = "dirichlet"
+pretrain-steps = 200
+local-steps = 40
+local-steps-spread = 4.0
+lora-rank = 2
+lora-send = "factors"
+strategies = ["fedavg", "ties"]
+scale = 1.0
+engine = "inprocess"
+cache-dir = "{cache_dir}"
+[grid]
+alpha = [0.3, 3.0]
+""")
+    out = run_sweep(SweepSpec.load(spec), tmp_path / "out", progress=False)
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert {(r["alpha"], r["strategy"]) for r in rows} == {(a, s) for a in ("0.3", "3.0") for s in ("fedavg", "ties")}
+    for cell in (out / "cells").iterdir():
+        clients = json.loads((cell / "results.json").read_text())["clients"]
+        assert len({c["local_steps"] for c in clients}) > 1 and all(c["lora_rank"] == 2 for c in clients)
+        assert all(0 < c["bytes_sent"] < 0.1 * 344_000 for c in clients)  # factors, not the dense 344 KB

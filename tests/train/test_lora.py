@@ -153,3 +153,17 @@ def test_a_causal_lm_from_a_directory_reads_the_text_tasks_through_its_own_token
                           num_classes=data.num_classes)
     changed = {k for k, v in update.task_vector.items() if v.any()}
     assert changed == {"model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.v_proj.weight"}
+
+
+def test_a_cached_lora_client_sends_its_factors_again(text, tmp_path):
+    model = build_model("tiny-lm", text.input_shape, text.num_classes, seed=0)
+    base = model.state_dict()
+    plan = TrainPlan(local_steps=5, lr=0.01, optimizer="adam", lora_rank=2, lora_send="factors")
+    first, again = (local_update("tiny-lm", base, text.clients[0], plan, seed=0, input_shape=text.input_shape,
+                                 num_classes=text.num_classes, cache_dir=tmp_path) for _ in range(2))
+    assert not first.cached and again.cached and again.factors is not None
+    assert set(again.factors) == set(first.factors)
+    for key in first.factors:
+        torch.testing.assert_close(again.factors[key], first.factors[key], rtol=0, atol=0)
+    for key in first.task_vector:
+        torch.testing.assert_close(again.task_vector[key], first.task_vector[key], rtol=0, atol=0)
