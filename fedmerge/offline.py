@@ -80,6 +80,9 @@ def merge_checkpoints(
                               f"not to the checkpoint file {base}")
     if is_pretrained_source(base):  # Hub id or save_pretrained directory
         if _model_config(resolve(base)).get("model_type") in CLIP_MODEL_TYPES:  # CLIP: its image encoder
+            if model_options:
+                raise CheckpointError(f"{', '.join(sorted(model_options))} do not apply to CLIP image encoders, "
+                                      "which are written as a CLIPVisionModelWithProjection directory")
             return merge_pretrained(str(base), [str(m) for m in models], method, out, scale=scale, options=options,
                                     weights=weights, overwrite=overwrite, device=device)
         return merge_models(base, models, method, out, scale=scale, options=options, weights=weights,
@@ -171,7 +174,7 @@ def merge_models(
     dimension only (a vocabulary with added tokens) are an error naming them unless ``embeddings``
     is ``"base"``: then the rows a model shares with the base are merged, rows beyond the base's
     vocabulary are dropped (the base's vocabulary and tokenizer are kept), and a model with fewer
-    rows contributes no update to the rows it lacks.
+    rows contributes a zero update to the rows it lacks (which averaging rules count).
     """
     _check_method(method, options)
     if device is not None:
@@ -212,7 +215,7 @@ def merge_models(
         unknown = next(k for k, (_, d) in theta0.meta.items() if d is None)
         raise CheckpointError(f"{base_dir}: tensor {unknown!r} has a dtype fedmerge cannot write")
     task_vectors = [_Float32TaskVector(theta0, m, float_keys) for m in tuned]
-    with staged_directory(out) as staging, torch.no_grad():
+    with staged_directory(out, replace=overwrite) as staging, torch.no_grad():
         _copy_model_files(base_dir, staging, dtype)
         merged = merge_each(method, task_vectors, weights, device=device, **dict(options or {}))
         with ShardedWriter(staging, entries, shard_bytes) as writer:
@@ -270,10 +273,11 @@ def _model_config(directory: Path) -> dict[str, Any]:
 
 
 def _check_architecture(base_dir: Path, base: Mapping[str, Any], model_dir: Path, model: Mapping[str, Any]) -> None:
-    for key in ("model_type", "architectures"):
-        if model.get(key) != base.get(key):
-            raise CheckpointError(f"{model_dir}: {key} {model.get(key)!r} differs from the base's {base.get(key)!r} "
-                                  f"({base_dir}); models of one architecture only")
+    """One ``model_type``; beyond it the tensors decide (a fine-tune saved without ``architectures``,
+    or under another head class with the same tensors, merges)."""
+    if model.get("model_type") != base.get("model_type"):
+        raise CheckpointError(f"{model_dir}: model_type {model.get('model_type')!r} differs from the base's "
+                              f"{base.get('model_type')!r} ({base_dir}); models of one architecture only")
 
 
 def _check_tensors(base: ModelWeights, model: ModelWeights, embeddings: str) -> None:

@@ -28,20 +28,13 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BeforeValidator, Field, field_validator, model_validator
+from pydantic import BeforeValidator, Field, field_validator, model_validator
 
 from fedmerge.errors import ConfigError, MergeError
-from fedmerge.merging import METHODS, merge_device
+from fedmerge.merging import METHODS
+from fedmerge.merging.registry import DeviceName
 from fedmerge.offline import EMBEDDING_POLICIES, OUTPUT_DTYPES, merge_checkpoints
 from fedmerge.spec import Factor, Names, Spec, Str, one_of
-
-
-def _device_name(value: str) -> str:
-    try:
-        merge_device(value, here=False)
-    except MergeError as exc:
-        raise ValueError(f"!{exc}") from None
-    return value
 
 
 def _listed(value: Any) -> Any:
@@ -61,7 +54,7 @@ class MergeRecipe(Spec):
     dtype: Annotated[Str, one_of(tuple(OUTPUT_DTYPES))] | None = None
     max_shard_size: Str | int = "5GB"
     embeddings: Annotated[Str, one_of(EMBEDDING_POLICIES)] = "error"
-    merge_device: Annotated[Str, AfterValidator(_device_name)] = "auto"
+    merge_device: DeviceName = "auto"
 
     @model_validator(mode="before")
     @classmethod

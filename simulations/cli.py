@@ -212,12 +212,12 @@ def merge(
     method: Annotated[str | None, typer.Option("--method", help="Merging method (see `fedmerge methods`).")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="The merged model: a new .safetensors file, or for model directories a new directory.")] = None,
     recipe: Annotated[str | None, typer.Option("--recipe", help=f"A merge recipe TOML file, or a shipped recipe's name ({_shipped('recipes')}), instead of --base, --models, --method and the rest (--out overrides its out).")] = None,
-    scale: Annotated[float, typer.Option("--scale", help="λ in θ0 + λ·τ_merged.")] = 1.0,
+    scale: Annotated[float | None, typer.Option("--scale", help="λ in θ0 + λ·τ_merged (default 1).")] = None,
     option: Annotated[list[str], typer.Option("--option", help="A method option key=value, e.g. k=0.2 (repeatable).")] = [],
     force: Annotated[bool, typer.Option("--force", help="Overwrite --out if it exists.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     plugin: Annotated[list[Path], typer.Option("--plugin", help="A Python file that registers merging rules, datasets, partitioners or models (repeatable).")] = [],
-    merge_device: Annotated[str, typer.Option("--merge-device", help="Where the rule computes: auto (the GPU when there is one), cpu, cuda, cuda:N or mps.")] = "auto",
+    merge_device: Annotated[str | None, typer.Option("--merge-device", help="Where the rule computes: auto (the default: the GPU when there is one), cpu, cuda, cuda:N or mps.")] = None,
     dtype: Annotated[str | None, typer.Option("--dtype", help="Model directories: the output's dtype, bfloat16, float16 or float32 (default: the base's).")] = None,
     max_shard_size: Annotated[str | None, typer.Option("--max-shard-size", help="Model directories: the largest output shard, e.g. 5GB (the default) or 500MB.")] = None,
     embeddings: Annotated[str | None, typer.Option("--embeddings", help="Model directories whose vocabularies differ: error (the default), or base to merge the rows they share and keep the base's vocabulary.")] = None,
@@ -234,9 +234,13 @@ def merge(
             raise FedmergeError(f"unknown option {extra[0]!r}")
         load_plugins([str(p) for p in plugin])
         if recipe is not None:
-            given = [flag for flag, value in (("--base", base), ("--models", models), ("--method", method)) if value]
+            given = [flag for flag, value in (("--base", base), ("--models", models), ("--method", method),
+                                               ("--scale", scale), ("--option", option), ("--dtype", dtype),
+                                               ("--max-shard-size", max_shard_size), ("--embeddings", embeddings),
+                                               ("--merge-device", merge_device), ("models after --models", ctx.args))
+                     if value is not None and value != []]
             if given:
-                raise FedmergeError(f"--recipe holds the whole merge; drop {', '.join(given)}")
+                raise FedmergeError(f"--recipe holds the whole merge; set {', '.join(given)} in it instead")
             steps = MergeRecipe.load(find_shipped(recipe, RECIPES_DIR, "recipe"))
             if out is not None:  # the recipe's models and rules, written elsewhere
                 steps = steps.model_copy(update={"out": str(out)})
@@ -262,9 +266,10 @@ def merge(
             task = bar.add_task(f"Merging {count(len(models) + len(ctx.args), 'model')} with {method}", total=None)
             model_options = {k: v for k, v in {"dtype": dtype, "max_shard_size": max_shard_size,
                                                 "embeddings": embeddings}.items() if v is not None}
-            summary = merge_checkpoints(base, [*models, *map(Path, ctx.args)], method, out, scale=scale,
-                                        options=options, overwrite=force, on_read=lambda: bar.advance(task),
-                                        device=merge_device, model_options=model_options)
+            summary = merge_checkpoints(base, [*models, *map(Path, ctx.args)], method, out,
+                                        scale=1.0 if scale is None else scale, options=options, overwrite=force,
+                                        on_read=lambda: bar.advance(task), device=merge_device or "auto",
+                                        model_options=model_options)
     _print_merged(summary)
 
 

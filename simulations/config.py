@@ -28,7 +28,8 @@ from pydantic import AfterValidator, BeforeValidator, Field, field_validator, mo
 from fedmerge.attacks import AttackSpec, byzantine_count
 from fedmerge.data import DataSpec
 from fedmerge.errors import ConfigError, MergeError
-from fedmerge.merging import MERGE_DEVICES, METHODS, merge_device
+from fedmerge.merging import MERGE_DEVICES, METHODS
+from fedmerge.merging.registry import DeviceName
 from fedmerge.models import family_of, split_name
 from fedmerge.registry import load_plugin_file
 from fedmerge.spec import (MAX_SEED, Bool, Factor, Names, NonNegative, PositiveInt, Seconds, Spec, Str, conform,
@@ -65,14 +66,6 @@ def _scale_value(key: str, value: Any) -> float | str:
         raise ValueError(f"!{key} {exc} (or be \"{TUNE}\"), got {value!r}") from None
 
 
-def _device_name(value: str) -> str:
-    try:
-        merge_device(value, here=False)  # whether it is there is checked where the merge runs
-    except MergeError as exc:
-        raise ValueError(f"!{exc}") from None
-    return value
-
-
 def _scale(value: Any) -> float | str | dict[str, float | str]:
     if isinstance(value, str) and "=" in value:  # flat run configs: "fedavg=1,tsv=0.25"
         pairs = (item.partition("=") for item in value.split(",") if item.strip())
@@ -99,7 +92,7 @@ class MergingSpec(Spec):
     method_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
     weighting: Annotated[Str, one_of(WEIGHTINGS)] = "num-examples"
     max_update_norm: NonNegative = 0.0
-    merge_device: Annotated[Str, AfterValidator(_device_name)] = "auto"
+    merge_device: DeviceName = "auto"
 
     @field_validator("strategies")
     @classmethod

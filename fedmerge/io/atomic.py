@@ -75,10 +75,11 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 
 
 @contextlib.contextmanager
-def staged_directory(out: str | os.PathLike) -> Iterator[Path]:
-    """Yield a staging directory beside ``out``; on success it becomes ``out`` in one rename (``out``
-    must be absent or empty), on any failure it is removed, so ``out`` is either complete or absent.
-    An ``OSError`` on the way is an ``OutputError`` naming ``out``."""
+def staged_directory(out: str | os.PathLike, *, replace: bool = False) -> Iterator[Path]:
+    """Yield a staging directory beside ``out``; on success it becomes ``out`` in one rename, on any
+    failure it is removed, so ``out`` is either complete or as it was. ``out`` must be absent or
+    empty, unless ``replace``: then an existing ``out`` is moved aside, the new one renamed into
+    place, and the old one deleted. An ``OSError`` on the way is an ``OutputError`` naming ``out``."""
     out = Path(out)
     with writing(out):
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -86,12 +87,18 @@ def staged_directory(out: str | os.PathLike) -> Iterator[Path]:
         try:
             _as_new_directory(staging)
             yield staging
-            if out.exists():
+            old = None
+            if out.exists() and replace and any(out.iterdir()):
+                old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+                os.replace(out, old / out.name)
+            elif out.exists():
                 out.rmdir()  # empty: callers check before any work
             os.replace(staging, out)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def check_output(path: str | os.PathLike, *, directory: bool, overwrite: bool = False, resume: bool = False,

@@ -13,11 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from huggingface_hub import snapshot_download
-from safetensors import safe_open
 from torch import Tensor
 
 from fedmerge.errors import CheckpointError, ConfigError
-from fedmerge.io.state import load_state
+from fedmerge.io.sharded import ModelWeights
 
 _HUB_FILES = ["*.json", "*.txt", "*.safetensors"]
 # Repos from before safetensors (openai/clip-vit-base-patch32's main branch among them) hold only
@@ -78,21 +77,11 @@ def has_weights(directory: Path) -> bool:
 
 
 def read_state(directory: Path) -> dict[str, Tensor]:
-    """Every tensor of a Hugging Face checkpoint directory (safetensors, sharded or not; else a .bin)."""
-    files = sorted(directory.glob("*.safetensors"))
-    if not files:
-        bins = sorted(directory.glob("pytorch_model*.bin"))
-        if not bins:
-            raise CheckpointError(f"{directory}: holds no model weights (*.safetensors or pytorch_model.bin)")
-        state = {}
-        for f in bins:
-            state.update(load_state(f))
-        return state
-    state = {}
-    for f in files:
-        with safe_open(str(f), framework="pt") as fh:
-            state.update({k: fh.get_tensor(k) for k in fh.keys()})
-    return state
+    """Every tensor of a Hugging Face checkpoint directory: the files its index names, or its one
+    weights file (:func:`fedmerge.io.sharded.weight_files`; other ``*.safetensors`` beside them, an
+    adapter or a consolidated copy, are not the model's)."""
+    weights = ModelWeights(directory, keep_last=False)
+    return {key: weights[key] for key in weights.meta}
 
 
 def is_pretrained_source(source: str | os.PathLike) -> bool:

@@ -173,7 +173,7 @@ def read_or_compute(path: Path | None, read: Callable[[Path], T | None], compute
 @contextlib.contextmanager
 def cache_entry_lock(path: Path) -> Iterator[None]:
     """An exclusive lock on the cache entry at ``path``: ``flock`` on a file named by a hash of the
-    entry's absolute path in a per-user directory under the system's temporary directory (so the
+    entry's resolved path in a per-user directory under the system's temporary directory (so the
     cache holds only entries), held per open file, so between threads too. Lock files stay: removing
     one while another process waits on it would let a third take a different lock. Where none can be
     made (no ``fcntl``, no writable temporary directory), nothing is locked: duplicate work at worst."""
@@ -183,7 +183,7 @@ def cache_entry_lock(path: Path) -> Iterator[None]:
         yield
         return
     locks = Path(tempfile.gettempdir()) / f"fedmerge-locks-{os.getuid()}"
-    name = hashlib.sha256(str(path.absolute()).encode()).hexdigest()[:32]
+    name = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:32]
     try:
         locks.mkdir(mode=0o700, exist_ok=True)
         fd = os.open(locks / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o600)

@@ -19,7 +19,9 @@ import itertools
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import AfterValidator
 
 import torch
 from torch import Tensor
@@ -27,6 +29,7 @@ from torch import Tensor
 from fedmerge.errors import MergeError, PluginError
 from fedmerge.merging.validation import TaskVectors, normalised_weights, per_client_values, validate_task_vectors
 from fedmerge.registry import Registry
+from fedmerge.spec import Str
 from fedmerge.task_vector import TaskVector, require_finite
 
 RuleFunction = Callable[..., dict[str, Tensor]]
@@ -359,9 +362,10 @@ def merge(method: str, task_vectors: TaskVectors, weights: Sequence[float] | Non
 def merge_each(method: str, task_vectors: TaskVectors, weights: Sequence[float] | None = None, *,
                device: str | torch.device | None = None, **options: Any) -> Iterator[tuple[str, Tensor]]:
     """``merge(method, ...)`` one tensor at a time, in the first task vector's order: pairs (name,
-    merged tensor), with one tensor per client held at a time, so merging a model far larger than
-    memory holds only a few of its tensors. Rules with whole-vector statistics (CCLIP's norms,
-    TIES's thresholds) compute them first, in one pass over the task vectors."""
+    merged tensor). Each client's tensor of a name is read once (lazy task vectors compute it from
+    disk) and the rule merges those, so merging a model far larger than memory holds one tensor per
+    client and the rule's own at a time. Rules with whole-vector statistics (CCLIP's norms, TIES's
+    thresholds) compute them first from the task vectors themselves (CCLIP one pass, TIES two)."""
     entry = METHODS[method]
     n = len(task_vectors)
     p = None if weights is None else normalised_weights(weights, n)
@@ -371,8 +375,12 @@ def merge_each(method: str, task_vectors: TaskVectors, weights: Sequence[float] 
         _OnDevice(tv, target) for tv in task_vectors]
     statistics = entry.statistics.compute(vectors, p, **checked) if entry.statistics else {}
     for key in list(task_vectors[0]):
-        merged = entry([_Subset(tv, [key]) for tv in vectors], p, statistics=statistics, **checked)[key]
-        yield key, merged if target is None else merged.to(task_vectors[0][key].device)
+        tensors = [tv[key] for tv in task_vectors]  # read once, where they are
+        home = tensors[0].device
+        merged = entry([{key: t if target is None else t.to(target)} for t in tensors], p, statistics=statistics,
+                       **checked)[key]
+        del tensors
+        yield key, merged if target is None else merged.to(home)
 
 
 MERGE_DEVICES = "auto, cpu, cuda, cuda:N or mps"
@@ -401,6 +409,18 @@ def merge_device(name: str | torch.device, *, here: bool = True) -> torch.device
     if here and missing:
         raise MergeError(f"merge-device {str(name)!r} is not available on this machine")
     return device
+
+
+def _device_name(value: str) -> str:
+    try:
+        merge_device(value, here=False)  # whether this machine has it is checked where the merge runs
+    except MergeError as exc:
+        raise ValueError(f"!{exc}") from None
+    return value
+
+
+DeviceName = Annotated[Str, AfterValidator(_device_name)]
+"""A merge-device setting (config, recipe): a device name torch knows, or ``auto``."""
 
 
 def on_device(task_vector: Mapping[str, Tensor], device: torch.device) -> Mapping[str, Tensor]:

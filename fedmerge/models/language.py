@@ -12,10 +12,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from fedmerge.errors import ConfigError
-from fedmerge.io.hub import read_state, resolve, transformers_module
+from fedmerge.io.hub import resolve, transformers_module
 
 # tiny-lm's vocabulary: padding, BOS, EOS, then one token per character the text tasks are written in
 # (fedmerge.data.text_tasks), and the longest sequence it reads.
@@ -84,5 +85,17 @@ def tokenizer(source: str | os.PathLike) -> Any:
 
 
 def causal_lm_state(source: str | os.PathLike) -> dict[str, Tensor]:
-    """θ0 of ``causal-lm:SOURCE``: the model's published weights."""
-    return {k: v for k, v in read_state(resolve(source)).items()}
+    """θ0 of ``causal-lm:SOURCE``: the model's published weights in float32 (what clients train in),
+    every name of its state dict included: a checkpoint of tied embeddings stores the shared tensor
+    once, the model names it twice (each gets its own copy: state files hold no shared tensors)."""
+    tf = transformers_module()
+    try:
+        model = tf.AutoModelForCausalLM.from_pretrained(resolve(source), local_files_only=True, dtype=torch.float32)
+    except Exception as exc:
+        raise ConfigError(f"causal-lm:{source}: its weights cannot be loaded ({type(exc).__name__}: {exc})") from None
+    state: dict[str, Tensor] = {}
+    seen: set[int] = set()
+    for key, value in model.state_dict().items():
+        state[key] = value.detach().clone() if value.data_ptr() in seen else value.detach()
+        seen.add(value.data_ptr())
+    return state

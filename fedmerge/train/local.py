@@ -22,7 +22,8 @@ from fedmerge.evaluation.scores import score
 from fedmerge.io.state import hash_tensor, non_finite_tensor, read_cache_entry, read_or_compute, write_cache_entry
 from fedmerge.models.registry import build_model, device_for
 from fedmerge.task_vector import TaskVector
-from fedmerge.train.lora import dense_task_vector, dense_update, factor_arrays, has_factors, lora_factors, with_lora
+from fedmerge.train.lora import (dense_task_vector, dense_update, factor_arrays, has_factors, lora_factors,
+                                 tensor_names, with_lora)
 from fedmerge.train.loop import TrainPlan, single_thread, train
 
 
@@ -104,7 +105,7 @@ def _fine_tune(
     model = build_model(model_name, input_shape, num_classes)
     model.load_state_dict(base)
     model.to(device_for(model_name))
-    names = {id(p): k for k, p in model.state_dict(keep_vars=True).items()}  # θ0's name of each tensor
+    names = tensor_names(model)  # before LoRA wraps it: θ0's names of each weight
     trained = model if plan.lora_rank == 0 else with_lora(model, plan.lora_rank, plan.lora_alpha, plan.lora_dropout,
                                                            plan.lora_targets, client_seed(seed, client.partition_id))
     with single_thread(), torch.random.fork_rng(devices=[]):

@@ -48,9 +48,18 @@ def with_lora(model: nn.Module, rank: int, alpha: float, dropout: float, targets
         return peft.get_peft_model(model, config)
 
 
-def lora_factors(lora_model: nn.Module, names: Mapping[int, str]) -> dict[str, tuple[Tensor, Tensor]]:
+def tensor_names(model: nn.Module) -> dict[int, list[str]]:
+    """Each of ``model``'s tensors (by id) with its names in the state dict: two for a tied weight."""
+    names: dict[int, list[str]] = {}
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        names.setdefault(id(tensor), []).append(key)
+    return names
+
+
+def lora_factors(lora_model: nn.Module, names: Mapping[int, Sequence[str]]) -> dict[str, tuple[Tensor, Tensor]]:
     """Per adapted weight (named as in θ0's state dict: ``names`` maps each parameter's id to its
-    name there), the factors ((α/r)·B, A) of its update."""
+    names there, two for a tied weight, which gets the update under both), the factors ((α/r)·B, A)
+    of its update."""
     factors = {}
     for module in lora_model.modules():
         layer: Any = module  # a PEFT LoRA layer: lora_A, lora_B and scaling per adapter, its base_layer
@@ -59,7 +68,8 @@ def lora_factors(lora_model: nn.Module, names: Mapping[int, str]) -> dict[str, t
         for adapter in layer.lora_A:
             a = layer.lora_A[adapter].weight.detach()
             b = layer.lora_B[adapter].weight.detach() * layer.scaling[adapter]
-            factors[names[id(layer.base_layer.weight)]] = (b, a)
+            for name in names[id(layer.base_layer.weight)]:
+                factors[name] = (b, a)
     return factors
 
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from fedmerge import merge
-from fedmerge.errors import CheckpointError
+from fedmerge.errors import CheckpointError, ConfigError
 from fedmerge.offline import merge_checkpoints, merge_models
 
 transformers = pytest.importorskip("transformers")
@@ -204,22 +204,36 @@ def test_a_hub_id_in_the_local_cache_merges_like_its_directory(models, tmp_path,
     assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
-def test_the_writer_streams_each_tensor_to_disk_as_it_comes(models, tmp_path, monkeypatch):
-    """The mechanism behind the memory bound: a tensor is on disk before the next is merged."""
+def test_each_tensor_is_on_disk_before_the_next_is_merged(models, tmp_path, monkeypatch):
+    """The mechanism behind the memory bound: merging and writing alternate tensor by tensor, and a
+    written tensor's bytes are in its file before the next tensor is merged."""
     import fedmerge.io.sharded as sharded
+    import fedmerge.offline as offline
 
     base, tuned = models
-    sizes: list[int] = []
-    real = sharded.ShardedWriter.write
+    events: list[tuple[str, str]] = []
+    real_each, real_write = offline.merge_each, sharded.ShardedWriter.write
 
-    def spy(self, name, tensor):
-        real(self, name, tensor)
+    def logged_each(*args, **kwargs):
+        for key, tensor in real_each(*args, **kwargs):
+            events.append(("merged", key))
+            yield key, tensor
+
+    def logged_write(self, name, tensor):
+        real_write(self, name, tensor)
         self._file.flush()
-        sizes.append(sum(f.stat().st_size for f in self.directory.glob("*.safetensors")))
+        events.append(("written", name))
+        on_disk = sum(f.stat().st_size for f in self.directory.glob("*.safetensors"))
+        events.append(("bytes", str(on_disk)))
 
-    monkeypatch.setattr(sharded.ShardedWriter, "write", spy)
+    monkeypatch.setattr(offline, "merge_each", logged_each)
+    monkeypatch.setattr(sharded.ShardedWriter, "write", logged_write)
     merge_models(base, tuned, "fedavg", tmp_path / "out", max_shard_size="1GB")
-    assert len(sizes) == len(state(base)) and sizes == sorted(sizes) and len(set(sizes)) == len(sizes)
+    steps = [e for e in events if e[0] != "bytes"]
+    order = list(sharded.ModelWeights(base).meta)  # the base's order, shard by shard
+    assert steps == [step for key in order for step in (("merged", key), ("written", key))]
+    sizes = [int(size) for kind, size in events if kind == "bytes"]
+    assert sizes == sorted(sizes) and len(set(sizes)) == len(sizes)  # every write reached the file at once
 
 
 # --- merge recipes -------------------------------------------------------------------------------
@@ -296,3 +310,30 @@ def test_the_shipped_llama2_recipe_names_the_papers_models_and_rules():
     assert set(recipe.methods) == {"task_arithmetic", "fednova", "fedgma", "median", "cclip", "ties", "tsv"}
     assert recipe.embeddings == "base"  # WizardMath-13B has one token more than Llama-2-13B
     assert set(recipe.outputs()) == set(recipe.methods)
+
+
+def test_force_replaces_an_existing_merged_directory_whole(models, tmp_path):
+    base, tuned = models
+    out = tmp_path / "out"
+    merge_models(base, tuned, "fedavg", out, max_shard_size="30KB")
+    with pytest.raises(ConfigError, match="not empty"):
+        merge_models(base, tuned, "median", out)  # without overwrite: refused before any work
+    merge_models(base, tuned, "median", out, overwrite=True, max_shard_size="1GB")
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"]  # the old shards are gone
+    merge_models(base, tuned, "median", tmp_path / "again", max_shard_size="1GB")
+    a, b = state(out), state(tmp_path / "again")
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging or old copy left
+
+
+def test_a_recipe_takes_no_other_merge_settings_from_the_command_line(models, tmp_path):
+    from typer.testing import CliRunner
+
+    from simulations.cli import app
+
+    base, tuned = models
+    recipe = write_recipe(tmp_path / "recipe.toml", base, tuned, f'method = "ties"\nout = "{tmp_path / "x"}"\n')
+    for flags in (["--scale", "5"], ["--dtype", "float32"], ["--option", "k=0.9"], ["--merge-device", "cpu"]):
+        result = CliRunner().invoke(app, ["merge", "--recipe", str(recipe), *flags], terminal_width=400)
+        assert result.exit_code == 2 and "set " + flags[0] + " in it instead" in result.output, result.output
+    assert not (tmp_path / "x").exists()

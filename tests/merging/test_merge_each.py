@@ -3,6 +3,8 @@ including those whose result for a tensor depends on the whole task vectors (CCL
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import pytest
 import torch
 
@@ -45,26 +47,37 @@ def test_ties_and_cclip_use_statistics_of_the_whole_task_vectors():
         assert any(not torch.equal(per_tensor[k], whole[k]) for k in whole), method
 
 
-def test_merge_each_reads_one_tensor_per_client_at_a_time():
-    from collections.abc import Mapping
+class Counting(Mapping):
+    """A task vector that counts its reads, as a lazy one computes each read from disk."""
 
-    live: list[int] = []
+    def __init__(self, tensors, reads):
+        self.tensors, self.reads = tensors, reads
 
-    class Counting(Mapping):
-        def __init__(self, tensors):
-            self.tensors = tensors
+    def __getitem__(self, key):
+        self.reads.append(key)
+        return self.tensors[key]
 
-        def __getitem__(self, key):
-            live.append(key)
-            return self.tensors[key]
+    def __iter__(self):
+        return iter(self.tensors)
 
-        def __iter__(self):
-            return iter(self.tensors)
+    def __len__(self):
+        return len(self.tensors)
 
-        def __len__(self):
-            return len(self.tensors)
 
+@pytest.mark.parametrize("method,passes", [("fedavg", 1), ("median", 1), ("tsv", 1), ("cclip", 2), ("ties", 3)])
+@pytest.mark.parametrize("device", [None, "cpu"])
+def test_merge_each_reads_each_clients_tensor_once_per_pass_and_only_as_it_goes(method, passes, device):
+    """Whole-vector statistics cost their passes (CCLIP's norms one, TIES's thresholds two); the merge
+    itself reads each client's tensor once, and nothing of the next name before it yields."""
     taus = task_vectors()
-    stream = merge_each("fedavg", [Counting(t) for t in taus])
+    reads: list[list[str]] = [[] for _ in taus]
+    stream = merge_each(method, [Counting(t, r) for t, r in zip(taus, reads)], device=device)
     key, _ = next(stream)
-    assert key == "embed.weight" and set(live) == {"embed.weight"}  # nothing beyond the first tensor read yet
+    names = list(taus[0])
+    before = [list(r) for r in reads]
+    for r in before:  # statistics read everything; the merge so far only the first name
+        assert r[(passes - 1) * len(names):] == [names[0]]
+    for _ in stream:
+        pass
+    for r in reads:
+        assert sorted(r) == sorted(names * passes)

@@ -16,7 +16,7 @@ from fedmerge.errors import ConfigError, MergeError
 from fedmerge.models import build_model
 from fedmerge.train import TrainPlan
 from fedmerge.train.local import local_update
-from fedmerge.train.lora import dense_task_vector, dense_update, factor_arrays, lora_factors, with_lora
+from fedmerge.train.lora import dense_task_vector, dense_update, factor_arrays, lora_factors, tensor_names, with_lora
 from fedmerge.train.loop import train
 
 
@@ -29,7 +29,7 @@ def text():
 def test_a_lora_task_vector_is_what_peft_merge_and_unload_adds(text):
     model = build_model("tiny-lm", text.input_shape, text.num_classes, seed=0)
     base = {k: v.clone() for k, v in model.state_dict().items()}
-    names = {id(p): k for k, p in model.state_dict(keep_vars=True).items()}
+    names = tensor_names(model)
     lora = with_lora(model, rank=4, alpha=16.0, dropout=0.0, targets=("q_proj", "v_proj", "down_proj"))
     train(lora, text.clients[0].train, TrainPlan(local_steps=20, lr=0.01, optimizer="adam"), seed=1)
     ours = dense_update(lora_factors(lora, names), base)
@@ -91,7 +91,7 @@ def test_lora_targets_that_name_no_layer_are_one_error_listing_the_layers(text):
 def test_bad_factors_in_a_reply_are_one_merge_error(text, change, needle):
     model = build_model("tiny-lm", text.input_shape, text.num_classes, seed=0)
     base = {k: v.clone() for k, v in model.state_dict().items()}
-    names = {id(p): k for k, p in model.state_dict(keep_vars=True).items()}
+    names = tensor_names(model)
     lora = with_lora(model, 2, 8.0, 0.0, ("q_proj",))
     arrays = factor_arrays(lora_factors(lora, names))
     with pytest.raises(MergeError, match=needle):
@@ -108,9 +108,7 @@ def test_a_lora_client_with_dropout_trains_the_same_update_every_time(text):
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
 
 
-@pytest.fixture(scope="module")
-def causal_lm_directory(tmp_path_factory):
-    """A tiny Llama saved with a character-level tokenizer: what `causal-lm:DIR` reads."""
+def save_causal_lm(directory, tied: bool):
     import transformers
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
 
@@ -120,14 +118,19 @@ def causal_lm_directory(tmp_path_factory):
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    directory = tmp_path_factory.mktemp("causal-lm") / "tiny"
     transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                                          unk_token="<unk>").save_pretrained(directory)
     config = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                      num_attention_heads=4, max_position_embeddings=64, tie_word_embeddings=False)
+                                      num_attention_heads=4, max_position_embeddings=64, tie_word_embeddings=tied)
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(config).save_pretrained(directory)
     return directory
+
+
+@pytest.fixture(scope="module")
+def causal_lm_directory(tmp_path_factory):
+    """A tiny Llama saved with a character-level tokenizer: what `causal-lm:DIR` reads."""
+    return save_causal_lm(tmp_path_factory.mktemp("causal-lm") / "tiny", tied=False)
 
 
 def test_a_causal_lm_from_a_directory_reads_the_text_tasks_through_its_own_tokenizer(causal_lm_directory):
@@ -167,3 +170,24 @@ def test_a_cached_lora_client_sends_its_factors_again(text, tmp_path):
         torch.testing.assert_close(again.factors[key], first.factors[key], rtol=0, atol=0)
     for key in first.task_vector:
         torch.testing.assert_close(again.task_vector[key], first.task_vector[key], rtol=0, atol=0)
+
+
+def test_a_causal_lm_with_tied_embeddings_loads_and_its_lora_update_reaches_both_names(tmp_path):
+    """Checkpoints of tied embeddings store the shared matrix once; the model names it twice."""
+    from fedmerge.train import PretrainSpec, pretrained_base
+
+    directory = save_causal_lm(tmp_path / "tied", tied=True)
+    model = f"causal-lm:{directory}"
+    data = load_federated(DataSpec(dataset="text-tasks", num_clients=2, partition="iid", seed=0,
+                                   encoder=str(directory)))
+    base, _ = pretrained_base(PretrainSpec(), model, 0, data, None)
+    assert torch.equal(base["lm_head.weight"], base["model.embed_tokens.weight"])
+    assert base["lm_head.weight"].data_ptr() != base["model.embed_tokens.weight"].data_ptr()  # savable
+    plan = TrainPlan(local_steps=3, lr=0.01, optimizer="adam", lora_rank=2, lora_targets=("lm_head",))
+    update = local_update(model, base, data.clients[0], plan, seed=0, input_shape=data.input_shape,
+                          num_classes=data.num_classes)
+    tau = update.task_vector
+    assert tau["lm_head.weight"].any() and torch.equal(tau["lm_head.weight"], tau["model.embed_tokens.weight"])
+    full = local_update(model, base, data.clients[0], TrainPlan(local_steps=3, lr=0.01, optimizer="adam"), seed=0,
+                        input_shape=data.input_shape, num_classes=data.num_classes)
+    assert torch.equal(full.task_vector["lm_head.weight"], full.task_vector["model.embed_tokens.weight"])
