@@ -413,13 +413,14 @@ def bench_offline(quick: bool) -> list[list]:
     return rows
 
 
-def _synthetic_llama(directory: Path, seed: int, like: Path | None = None, noise: float = 0.01) -> int:
-    """A Llama-shaped causal LM of 1.1B parameters (TinyLlama-1.1B's shapes) in bf16, written tensor
-    by tensor as sharded safetensors with config.json: random, or ``like`` plus Gaussian noise.
-    Returns the size of its weights in bytes."""
+def _synthetic_llama(directory: Path, seed: int, like: Path | None = None, noise: float = 0.01,
+                     layers: int = 22) -> int:
+    """A Llama-shaped causal LM in bf16 with TinyLlama-1.1B's shapes (1.1B parameters at 22 layers),
+    written tensor by tensor as sharded safetensors with config.json: random, or ``like`` plus
+    Gaussian noise. Returns the size of its weights in bytes."""
     from fedmerge.io.sharded import ModelWeights, ShardedWriter
 
-    hidden, inter, layers, vocab, kv = 2048, 5632, 22, 32000, 256
+    hidden, inter, vocab, kv = 2048, 5632, 32000, 256
     shapes = {"model.embed_tokens.weight": (vocab, hidden)}
     for i in range(layers):
         p = f"model.layers.{i}."
@@ -458,10 +459,14 @@ def bench_llm(quick: bool) -> list[list]:
     with tempfile.TemporaryDirectory(prefix="fedmerge-bench-llm-") as tmp:
         root = Path(tmp)
         t0 = time.perf_counter()
-        model_bytes = _synthetic_llama(root / "base", 0)
-        for i in range(4):
-            _synthetic_llama(root / f"ft{i}", i + 1, like=root / "base", noise=0.001 * (i + 1))
-        print(f"  llm: 5 models of {model_bytes / 1e9:.2f} GB written in {time.perf_counter() - t0:.0f} s", flush=True)
+        model_bytes = {}
+        for name, layers in (("", 22), ("small-", 2)):  # TSV-M's SVDs take hours on 22 layers of two cores
+            model_bytes[name] = _synthetic_llama(root / f"{name}base", 0, layers=layers)
+            for i in range(4):
+                _synthetic_llama(root / f"{name}ft{i}", i + 1, like=root / f"{name}base", noise=0.001 * (i + 1),
+                                 layers=layers)
+        print(f"  llm: 5 models of {model_bytes[''] / 1e9:.2f} GB and 5 of {model_bytes['small-'] / 1e9:.2f} GB "
+              f"written in {time.perf_counter() - t0:.0f} s", flush=True)
         largest = 32000 * 2048 * 2  # the embedding and the LM head, in bf16
         probe = subprocess.run([sys.executable, "-c", "import simulations.cli, fedmerge.offline; "
                                 "import os; print(int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE'))"],
@@ -469,9 +474,10 @@ def bench_llm(quick: bool) -> list[list]:
         baseline = int(probe.stdout.split()[-1]) if probe.returncode == 0 else 0
         methods = ["fedavg", "ties"] if quick else ["fedavg", "task_arithmetic", "median", "cclip", "ties", "tsv"]
         for method in methods:
+            name = "small-" if method == "tsv" else ""
             out = root / f"merged-{method}"
-            cmd = ["/usr/bin/time", "-v", exe, "merge", "--base", str(root / "base"),
-                   "--models", *(str(root / f"ft{i}") for i in range(4)), "--method", method, "--out", str(out),
+            cmd = ["/usr/bin/time", "-v", exe, "merge", "--base", str(root / f"{name}base"),
+                   "--models", *(str(root / f"{name}ft{i}") for i in range(4)), "--method", method, "--out", str(out),
                    "--quiet", "--max-shard-size", "2GB"]
             t0 = time.perf_counter()
             proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -482,14 +488,17 @@ def bench_llm(quick: bool) -> list[list]:
                 print(proc.stderr, flush=True)
             note = "" if proc.returncode == 0 else "failed (printed above)"
             extra = peak - baseline
-            rows.append([method, f"{wall:.1f}", f"{5 * model_bytes / 1e9 / wall:.2f}", f"{peak / 1e9:.2f}",
-                         f"{baseline / 1e9:.2f}", f"{extra / largest:.1f}", f"{extra / model_bytes:.2f}", note])
+            size = model_bytes[name]
+            rows.append([method, f"{size * 1e-9:.2f}", f"{wall:.1f}", f"{5 * size / 1e9 / wall:.2f}",
+                         f"{peak / 1e9:.2f}", f"{baseline / 1e9:.2f}", f"{extra / largest:.1f}", f"{extra / size:.2f}",
+                         note])
             print(f"  llm {method}: {wall:.1f} s, {extra / largest:.1f} largest tensors", flush=True)
             shutil.rmtree(out, ignore_errors=True)
-    table(f"Model directories at LLM scale: `fedmerge merge` over a 1.1B-parameter Llama-shaped bf16 base and 4 "
-          f"fine-tuned models ({model_bytes / 1e9:.2f} GB each, sharded); memory above the imports in units of the "
-          f"largest tensor ({largest / 1e6:.0f} MB in bf16; the bound (inputs + 2) is 6) and of the model",
-          ["method", "seconds", "GB/s read", "peak GB", "imports GB", "above imports / largest tensor",
+    table(f"Model directories at LLM scale: `fedmerge merge` over a Llama-shaped bf16 base and 4 fine-tuned models "
+          f"(TinyLlama-1.1B's shapes, sharded; TSV-M on 2 of its 22 layers, the same largest tensor); memory above "
+          f"the imports in units of the largest tensor ({largest / 1e6:.0f} MB in bf16; the bound (inputs + 2) is 6) "
+          f"and of the model",
+          ["method", "model GB", "seconds", "GB/s read", "peak GB", "imports GB", "above imports / largest tensor",
            "/ model", "note"], rows)
     return rows
 

@@ -35,7 +35,8 @@ from fedmerge.io.hub import is_pretrained_source, resolve
 from fedmerge.io.sharded import BIN_INDEX, SAFETENSORS_INDEX, ModelWeights, ShardedWriter, parse_size
 from fedmerge.io.pages import release_free_heap
 from fedmerge.io.state import all_finite, save_state
-from fedmerge.merging import METHODS, merge, merge_device, merge_each
+from fedmerge.merging import METHODS, merge, merge_device
+from fedmerge.merging.registry import merge_rows
 from fedmerge.models.clip import encoder_state, save_pretrained
 from fedmerge.task_vector import TaskVector, apply
 
@@ -138,6 +139,7 @@ def merge_pretrained(base: str, models: Sequence[str], method: str, out: str | o
 
 
 EMBEDDING_POLICIES = ("error", "base")
+MERGE_PIECE_BYTES = 16 * 2**20  # float32 per client per piece of an elementwise rule (docs/performance.md)
 CLIP_MODEL_TYPES = ("clip", "clip_vision_model")
 OUTPUT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
@@ -217,18 +219,28 @@ def merge_models(
     task_vectors = [_Float32TaskVector(theta0, m, float_keys) for m in tuned]
     with staged_directory(out, replace=overwrite) as staging, torch.no_grad():
         _copy_model_files(base_dir, staging, dtype)
-        merged = merge_each(method, task_vectors, weights, device=device, **dict(options or {}))
+        merged = merge_rows(method, task_vectors, weights, chunk_bytes=MERGE_PIECE_BYTES, device=device,
+                            **dict(options or {}))
+        out_dtypes = {key: out_dtype for key, _, out_dtype in entries}
         with ShardedWriter(staging, entries, shard_bytes) as writer:
-            for key, _, out_dtype in entries:
+            for key in theta0.meta:
                 if not theta0.is_float(key):
                     writer.write(key, theta0[key])
                     continue
-                merged_key, tau = next(merged)
-                assert merged_key == key
-                # θ0 + λτ in float32 (apply), rounded once: to the base's dtype, or from float32 to another
-                base_tensor = theta0[key] if out_dtype == theta0.meta[key][1] else theta0[key].float()
-                writer.write(key, _checked(apply({key: base_tensor}, {key: tau}, scale)[key].to(out_dtype), key, scale))
-                del tau
+                shape = theta0.meta[key][0]
+                while True:  # pieces of rows for an elementwise rule, else the whole tensor at once
+                    merged_key, start, tau = next(merged)
+                    assert merged_key == key
+                    stop = start + len(tau) if tau.dim() else 0
+                    theta_rows = theta0.rows(key, start, stop) if tau.dim() else theta0[key]
+                    # θ0 + λτ in float32 (apply), rounded once: to the base's dtype, or from float32 to another
+                    if out_dtypes[key] != theta_rows.dtype:
+                        theta_rows = theta_rows.float()
+                    piece = apply({key: theta_rows}, {key: tau}, scale)[key].to(out_dtypes[key])
+                    writer.write(key, _checked(piece, key, scale), start)
+                    del tau, theta_rows, piece
+                    if not shape or stop >= shape[0]:
+                        break
     return {"method": method, "scale": scale, "models": len(tuned), "merged": float_keys,
             "copied": [k for k in theta0.meta if k not in float_keys], "out": str(out)}
 
@@ -254,6 +266,19 @@ class _Float32TaskVector(Mapping[str, Tensor]):
             rows = min(f.shape[0], b.shape[0])
             tau = torch.cat([tau[:rows], b[rows:].float()]) if rows < b.shape[0] else tau[:rows].clone()
         return tau.sub_(b)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.base.meta[key][0]
+
+    def rows(self, key: str, start: int, stop: int) -> Tensor:
+        """Rows ``start:stop`` of τ, read as rows from both models (zero where the model lacks them)."""
+        b = self.base.rows(key, start, stop)
+        tau = torch.zeros(b.shape, dtype=torch.float32)
+        have = max(0, min(stop, self.finetuned.meta[key][0][0]) - start)
+        if have:
+            tau[:have] = self.finetuned.rows(key, start, start + have)
+            tau[:have] -= b[:have]
+        return tau
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.keys_)

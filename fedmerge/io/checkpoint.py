@@ -74,6 +74,31 @@ class Checkpoint:
             self._last = (key, tensor)
         return tensor
 
+    def rows(self, key: str, start: int, stop: int) -> Tensor:
+        """Rows ``start:stop`` of tensor ``key`` (its first dimension), read without the rest, so a
+        rule whose every entry depends on that entry alone can merge a tensor larger than memory."""
+        if self._last is not None and self._last[0] == key:
+            return self._last[1][start:stop]
+        if start == 0:
+            self.on_read()  # progress counts tensors, not pieces
+        if self._state is not None:
+            self._check_unchanged()
+            mapped = self._state[key][start:stop]
+            piece = mapped.clone()
+            if self._mapped is not None:
+                drop_pages(mapped, self._mapped)
+        else:
+            try:
+                with safe_open(str(self.path), framework="pt") as handle:
+                    piece = handle.get_slice(key)[start:stop]
+            except (SafetensorError, OSError) as exc:
+                self._check_unchanged()
+                raise CheckpointError(f"{self.path}: reading tensor {key!r} failed ({exc})") from None
+            self._check_unchanged()
+        if piece.is_floating_point() and not all_finite(piece):
+            raise CheckpointError(f"{self.path}: tensor {key!r} contains NaN or Inf")
+        return piece
+
     def forget(self) -> None:
         """Drop the tensor kept from the last read (its memory goes when no one else holds it)."""
         self._last = None

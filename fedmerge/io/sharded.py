@@ -93,6 +93,10 @@ class ModelWeights:
         dtype = self.meta[key][1]
         return dtype is not None and dtype.is_floating_point
 
+    def rows(self, key: str, start: int, stop: int) -> Tensor:
+        """Rows ``start:stop`` of tensor ``key`` (see :meth:`Checkpoint.rows`)."""
+        return self._where[key].rows(key, start, stop)
+
     def __getitem__(self, key: str) -> Tensor:
         shard = self._where[key]
         if self._current is not None and self._current is not shard:
@@ -142,6 +146,7 @@ class ShardedWriter:
         self._queue = [(entry, name) for shard, name in zip(shards, names) for entry in shard]
         self._shards = dict(zip(names, shards))
         self._next = 0
+        self._rows = 0  # of the tensor being written, when it comes in pieces
         self._file: BinaryIO | None = None
         self._file_name = ""
         if len(shards) > 1:
@@ -149,21 +154,27 @@ class ShardedWriter:
                      "weight_map": {entry[0]: name for entry, name in self._queue}}
             (directory / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
-    def write(self, name: str, tensor: Tensor) -> None:
-        """Append tensor ``name``, which must be the next one planned, with the planned shape and dtype."""
+    def write(self, name: str, tensor: Tensor, start: int = 0) -> None:
+        """Append tensor ``name``, the next one planned, with its planned dtype: whole, or its rows
+        from ``start`` on (the rows written so far), piece by piece until every row is in."""
         if self._next >= len(self._queue):
             raise CheckpointError(f"tensor {name!r} was not planned for this model")
         (expected, shape, dtype), file_name = self._queue[self._next]
-        if name != expected or tuple(tensor.shape) != shape or tensor.dtype != dtype:
-            raise CheckpointError(f"tensor {name!r} {tuple(tensor.shape)} {tensor.dtype} written where "
-                                  f"{expected!r} {shape} {dtype} was planned")
+        whole = start == 0 and tuple(tensor.shape) == shape
+        piece = (len(shape) >= 1 and tensor.dim() == len(shape) and tuple(tensor.shape[1:]) == shape[1:]
+                 and start == self._rows and start + tensor.shape[0] <= shape[0])
+        if name != expected or tensor.dtype != dtype or not (whole or piece):
+            raise CheckpointError(f"tensor {name!r} {tuple(tensor.shape)} {tensor.dtype} from row {start} written "
+                                  f"where {expected!r} {shape} {dtype} from row {self._rows} was planned")
         if file_name != self._file_name:
             self._open(file_name)
         assert self._file is not None
         data = tensor.detach().to("cpu").contiguous()
         if data.numel():
             self._file.write(data.reshape(-1).view(torch.uint8).numpy().data)
-        self._next += 1
+        self._rows = shape[0] if whole and shape else start + (tensor.shape[0] if shape else 0)
+        if whole or self._rows == shape[0]:
+            self._next, self._rows = self._next + 1, 0
 
     def _open(self, file_name: str) -> None:
         if self._file is not None:

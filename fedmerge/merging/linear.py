@@ -63,7 +63,7 @@ def _accumulate_wide(task_vectors: TaskVectors, coefficients: Sequence[float], k
     return times_power_of_two(scaled, a + b)
 
 
-@rule("task_arithmetic", natural_scale="sum", uses_weights=False,
+@rule("task_arithmetic", elementwise=True, natural_scale="sum", uses_weights=False,
       citation="Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023",
       formula="Σ_i τ_i")
 def task_arithmetic(task_vectors: TaskVectors, p: Sequence[float] | None = None) -> dict[str, Tensor]:
@@ -71,7 +71,7 @@ def task_arithmetic(task_vectors: TaskVectors, p: Sequence[float] | None = None)
     return linear_combination(task_vectors, [1.0] * len(task_vectors))
 
 
-@rule("fedavg", natural_scale="mean",
+@rule("fedavg", elementwise=True, natural_scale="mean",
       citation="McMahan et al., Communication-Efficient Learning of Deep Networks from Decentralized Data, "
                "AISTATS 2017",
       formula="Σ_i p_i τ_i")
@@ -80,7 +80,7 @@ def fedavg(task_vectors: TaskVectors, p: Sequence[float] | None = None) -> dict[
     return linear_combination(task_vectors, uniform_if_none(p, len(task_vectors)))
 
 
-@rule("fednova", natural_scale="mean",
+@rule("fednova", elementwise=True, natural_scale="mean",
       options=[Option("local_steps", required=True, per_client=True,
                       help="K_i, each client's number of local steps (from its reply)")],
       citation="Wang et al., Tackling the Objective Inconsistency Problem in Heterogeneous Federated "
@@ -108,7 +108,7 @@ def fednova(task_vectors: TaskVectors, p: Sequence[float] | None = None, *,
     return linear_combination(task_vectors, coefficients)
 
 
-@rule("fedgma", natural_scale="mean",
+@rule("fedgma", elementwise=True, natural_scale="mean",
       options=[Option("rho", default=0.5, low=0.0, high=1.0, grid=FEDGMA_RHO_GRID,
                       help="sign-agreement threshold above which the mask is 1")],
       citation="Tenison et al., Gradient Masked Averaging for Federated Learning, TMLR 2023",
@@ -147,7 +147,7 @@ def cclip_factors(task_vectors: TaskVectors, p: Sequence[float] | None = None, *
     return {"factors": [1.0 if nrm == 0 else min(1.0, rho / nrm) for nrm in norms]}
 
 
-@rule("cclip", natural_scale="mean",
+@rule("cclip", elementwise=True, natural_scale="mean",
       options=[Option("rho", default=None, low=0.0, high=math.inf, grid=cclip_rho_grid,
                       help="clipping radius (default: the median client norm)")],
       citation="Karimireddy et al., Learning from History for Byzantine Robust Optimization, ICML 2021",

@@ -71,7 +71,7 @@ def _mean(values: Sequence[Tensor]) -> Tensor:
     return mean
 
 
-@rule("median", natural_scale="mean", uses_weights=False,
+@rule("median", elementwise=True, natural_scale="mean", uses_weights=False,
       citation="Yin et al., Byzantine-Robust Distributed Learning: Towards Optimal Statistical Rates, ICML 2018",
       formula="coordinate-wise median over clients (mean of the two middle values when n is even)")
 def median(task_vectors: TaskVectors, p: Sequence[float] | None = None) -> dict[str, Tensor]:
@@ -87,7 +87,7 @@ def median(task_vectors: TaskVectors, p: Sequence[float] | None = None) -> dict[
 
 
 
-@rule("trimmed_mean", natural_scale="mean", uses_weights=False,
+@rule("trimmed_mean", elementwise=True, natural_scale="mean", uses_weights=False,
       options=[Option("beta", default=0.1, low=0.0, high=0.5, high_open=True,
                       help="fraction trimmed at each end")],
       citation="Yin et al., Byzantine-Robust Distributed Learning: Towards Optimal Statistical Rates, ICML 2018",

@@ -153,6 +153,7 @@ class MergeMethod:
     formula: str = ""
     summary: str = field(default="")
     statistics: WholeVectorStatistics | None = None
+    elementwise: bool = False  # each merged entry depends on the clients' same entry alone (and statistics)
 
     def __post_init__(self) -> None:
         if self.natural_scale not in NATURAL_SCALES:
@@ -287,7 +288,7 @@ def _adapt(name: str, obj: object) -> MergeMethod:
 def method_from_function(name: str, function: RuleFunction, *, natural_scale: str = "mean",
                          options: Sequence[Option] | None = None, uses_weights: bool = True,
                          citation: str = "", formula: str = "",
-                         statistics: WholeVectorStatistics | None = None) -> MergeMethod:
+                         statistics: WholeVectorStatistics | None = None, elementwise: bool = False) -> MergeMethod:
     """A rule entry for ``function``; options not declared are read from its keyword parameters
     (except those that take its whole-vector ``statistics``)."""
     try:
@@ -314,7 +315,8 @@ def method_from_function(name: str, function: RuleFunction, *, natural_scale: st
             raise PluginError(f"merging rule {name!r}: option {p.name!r} declares default {option.default!r} "
                               f"but the function's is {p.default!r}")
     return MergeMethod(name, function, natural_scale=natural_scale, options=tuple(declared.values()),
-                       uses_weights=uses_weights, citation=citation, formula=formula, statistics=statistics)
+                       uses_weights=uses_weights, citation=citation, formula=formula, statistics=statistics,
+                       elementwise=elementwise)
 
 
 METHODS: Registry[MergeMethod] = Registry("merging method", "fedmerge.methods", adapt=_adapt, error=MergeError)
@@ -322,17 +324,19 @@ METHODS: Registry[MergeMethod] = Registry("merging method", "fedmerge.methods", 
 
 def rule(name: str | None = None, *, natural_scale: str = "mean", options: Sequence[Option] = (),
          uses_weights: bool = True, citation: str = "", formula: str = "",
-         statistics: WholeVectorStatistics | None = None,
+         statistics: WholeVectorStatistics | None = None, elementwise: bool = False,
          register: bool = True) -> Callable[[RuleFunction], RuleFunction]:
     """Declare ``function`` a merging rule (and add it to ``METHODS`` unless ``register=False``,
     for a function exported through an entry point, which names it). A rule whose result for one
     tensor depends on the clients' whole task vectors declares those ``statistics``; without them,
-    a tensor's result must depend on that tensor's inputs alone (as :func:`merge_each` assumes)."""
+    a tensor's result must depend on that tensor's inputs alone (as :func:`merge_each` assumes). An
+    ``elementwise`` rule's every merged entry depends on the clients' same entry alone (given its
+    statistics), so :func:`merge_rows` may merge a tensor a few rows at a time."""
 
     def deco(function: RuleFunction) -> RuleFunction:
         method = method_from_function(name or function.__name__, function, natural_scale=natural_scale,
                                       options=options, uses_weights=uses_weights, citation=citation,
-                                      formula=formula, statistics=statistics)
+                                      formula=formula, statistics=statistics, elementwise=elementwise)
         function.__fedmerge_rule__ = method  # type: ignore[attr-defined]
         if register:
             METHODS.add(method.name, method)
@@ -381,6 +385,41 @@ def merge_each(method: str, task_vectors: TaskVectors, weights: Sequence[float] 
                        **checked)[key]
         del tensors
         yield key, merged if target is None else merged.to(home)
+
+
+def merge_rows(method: str, task_vectors: Sequence[Any], weights: Sequence[float] | None = None, *,
+               chunk_bytes: int, device: str | torch.device | None = None,
+               **options: Any) -> Iterator[tuple[str, int, Tensor]]:
+    """:func:`merge_each` in pieces: (name, first row, merged rows), over lazy task vectors that also
+    give a tensor's ``shape(name)`` without reading it and its ``rows(name, start, stop)`` (as
+    ``fedmerge.offline``'s over model directories do). An elementwise rule merges each
+    tensor ``chunk_bytes`` of float32 per client at a time, read as rows from every client, so its
+    memory is bounded by pieces, not by the largest tensor; other rules merge whole tensors
+    (first row 0). Bit for bit what :func:`merge_each` gives, outside overflow rescue (a piece whose
+    sums overflow is redone in float64 alone)."""
+    entry = METHODS[method]
+    if not entry.elementwise:
+        for key, merged in merge_each(method, task_vectors, weights, device=device, **options):
+            yield key, 0, merged
+        return
+    n = len(task_vectors)
+    p = None if weights is None else normalised_weights(weights, n)
+    checked = entry.check_options(options, n)
+    target = None if device is None else merge_device(device)
+    lazy: list[Mapping[str, Tensor]] = [tv if target is None else _OnDevice(tv, target) for tv in task_vectors]
+    statistics = entry.statistics.compute(lazy, p, **checked) if entry.statistics else {}
+    for key in list(task_vectors[0]):
+        shape = task_vectors[0].shape(key)
+        row = max(1, math.prod(shape[1:]))
+        step = max(1, chunk_bytes // (4 * row)) if shape else 1
+        for start in range(0, max(1, shape[0]) if shape else 1, step):
+            stop = min(start + step, shape[0]) if shape else 1
+            pieces = [tv.rows(key, start, stop) if shape else tv[key] for tv in task_vectors]
+            home = pieces[0].device
+            merged = entry([{key: t if target is None else t.to(target)} for t in pieces], p,
+                           statistics=statistics, **checked)[key]
+            del pieces
+            yield key, start, merged if target is None else merged.to(home)
 
 
 MERGE_DEVICES = "auto, cpu, cuda, cuda:N or mps"

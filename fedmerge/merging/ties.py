@@ -48,7 +48,7 @@ def _magnitude_threshold(tv: Mapping[str, Tensor], k: float) -> float:
     return float(members.kthvalue(rank - below + 1).values)
 
 
-@rule("ties", natural_scale="mean",
+@rule("ties", elementwise=True, natural_scale="mean",
       options=[Option("k", default=0.2, low=0.0, high=1.0, low_open=True,
                       help="fraction of each task vector's largest magnitudes kept")],
       citation="Yadav et al., TIES-Merging: Resolving Interference When Merging Models, NeurIPS 2023",

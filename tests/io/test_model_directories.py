@@ -212,21 +212,21 @@ def test_each_tensor_is_on_disk_before_the_next_is_merged(models, tmp_path, monk
 
     base, tuned = models
     events: list[tuple[str, str]] = []
-    real_each, real_write = offline.merge_each, sharded.ShardedWriter.write
+    real_rows, real_write = offline.merge_rows, sharded.ShardedWriter.write
 
-    def logged_each(*args, **kwargs):
-        for key, tensor in real_each(*args, **kwargs):
+    def logged_rows(*args, **kwargs):
+        for key, start, tensor in real_rows(*args, **kwargs):
             events.append(("merged", key))
-            yield key, tensor
+            yield key, start, tensor
 
-    def logged_write(self, name, tensor):
-        real_write(self, name, tensor)
+    def logged_write(self, name, tensor, start=0):
+        real_write(self, name, tensor, start)
         self._file.flush()
         events.append(("written", name))
         on_disk = sum(f.stat().st_size for f in self.directory.glob("*.safetensors"))
         events.append(("bytes", str(on_disk)))
 
-    monkeypatch.setattr(offline, "merge_each", logged_each)
+    monkeypatch.setattr(offline, "merge_rows", logged_rows)
     monkeypatch.setattr(sharded.ShardedWriter, "write", logged_write)
     merge_models(base, tuned, "fedavg", tmp_path / "out", max_shard_size="1GB")
     steps = [e for e in events if e[0] != "bytes"]
@@ -337,3 +337,31 @@ def test_a_recipe_takes_no_other_merge_settings_from_the_command_line(models, tm
         result = CliRunner().invoke(app, ["merge", "--recipe", str(recipe), *flags], terminal_width=400)
         assert result.exit_code == 2 and "set " + flags[0] + " in it instead" in result.output, result.output
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("method", ["fedavg", "median", "ties", "cclip", "fedgma", "trimmed_mean", "tsv"])
+def test_merging_in_pieces_of_rows_changes_no_bit(models, added_token, tmp_path, monkeypatch, method):
+    """Elementwise rules merge a tensor a few rows at a time (memory bounded by pieces, not by the
+    largest tensor); here pieces of 512 bytes per client cut every tensor into many."""
+    import fedmerge.offline as offline
+    import fedmerge.io.sharded as sharded
+
+    base, tuned = models
+    inputs = [added_token, *tuned[1:]]  # one vocabulary with an extra row: shared rows, piece by piece
+    merge_models(base, inputs, method, tmp_path / "whole", embeddings="base")
+    pieces: list[int] = []
+    real_write = sharded.ShardedWriter.write
+
+    def counted(self, name, tensor, start=0):
+        pieces.append(start)
+        real_write(self, name, tensor, start)
+
+    monkeypatch.setattr(offline, "MERGE_PIECE_BYTES", 512)
+    monkeypatch.setattr(sharded.ShardedWriter, "write", counted)
+    merge_models(base, inputs, method, tmp_path / "pieces", embeddings="base")
+    a, b = state(tmp_path / "whole"), state(tmp_path / "pieces")
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    if method != "tsv":  # elementwise: many pieces; TSV-M merges whole matrices
+        assert sum(1 for start in pieces if start > 0) > len(a)
+    else:
+        assert all(start == 0 for start in pieces)
