@@ -134,7 +134,7 @@ class TaskVector(Mapping[str, Tensor]):
         return cls(floating_items(load_state(path)))
 
 
-_NORM_CHUNK = 1 << 16  # entries per float64 dot product in l2_norm: 512 KB, stays in cache
+NORM_CHUNK = 1 << 16  # entries per float64 dot product in l2_norm: 512 KB, stays in cache
 
 
 def l2_norm(tensors: Mapping[str, Tensor]) -> float:
@@ -161,7 +161,7 @@ def _sum_of_squares(tensors: Mapping[str, Tensor], exponent: int) -> float:
     """Σ (2^exponent · entry)² over every entry, in float64."""
     total = 0.0
     for t in tensors.values():
-        for chunk in t.detach().reshape(-1).split(_NORM_CHUNK):
+        for chunk in t.detach().reshape(-1).split(NORM_CHUNK):
             chunk = chunk.double()
             chunk = times_power_of_two(chunk, exponent)
             total += float(torch.dot(chunk, chunk))

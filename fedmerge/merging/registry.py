@@ -30,7 +30,7 @@ from fedmerge.errors import MergeError, PluginError
 from fedmerge.merging.validation import TaskVectors, normalised_weights, per_client_values, validate_task_vectors
 from fedmerge.registry import Registry
 from fedmerge.spec import Str
-from fedmerge.task_vector import TaskVector, require_finite
+from fedmerge.task_vector import NORM_CHUNK, TaskVector, require_finite
 
 RuleFunction = Callable[..., dict[str, Tensor]]
 Grid = Sequence[Any] | Callable[[TaskVectors], Sequence[Any]]
@@ -406,12 +406,14 @@ def merge_rows(method: str, task_vectors: Sequence[Any], weights: Sequence[float
     p = None if weights is None else normalised_weights(weights, n)
     checked = entry.check_options(options, n)
     target = None if device is None else merge_device(device)
-    lazy: list[Mapping[str, Tensor]] = [tv if target is None else _OnDevice(tv, target) for tv in task_vectors]
-    statistics = entry.statistics.compute(lazy, p, **checked) if entry.statistics else {}
+    statistics = {}
+    if entry.statistics:  # over the same pieces of rows, which add up as whole tensors do
+        pieces_of = [_RowPieces(tv, chunk_bytes) for tv in task_vectors]
+        lazy = [view if target is None else _OnDevice(view, target) for view in pieces_of]
+        statistics = entry.statistics.compute(lazy, p, **checked)
     for key in list(task_vectors[0]):
         shape = task_vectors[0].shape(key)
-        row = max(1, math.prod(shape[1:]))
-        step = max(1, chunk_bytes // (4 * row)) if shape else 1
+        step = max(1, chunk_bytes // (4 * max(1, math.prod(shape[1:])))) if shape else 1
         for start in range(0, max(1, shape[0]) if shape else 1, step):
             stop = min(start + step, shape[0]) if shape else 1
             pieces = [tv.rows(key, start, stop) if shape else tv[key] for tv in task_vectors]
@@ -420,6 +422,44 @@ def merge_rows(method: str, task_vectors: Sequence[Any], weights: Sequence[float
                            statistics=statistics, **checked)[key]
             del pieces
             yield key, start, merged if target is None else merged.to(home)
+
+
+def piece_rows(shape: tuple[int, ...], chunk_bytes: int) -> int:
+    """Rows per piece of a tensor of ``shape``: about ``chunk_bytes`` of float32, in whole blocks of
+    ``NORM_CHUNK`` entries, so that a norm summed piece by piece adds the same float64 chunks in the
+    same order as over the whole tensor (CCLIP's factors come out the same to the bit)."""
+    if not shape:
+        return 1
+    row = max(1, math.prod(shape[1:]))
+    block = math.lcm(row, NORM_CHUNK) // row  # rows of a whole number of norm chunks
+    return block * max(1, chunk_bytes // (4 * row * block))
+
+
+class _RowPieces(Mapping[str, Tensor]):
+    """A lazy task vector seen as its pieces of rows (:func:`piece_rows`), in order: what whole-vector
+    statistics (norms, magnitude histograms) go through without holding a whole tensor."""
+
+    def __init__(self, task_vector: Any, chunk_bytes: int):
+        self._task_vector = task_vector
+        self._pieces: dict[str, tuple[str, int, int]] = {}
+        for key in task_vector:
+            shape = task_vector.shape(key)
+            if not shape:
+                self._pieces[key] = (key, -1, -1)
+                continue
+            step = piece_rows(shape, chunk_bytes)
+            for start in range(0, max(1, shape[0]), step):
+                self._pieces[f"{key}[{start}:]"] = (key, start, min(start + step, shape[0]))
+
+    def __getitem__(self, name: str) -> Tensor:
+        key, start, stop = self._pieces[name]
+        return self._task_vector[key] if start < 0 else self._task_vector.rows(key, start, stop)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._pieces)
+
+    def __len__(self) -> int:
+        return len(self._pieces)
 
 
 MERGE_DEVICES = "auto, cpu, cuda, cuda:N or mps"

@@ -81,3 +81,46 @@ def test_merge_each_reads_each_clients_tensor_once_per_pass_and_only_as_it_goes(
         pass
     for r in reads:
         assert sorted(r) == sorted(names * passes)
+
+
+class Rows(dict):
+    """An in-memory task vector with the row reads merge_rows uses."""
+
+    def shape(self, key):
+        return tuple(self[key].shape)
+
+    def rows(self, key, start, stop):
+        return self[key][start:stop]
+
+
+def row_task_vectors(n: int = 3) -> list[Rows]:
+    gen = torch.Generator().manual_seed(5)
+    shapes = {"big": (1000, 256), "odd": (37, 300), "bias": (300,), "scale": ()}
+    return [Rows({k: (i + 1) * torch.randn(s, generator=gen) for k, s in shapes.items()}) for i in range(n)]
+
+
+def test_norms_over_pieces_of_rows_are_the_norms_of_whole_tensors_to_the_bit():
+    from fedmerge.merging.registry import _RowPieces, piece_rows
+    from fedmerge.task_vector import l2_norm
+
+    tv = row_task_vectors(1)[0]
+    chunk = 4 * 256 * 256  # pieces of 256 rows of "big": four pieces
+    assert piece_rows((1000, 256), chunk) == 256 and len([k for k in _RowPieces(tv, chunk) if "big" in k]) == 4
+    assert l2_norm(_RowPieces(tv, chunk)) == l2_norm(tv)
+
+
+@pytest.mark.parametrize("method", sorted(m for m, e in METHODS.items() if e.elementwise))
+def test_merge_rows_in_small_pieces_gives_what_merge_gives(method):
+    from fedmerge.merging.registry import merge_rows
+
+    taus = row_task_vectors()
+    options = {"local_steps": [1.0, 2.0, 3.0]} if method == "fednova" else {}
+    expected = merge(method, taus, [0.5, 0.3, 0.2], **options)
+    got: dict[str, list[torch.Tensor]] = {}
+    for key, start, piece in merge_rows(method, taus, [0.5, 0.3, 0.2], chunk_bytes=4 * 256 * 100, **options):
+        assert start == sum(len(p) for p in got.get(key, [])) if piece.dim() else start == 0
+        got.setdefault(key, []).append(piece)
+    assert len(got["big"]) > 1
+    for key, value in expected.items():
+        whole = torch.cat(got[key]) if value.dim() else got[key][0]
+        torch.testing.assert_close(whole, value, rtol=0, atol=0)
