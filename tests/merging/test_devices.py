@@ -127,3 +127,21 @@ def test_cli_merge_on_a_gpu_this_machine_lacks_is_one_line_and_writes_nothing(tm
     ok = CliRunner().invoke(app, ["merge", "--base", str(paths[0]), "--models", str(paths[1]), str(paths[2]),
                                   "--method", "fedavg", "--out", str(out), "--merge-device", "cpu", "-q"])
     assert ok.exit_code == 0, ok.output
+
+
+def test_llm_sized_tall_matrices_take_the_gram_path_and_merge_as_the_reference(monkeypatch):
+    """Above ``_GRAM_FROM`` entries a tall matrix's triplets come from AᵀA, not a full SVD (lowered
+    here so that small matrices take that path); the merge still matches the float64 reference."""
+    import fedmerge.merging.spectral.linalg as linalg
+    from fedmerge.merging.spectral import tsv_merge_matrix_reference
+
+    gen = torch.Generator().manual_seed(3)
+    mats = [torch.randn(600, 96, generator=gen) for _ in range(4)]
+    calls = []
+    real = linalg._gram_top_k
+    monkeypatch.setattr(linalg, "_gram_top_k", lambda a, k: calls.append(a.shape) or real(a, k))
+    monkeypatch.setattr(linalg, "_GRAM_FROM", 600 * 96)
+    merged = merge("tsv", [{"w": m} for m in mats])["w"]
+    assert calls  # the path was taken
+    reference = tsv_merge_matrix_reference(mats)
+    assert float((merged.double() - reference).norm() / reference.norm()) < 1e-5
