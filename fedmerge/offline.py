@@ -166,9 +166,10 @@ def merge_models(
 
     ``base`` and ``models`` are model directories or Hub ids already in the local cache, their
     weights in any layout :class:`~fedmerge.io.sharded.ModelWeights` reads. Memory is bounded by
-    tensors, not by the model: tensors are read, merged (:func:`~fedmerge.merging.merge_each`) and
-    written one at a time, τ_i, the merge and θ0 + λ·τ in float32, rounded once to the output dtype
-    (``dtype``: the base's per tensor unless given). The output holds sharded safetensors of at most
+    tensors, not by the model: tensors are read, merged and written one at a time, and by the eight
+    elementwise rules a few rows at a time (:func:`~fedmerge.merging.registry.merge_rows`); τ_i, the
+    merge and θ0 + λ·τ in float32, rounded once to the output dtype (``dtype``: the base's per tensor
+    unless given). The output holds sharded safetensors of at most
     ``max_shard_size`` with their index, and every other file of the base's directory (config,
     generation config, tokenizer), the config's dtype updated; it appears whole or not at all.
 

@@ -44,6 +44,7 @@ class Checkpoint:
             raise CheckpointError(f"{self.path}: no such file")
         self._state: dict[str, Tensor] | None = None
         self._last: tuple[str, Tensor] | None = None  # the tensor read last, for the next client's τ
+        self._last_piece: tuple[tuple[str, int, int], Tensor] | None = None  # the same for a piece of rows
         self._mapped: tuple[int, int] | None = None  # where a .pt file is mapped, if its pages may be dropped
         self._identity = _file_identity(self.path)
         if self.path.suffix == ".safetensors":
@@ -79,6 +80,8 @@ class Checkpoint:
         rule whose every entry depends on that entry alone can merge a tensor larger than memory."""
         if self._last is not None and self._last[0] == key:
             return self._last[1][start:stop]
+        if self._last_piece is not None and self._last_piece[0] == (key, start, stop):
+            return self._last_piece[1]  # the base's piece: every client's τ needs it, then θ0 + λτ
         if start == 0:
             self.on_read()  # progress counts tensors, not pieces
         if self._state is not None:
@@ -97,11 +100,14 @@ class Checkpoint:
             self._check_unchanged()
         if piece.is_floating_point() and not all_finite(piece):
             raise CheckpointError(f"{self.path}: tensor {key!r} contains NaN or Inf")
+        if self.keep_last:
+            self._last_piece = ((key, start, stop), piece)
         return piece
 
     def forget(self) -> None:
-        """Drop the tensor kept from the last read (its memory goes when no one else holds it)."""
+        """Drop the tensor (or piece) kept from the last read (its memory goes when no one else holds it)."""
         self._last = None
+        self._last_piece = None
 
     def _read(self, key: str) -> Tensor:
         self.on_read()

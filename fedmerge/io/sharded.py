@@ -160,7 +160,7 @@ class ShardedWriter:
         if self._next >= len(self._queue):
             raise CheckpointError(f"tensor {name!r} was not planned for this model")
         (expected, shape, dtype), file_name = self._queue[self._next]
-        whole = start == 0 and tuple(tensor.shape) == shape
+        whole = start == 0 and self._rows == 0 and tuple(tensor.shape) == shape
         piece = (len(shape) >= 1 and tensor.dim() == len(shape) and tuple(tensor.shape[1:]) == shape[1:]
                  and start == self._rows and start + tensor.shape[0] <= shape[0])
         if name != expected or tensor.dtype != dtype or not (whole or piece):

@@ -365,3 +365,61 @@ def test_merging_in_pieces_of_rows_changes_no_bit(models, added_token, tmp_path,
         assert sum(1 for start in pieces if start > 0) > len(a)
     else:
         assert all(start == 0 for start in pieces)
+
+
+def test_the_writer_refuses_a_whole_tensor_after_some_of_its_rows(tmp_path):
+    from fedmerge.io.sharded import ShardedWriter
+
+    with pytest.raises(CheckpointError, match="from row 0 written where 'a'"):
+        with ShardedWriter(tmp_path, [("a", (4, 3), torch.float32), ("b", (2,), torch.float32)], 10**9) as writer:
+            writer.write("a", torch.zeros(2, 3), 0)
+            writer.write("a", torch.zeros(4, 3), 0)  # rows 0:2 are written: this would overrun its slot
+
+
+def test_each_base_piece_is_read_once_for_every_clients_tau_and_for_the_result(models, tmp_path, monkeypatch):
+    import fedmerge.io.checkpoint as checkpoint
+    import fedmerge.offline as offline
+
+    base, tuned = models
+    reads: dict[tuple[str, str, int, int], int] = {}
+    real = checkpoint.safe_open
+
+    class Counting:
+        def __init__(self, path, framework):
+            self.path, self.handle = path, real(path, framework=framework)
+
+        def __enter__(self):
+            self.inner = self.handle.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.handle.__exit__(*exc)
+
+        def keys(self):
+            return self.inner.keys()
+
+        def get_slice(self, key):
+            outer = self
+
+            class Slice:
+                def __getitem__(self, index):
+                    reads[(str(Path(outer.path).parent.name), key, index.start, index.stop)] = reads.get(
+                        (str(Path(outer.path).parent.name), key, index.start, index.stop), 0) + 1
+                    return outer.inner.get_slice(key)[index]
+
+                def get_shape(self):
+                    return outer.inner.get_slice(key).get_shape()
+
+                def get_dtype(self):
+                    return outer.inner.get_slice(key).get_dtype()
+
+            return Slice()
+
+        def get_tensor(self, key):
+            return self.inner.get_tensor(key)
+
+    monkeypatch.setattr(checkpoint, "safe_open", Counting)
+    monkeypatch.setattr(offline, "MERGE_PIECE_BYTES", 2048)
+    merge_models(base, tuned, "fedavg", tmp_path / "out")
+    base_reads = [n for (model, *_), n in reads.items() if model == "base"]
+    assert base_reads and max(base_reads) == 1  # not once per client, nor again for θ0 + λτ

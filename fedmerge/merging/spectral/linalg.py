@@ -235,8 +235,9 @@ def top_singular_triplets(
     which ``method="gram"`` uses for every matrix; ``tol=inf`` returns the unchecked Ritz triplets.
     ``"auto"`` takes the full SVD when the Krylov space would exceed half the matrix's smaller side,
     or that side is at most 64, except for tall matrices of at least ``_GRAM_FROM`` entries (an LLM's
-    embeddings and MLP weights), which take AᵀA's eigendecomposition (the SVD only where it cannot
-    resolve the spectrum): a third of the time, without the full U.
+    embeddings and MLP weights), which take AᵀA's eigendecomposition: a third of the time, without
+    the full U (at these sizes the rank cut-off lies above ``_GRAM_MIN_RATIO``, so every triplet
+    kept is one AᵀA resolves).
     """
     if method not in ("auto", "exact", "randomized", "gram"):
         raise ValueError(f"method must be 'auto', 'exact', 'randomized' or 'gram', got {method!r}")
