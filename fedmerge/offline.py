@@ -241,6 +241,7 @@ def merge_models(
                     writer.write(key, _checked(piece, key, scale), start)
                     del tau, theta_rows, piece
                     if not shape or stop >= shape[0]:
+                        release_free_heap()  # the tensor is written: hand its freed pages back
                         break
     return {"method": method, "scale": scale, "models": len(tuned), "merged": float_keys,
             "copied": [k for k in theta0.meta if k not in float_keys], "out": str(out)}
