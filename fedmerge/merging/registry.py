@@ -370,21 +370,8 @@ def merge_each(method: str, task_vectors: TaskVectors, weights: Sequence[float] 
     disk) and the rule merges those, so merging a model far larger than memory holds one tensor per
     client and the rule's own at a time. Rules with whole-vector statistics (CCLIP's norms, TIES's
     thresholds) compute them first from the task vectors themselves (CCLIP one pass, TIES two)."""
-    entry = METHODS[method]
-    n = len(task_vectors)
-    p = None if weights is None else normalised_weights(weights, n)
-    checked = entry.check_options(options, n)
-    target = None if device is None else merge_device(device)
-    vectors: list[Mapping[str, Tensor]] = list(task_vectors) if target is None else [
-        _OnDevice(tv, target) for tv in task_vectors]
-    statistics = entry.statistics.compute(vectors, p, **checked) if entry.statistics else {}
-    for key in list(task_vectors[0]):
-        tensors = [tv[key] for tv in task_vectors]  # read once, where they are
-        home = tensors[0].device
-        merged = entry([{key: t if target is None else t.to(target)} for t in tensors], p, statistics=statistics,
-                       **checked)[key]
-        del tensors
-        yield key, merged if target is None else merged.to(home)
+    for key, _, merged in _merged_pieces(method, task_vectors, weights, device, options, chunk_bytes=None):
+        yield key, merged
 
 
 def merge_rows(method: str, task_vectors: Sequence[Any], weights: Sequence[float] | None = None, *,
@@ -393,30 +380,36 @@ def merge_rows(method: str, task_vectors: Sequence[Any], weights: Sequence[float
     """:func:`merge_each` in pieces: (name, first row, merged rows), over lazy task vectors that also
     give a tensor's ``shape(name)`` without reading it and its ``rows(name, start, stop)`` (as
     ``fedmerge.offline``'s over model directories do). An elementwise rule merges each
-    tensor ``chunk_bytes`` of float32 per client at a time, read as rows from every client, so its
-    memory is bounded by pieces, not by the largest tensor; other rules merge whole tensors
-    (first row 0). Bit for bit what :func:`merge_each` gives, outside overflow rescue (a piece whose
-    sums overflow is redone in float64 alone)."""
+    tensor ``chunk_bytes`` of float32 per client at a time, read as rows from every client, and its
+    statistics go through pieces too (:class:`_RowPieces`), so its memory is bounded by pieces, not
+    by the largest tensor; other rules merge whole tensors (first row 0). Bit for bit what
+    :func:`merge_each` gives, outside overflow rescue (a piece whose sums overflow is redone in
+    float64 alone)."""
+    return _merged_pieces(method, task_vectors, weights, device, options, chunk_bytes=chunk_bytes)
+
+
+def _merged_pieces(method: str, task_vectors: Sequence[Any], weights: Sequence[float] | None,
+                   device: str | torch.device | None, options: dict[str, Any],
+                   chunk_bytes: int | None) -> Iterator[tuple[str, int, Tensor]]:
+    """(name, first row, merged rows) for :func:`merge_each` (``chunk_bytes`` None: whole tensors)
+    and :func:`merge_rows` (pieces of rows for elementwise rules)."""
     entry = METHODS[method]
-    if not entry.elementwise:
-        for key, merged in merge_each(method, task_vectors, weights, device=device, **options):
-            yield key, 0, merged
-        return
     n = len(task_vectors)
     p = None if weights is None else normalised_weights(weights, n)
     checked = entry.check_options(options, n)
     target = None if device is None else merge_device(device)
+    in_rows = chunk_bytes is not None and entry.elementwise
     statistics = {}
-    if entry.statistics:  # over the same pieces of rows, which add up as whole tensors do
-        pieces_of = [_RowPieces(tv, chunk_bytes) for tv in task_vectors]
-        lazy = [view if target is None else _OnDevice(view, target) for view in pieces_of]
-        statistics = entry.statistics.compute(lazy, p, **checked)
+    if entry.statistics:  # pieces of rows add up as whole tensors do (piece_rows)
+        views = [_RowPieces(tv, chunk_bytes) if in_rows else tv for tv in task_vectors]  # type: ignore[arg-type]
+        statistics = entry.statistics.compute([v if target is None else _OnDevice(v, target) for v in views],
+                                              p, **checked)
     for key in list(task_vectors[0]):
-        shape = task_vectors[0].shape(key)
-        step = max(1, chunk_bytes // (4 * max(1, math.prod(shape[1:])))) if shape else 1
-        for start in range(0, max(1, shape[0]) if shape else 1, step):
-            stop = min(start + step, shape[0]) if shape else 1
-            pieces = [tv.rows(key, start, stop) if shape else tv[key] for tv in task_vectors]
+        shape = task_vectors[0].shape(key) if in_rows else ()
+        step = max(1, chunk_bytes // (4 * max(1, math.prod(shape[1:])))) if shape else 1  # type: ignore[operator]
+        for start in range(0, max(1, shape[0]), step) if shape else (0,):
+            # each client's tensor, or piece, read once, where it is
+            pieces = [tv.rows(key, start, min(start + step, shape[0])) if shape else tv[key] for tv in task_vectors]
             home = pieces[0].device
             merged = entry([{key: t if target is None else t.to(target)} for t in pieces], p,
                            statistics=statistics, **checked)[key]
