@@ -69,8 +69,6 @@ class Checkpoint:
             return self._last[1]
         self._last = None
         tensor = self._read(key)
-        if tensor.is_floating_point() and not all_finite(tensor):  # named here, where the file is known
-            raise CheckpointError(f"{self.path}: tensor {key!r} contains NaN or Inf")
         if self.keep_last:
             self._last = (key, tensor)
         return tensor
@@ -82,24 +80,7 @@ class Checkpoint:
             return self._last[1][start:stop]
         if self._last_piece is not None and self._last_piece[0] == (key, start, stop):
             return self._last_piece[1]  # the base's piece: every client's τ needs it, then θ0 + λτ
-        if start == 0:
-            self.on_read()  # progress counts tensors, not pieces
-        if self._state is not None:
-            self._check_unchanged()
-            mapped = self._state[key][start:stop]
-            piece = mapped.clone()
-            if self._mapped is not None:
-                drop_pages(mapped, self._mapped)
-        else:
-            try:
-                with safe_open(str(self.path), framework="pt") as handle:
-                    piece = handle.get_slice(key)[start:stop]
-            except (SafetensorError, OSError) as exc:
-                self._check_unchanged()
-                raise CheckpointError(f"{self.path}: reading tensor {key!r} failed ({exc})") from None
-            self._check_unchanged()
-        if piece.is_floating_point() and not all_finite(piece):
-            raise CheckpointError(f"{self.path}: tensor {key!r} contains NaN or Inf")
+        piece = self._read(key, slice(start, stop))
         if self.keep_last:
             self._last_piece = ((key, start, stop), piece)
         return piece
@@ -109,25 +90,30 @@ class Checkpoint:
         self._last = None
         self._last_piece = None
 
-    def _read(self, key: str) -> Tensor:
-        self.on_read()
+    def _read(self, key: str, rows: slice | None = None) -> Tensor:
+        """Tensor ``key``, or its ``rows``, from disk, checked finite. Progress counts tensors, not pieces."""
+        if rows is None or rows.start == 0:
+            self.on_read()
         if self._state is not None:  # memory-mapped once: a truncation in place would fault, so check
             self._check_unchanged()
-            mapped = self._state[key]
+            mapped = self._state[key] if rows is None else self._state[key][rows]
             if self._mapped is None:
-                return mapped
-            tensor = mapped.clone()  # copied out, so that its pages can leave the resident set
-            drop_pages(mapped, self._mapped)
-            return tensor
-        # A handle per read: a long-lived safetensors mapping keeps every page read in the resident
-        # set. The file is checked after the read, so a replacement before the open cannot slip by.
-        try:
-            with safe_open(str(self.path), framework="pt") as handle:
-                tensor = handle.get_tensor(key)
-        except (SafetensorError, OSError) as exc:
+                tensor = mapped
+            else:
+                tensor = mapped.clone()  # copied out, so that its pages can leave the resident set
+                drop_pages(mapped, self._mapped)
+        else:
+            # A handle per read: a long-lived safetensors mapping keeps every page read in the resident
+            # set. The file is checked after the read, so a replacement before the open cannot slip by.
+            try:
+                with safe_open(str(self.path), framework="pt") as handle:
+                    tensor = handle.get_tensor(key) if rows is None else handle.get_slice(key)[rows]
+            except (SafetensorError, OSError) as exc:
+                self._check_unchanged()
+                raise CheckpointError(f"{self.path}: reading tensor {key!r} failed ({exc})") from None
             self._check_unchanged()
-            raise CheckpointError(f"{self.path}: reading tensor {key!r} failed ({exc})") from None
-        self._check_unchanged()
+        if tensor.is_floating_point() and not all_finite(tensor):  # named here, where the file is known
+            raise CheckpointError(f"{self.path}: tensor {key!r} contains NaN or Inf")
         return tensor
 
     def _check_unchanged(self) -> None:
