@@ -262,12 +262,10 @@ class _Float32TaskVector(Mapping[str, Tensor]):
         self.base, self.finetuned, self.keys_ = base, finetuned, list(keys)
 
     def __getitem__(self, key: str) -> Tensor:
-        b, f = self.base[key], self.finetuned[key]
-        tau = f.to(torch.float32, copy=True)  # a copy: the model's tensor itself is never changed
-        if f.shape != b.shape:  # only the first dimension differs (checked): the shared rows
-            rows = min(f.shape[0], b.shape[0])
-            tau = torch.cat([tau[:rows], b[rows:].float()]) if rows < b.shape[0] else tau[:rows].clone()
-        return tau.sub_(b)
+        shape = self.shape(key)
+        if shape:
+            return self.rows(key, 0, shape[0])
+        return self.finetuned[key].to(torch.float32, copy=True).sub_(self.base[key])  # a 0-d tensor
 
     def shape(self, key: str) -> tuple[int, ...]:
         return self.base.meta[key][0]

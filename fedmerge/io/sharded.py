@@ -95,14 +95,18 @@ class ModelWeights:
 
     def rows(self, key: str, start: int, stop: int) -> Tensor:
         """Rows ``start:stop`` of tensor ``key`` (see :meth:`Checkpoint.rows`)."""
-        return self._where[key].rows(key, start, stop)
+        return self._shard(key).rows(key, start, stop)
 
     def __getitem__(self, key: str) -> Tensor:
+        return self._shard(key)[key]
+
+    def _shard(self, key: str) -> Checkpoint:
+        """The shard holding ``key``; the shard read before it drops what it kept."""
         shard = self._where[key]
         if self._current is not None and self._current is not shard:
             self._current.forget()
         self._current = shard
-        return shard[key]
+        return shard
 
 
 def plan_shards(entries: Sequence[Entry], max_shard_size: int) -> list[list[Entry]]:
