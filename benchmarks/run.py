@@ -41,7 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -447,10 +447,14 @@ def _synthetic_llama(directory: Path, seed: int, like: Path | None = None, noise
     return sum(torch.Size(s).numel() * 2 for s in shapes.values())
 
 
-def bench_llm(quick: bool) -> list[list]:
+SPECTRAL_RULES = ("tsv", "tsv_compress", "iso_c", "iso_cts")
+LLM_RULES = ("fedavg", "task_arithmetic", "median", "cclip", "ties", *SPECTRAL_RULES)
+
+
+def bench_llm(quick: bool, methods: Sequence[str] | None = None) -> list[list]:
     """`fedmerge merge` on model directories at LLM scale: a 1.1B-parameter Llama-shaped base and 4
     fine-tuned models in bf16, sharded: peak memory above the imports against the largest tensor, and
-    GB/s of checkpoints read, per rule."""
+    GB/s of checkpoints read, per rule (``methods``, default all; the spectral rules on 2 layers)."""
     exe = shutil.which("fedmerge")
     if exe is None or not Path("/usr/bin/time").exists():
         print("\nllm: needs the `fedmerge` command and /usr/bin/time; skipped")
@@ -460,21 +464,24 @@ def bench_llm(quick: bool) -> list[list]:
         root = Path(tmp)
         t0 = time.perf_counter()
         model_bytes = {}
-        for name, layers in (("", 22), ("small-", 2)):  # TSV-M's SVDs take hours on 22 layers of two cores
+        methods = methods or (["fedavg", "ties"] if quick else list(LLM_RULES))
+        sizes = {"" if m not in SPECTRAL_RULES else "small-" for m in methods}
+        for name, layers in (("", 22), ("small-", 2)):  # spectral rules on 22 layers take an hour on two cores
+            if name not in sizes:
+                continue
             model_bytes[name] = _synthetic_llama(root / f"{name}base", 0, layers=layers)
             for i in range(4):
                 _synthetic_llama(root / f"{name}ft{i}", i + 1, like=root / f"{name}base", noise=0.001 * (i + 1),
                                  layers=layers)
-        print(f"  llm: 5 models of {model_bytes[''] / 1e9:.2f} GB and 5 of {model_bytes['small-'] / 1e9:.2f} GB "
+        print(f"  llm: 5 models each of {', '.join(f'{b / 1e9:.2f}' for b in model_bytes.values())} GB "
               f"written in {time.perf_counter() - t0:.0f} s", flush=True)
         largest = 32000 * 2048 * 2  # the embedding and the LM head, in bf16
         probe = subprocess.run([sys.executable, "-c", "import simulations.cli, fedmerge.offline; "
                                 "import os; print(int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE'))"],
                                capture_output=True, text=True)
         baseline = int(probe.stdout.split()[-1]) if probe.returncode == 0 else 0
-        methods = ["fedavg", "ties"] if quick else ["fedavg", "task_arithmetic", "median", "cclip", "ties", "tsv"]
         for method in methods:
-            name = "small-" if method == "tsv" else ""
+            name = "small-" if method in SPECTRAL_RULES else ""
             out = root / f"merged-{method}"
             cmd = ["/usr/bin/time", "-v", exe, "merge", "--base", str(root / f"{name}base"),
                    "--models", *(str(root / f"{name}ft{i}") for i in range(4)), "--method", method, "--out", str(out),
@@ -495,7 +502,7 @@ def bench_llm(quick: bool) -> list[list]:
             print(f"  llm {method}: {wall:.1f} s, {extra / largest:.1f} largest tensors", flush=True)
             shutil.rmtree(out, ignore_errors=True)
     table(f"Model directories at LLM scale: `fedmerge merge` over a Llama-shaped bf16 base and 4 fine-tuned models "
-          f"(TinyLlama-1.1B's shapes, sharded; TSV-M on 2 of its 22 layers, the same largest tensor); memory above "
+          f"(TinyLlama-1.1B's shapes, sharded; the spectral rules on 2 of its 22 layers, the same largest tensor); memory above "
           f"the imports in units of the largest tensor ({largest / 1e6:.0f} MB in bf16; the bound (inputs + 2) is 6) "
           f"and of the model",
           ["method", "model GB", "seconds", "GB/s read", "peak GB", "imports GB", "above imports / largest tensor",
@@ -681,10 +688,14 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes, a minute or so")
     parser.add_argument("--only", nargs="+", choices=sorted(SECTIONS), help="run only these sections")
+    parser.add_argument("--llm-methods", nargs="+", choices=LLM_RULES, help="the rules the llm section runs")
     args = parser.parse_args(argv)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
     for name in args.only or list(SECTIONS):
-        SECTIONS[name](args.quick)
+        if name == "llm":
+            bench_llm(args.quick, args.llm_methods)
+        else:
+            SECTIONS[name](args.quick)
 
 
 if __name__ == "__main__":

@@ -270,13 +270,14 @@ class _Float32TaskVector(Mapping[str, Tensor]):
     def shape(self, key: str) -> tuple[int, ...]:
         return self.base.meta[key][0]
 
-    def rows(self, key: str, start: int, stop: int) -> Tensor:
-        """Rows ``start:stop`` of τ, read as rows from both models (zero where the model lacks them)."""
-        b = self.base.rows(key, start, stop)
+    def rows(self, key: str, start: int, stop: int, columns: tuple[int, int] | None = None) -> Tensor:
+        """Rows ``start:stop`` of τ, or of its ``columns``, read as such from both models (zero
+        where the model lacks the rows)."""
+        b = self.base.rows(key, start, stop, columns)
         tau = torch.zeros(b.shape, dtype=torch.float32)
         have = max(0, min(stop, self.finetuned.meta[key][0][0]) - start)
         if have:
-            tau[:have] = self.finetuned.rows(key, start, start + have)
+            tau[:have] = self.finetuned.rows(key, start, start + have, columns)
             tau[:have] -= b[:have]
         return tau
 

@@ -44,7 +44,7 @@ class Checkpoint:
             raise CheckpointError(f"{self.path}: no such file")
         self._state: dict[str, Tensor] | None = None
         self._last: tuple[str, Tensor] | None = None  # the tensor read last, for the next client's τ
-        self._last_piece: tuple[tuple[str, int, int], Tensor] | None = None  # the same for a piece of rows
+        self._last_piece: tuple[tuple[Any, ...], Tensor] | None = None  # the same for a piece of rows
         self._mapped: tuple[int, int] | None = None  # where a .pt file is mapped, if its pages may be dropped
         self._identity = _file_identity(self.path)
         if self.path.suffix == ".safetensors":
@@ -73,16 +73,19 @@ class Checkpoint:
             self._last = (key, tensor)
         return tensor
 
-    def rows(self, key: str, start: int, stop: int) -> Tensor:
+    def rows(self, key: str, start: int, stop: int, columns: tuple[int, int] | None = None) -> Tensor:
         """Rows ``start:stop`` of tensor ``key`` (its first dimension), read without the rest, so a
-        rule whose every entry depends on that entry alone can merge a tensor larger than memory."""
+        rule whose every entry depends on that entry alone can merge a tensor larger than memory.
+        ``columns`` (a, b): only those columns of the rows (a spectral rule reads a wide matrix's
+        columns, its tall side)."""
+        index = (slice(start, stop),) if columns is None else (slice(start, stop), slice(*columns))
         if self._last is not None and self._last[0] == key:
-            return self._last[1][start:stop]
-        if self._last_piece is not None and self._last_piece[0] == (key, start, stop):
+            return self._last[1][index]
+        if self._last_piece is not None and self._last_piece[0] == (key, start, stop, columns):
             return self._last_piece[1]  # the base's piece: every client's τ needs it, then θ0 + λτ
-        piece = self._read(key, slice(start, stop))
+        piece = self._read(key, index)
         if self.keep_last:
-            self._last_piece = ((key, start, stop), piece)
+            self._last_piece = ((key, start, stop, columns), piece)
         return piece
 
     def forget(self) -> None:
@@ -90,9 +93,10 @@ class Checkpoint:
         self._last = None
         self._last_piece = None
 
-    def _read(self, key: str, rows: slice | None = None) -> Tensor:
-        """Tensor ``key``, or its ``rows``, from disk, checked finite. Progress counts tensors, not pieces."""
-        if rows is None or rows.start == 0:
+    def _read(self, key: str, rows: tuple[slice, ...] | None = None) -> Tensor:
+        """Tensor ``key``, or the piece ``rows`` indexes, from disk, checked finite. Progress counts
+        tensors, not pieces."""
+        if rows is None or all(part.start == 0 for part in rows):
             self.on_read()
         if self._state is not None:  # memory-mapped once: a truncation in place would fault, so check
             self._check_unchanged()
@@ -100,7 +104,7 @@ class Checkpoint:
             if self._mapped is None:
                 tensor = mapped
             else:
-                tensor = mapped.clone()  # copied out, so that its pages can leave the resident set
+                tensor = mapped.clone(memory_format=torch.contiguous_format)  # copied out, so that its pages can leave the resident set
                 drop_pages(mapped, self._mapped)
         else:
             # A handle per read: a long-lived safetensors mapping keeps every page read in the resident

@@ -93,9 +93,9 @@ class ModelWeights:
         dtype = self.meta[key][1]
         return dtype is not None and dtype.is_floating_point
 
-    def rows(self, key: str, start: int, stop: int) -> Tensor:
-        """Rows ``start:stop`` of tensor ``key`` (see :meth:`Checkpoint.rows`)."""
-        return self._shard(key).rows(key, start, stop)
+    def rows(self, key: str, start: int, stop: int, columns: tuple[int, int] | None = None) -> Tensor:
+        """Rows ``start:stop`` of tensor ``key``, or of its ``columns`` (see :meth:`Checkpoint.rows`)."""
+        return self._shard(key).rows(key, start, stop, columns)
 
     def __getitem__(self, key: str) -> Tensor:
         return self._shard(key)[key]

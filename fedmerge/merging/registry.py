@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from fedmerge.errors import MergeError, PluginError
+from fedmerge.merging.streaming import StreamedRule, TaskMatrices
 from fedmerge.merging.validation import TaskVectors, normalised_weights, per_client_values, validate_task_vectors
 from fedmerge.registry import Registry
 from fedmerge.spec import Str
@@ -154,6 +155,7 @@ class MergeMethod:
     summary: str = field(default="")
     statistics: WholeVectorStatistics | None = None
     elementwise: bool = False  # each merged entry depends on the clients' same entry alone (and statistics)
+    streamed: StreamedRule | None = None  # the rule on one matrix read in pieces of rows (merge_rows)
 
     def __post_init__(self) -> None:
         if self.natural_scale not in NATURAL_SCALES:
@@ -288,7 +290,8 @@ def _adapt(name: str, obj: object) -> MergeMethod:
 def method_from_function(name: str, function: RuleFunction, *, natural_scale: str = "mean",
                          options: Sequence[Option] | None = None, uses_weights: bool = True,
                          citation: str = "", formula: str = "",
-                         statistics: WholeVectorStatistics | None = None, elementwise: bool = False) -> MergeMethod:
+                         statistics: WholeVectorStatistics | None = None, elementwise: bool = False,
+                         streamed: StreamedRule | None = None) -> MergeMethod:
     """A rule entry for ``function``; options not declared are read from its keyword parameters
     (except those that take its whole-vector ``statistics``)."""
     try:
@@ -316,7 +319,7 @@ def method_from_function(name: str, function: RuleFunction, *, natural_scale: st
                               f"but the function's is {p.default!r}")
     return MergeMethod(name, function, natural_scale=natural_scale, options=tuple(declared.values()),
                        uses_weights=uses_weights, citation=citation, formula=formula, statistics=statistics,
-                       elementwise=elementwise)
+                       elementwise=elementwise, streamed=streamed)
 
 
 METHODS: Registry[MergeMethod] = Registry("merging method", "fedmerge.methods", adapt=_adapt, error=MergeError)
@@ -325,18 +328,21 @@ METHODS: Registry[MergeMethod] = Registry("merging method", "fedmerge.methods", 
 def rule(name: str | None = None, *, natural_scale: str = "mean", options: Sequence[Option] = (),
          uses_weights: bool = True, citation: str = "", formula: str = "",
          statistics: WholeVectorStatistics | None = None, elementwise: bool = False,
-         register: bool = True) -> Callable[[RuleFunction], RuleFunction]:
+         streamed: StreamedRule | None = None, register: bool = True) -> Callable[[RuleFunction], RuleFunction]:
     """Declare ``function`` a merging rule (and add it to ``METHODS`` unless ``register=False``,
     for a function exported through an entry point, which names it). A rule whose result for one
     tensor depends on the clients' whole task vectors declares those ``statistics``; without them,
     a tensor's result must depend on that tensor's inputs alone (as :func:`merge_each` assumes). An
     ``elementwise`` rule's every merged entry depends on the clients' same entry alone (given its
-    statistics), so :func:`merge_rows` may merge a tensor a few rows at a time."""
+    statistics), so :func:`merge_rows` may merge a tensor a few rows at a time. A ``streamed`` form
+    merges one 2-D tensor read in pieces of rows (:class:`~fedmerge.merging.streaming.TaskMatrices`),
+    which :func:`merge_rows` uses for matrices."""
 
     def deco(function: RuleFunction) -> RuleFunction:
         method = method_from_function(name or function.__name__, function, natural_scale=natural_scale,
                                       options=options, uses_weights=uses_weights, citation=citation,
-                                      formula=formula, statistics=statistics, elementwise=elementwise)
+                                      formula=formula, statistics=statistics, elementwise=elementwise,
+                                      streamed=streamed)
         function.__fedmerge_rule__ = method  # type: ignore[attr-defined]
         if register:
             METHODS.add(method.name, method)
@@ -382,9 +388,12 @@ def merge_rows(method: str, task_vectors: Sequence[Any], weights: Sequence[float
     ``fedmerge.offline``'s over model directories do). An elementwise rule merges each
     tensor ``chunk_bytes`` of float32 per client at a time, read as rows from every client, and its
     statistics go through pieces too (:class:`_RowPieces`), so its memory is bounded by pieces, not
-    by the largest tensor; other rules merge whole tensors (first row 0). Bit for bit what
-    :func:`merge_each` gives, outside overflow rescue (a piece whose sums overflow is redone in
-    float64 alone)."""
+    by the largest tensor: bit for bit what :func:`merge_each` gives, outside overflow rescue (a piece
+    whose sums overflow is redone in float64 alone). A rule with a ``streamed`` form merges each 2-D
+    tensor from pieces of rows (of columns, for a wide one: ``rows(name, start, stop, (a, b))``) in a
+    few sweeps, yielding pieces of rows (a wide tensor whole, from its columns): the same algorithm
+    as the whole-matrix one within rounding (:mod:`fedmerge.merging.spectral.streamed` says where they
+    differ). Other rules and tensors merge whole (first row 0)."""
     return _merged_pieces(method, task_vectors, weights, device, options, chunk_bytes=chunk_bytes)
 
 
@@ -392,7 +401,7 @@ def _merged_pieces(method: str, task_vectors: Sequence[Any], weights: Sequence[f
                    device: str | torch.device | None, options: dict[str, Any],
                    chunk_bytes: int | None) -> Iterator[tuple[str, int, Tensor]]:
     """(name, first row, merged rows) for :func:`merge_each` (``chunk_bytes`` None: whole tensors)
-    and :func:`merge_rows` (pieces of rows for elementwise rules)."""
+    and :func:`merge_rows` (pieces of rows for elementwise rules, streamed matrices for others)."""
     entry = METHODS[method]
     n = len(task_vectors)
     p = None if weights is None else normalised_weights(weights, n)
@@ -405,6 +414,12 @@ def _merged_pieces(method: str, task_vectors: Sequence[Any], weights: Sequence[f
         statistics = entry.statistics.compute([v if target is None else _OnDevice(v, target) for v in views],
                                               p, **checked)
     for key in list(task_vectors[0]):
+        if chunk_bytes is not None and entry.streamed is not None:
+            shape = task_vectors[0].shape(key)
+            if len(shape) == 2 and math.prod(shape):
+                for start, rows in _streamed_matrix(entry, key, shape, task_vectors, p, checked, target, chunk_bytes):
+                    yield key, start, rows
+                continue
         shape = task_vectors[0].shape(key) if in_rows else ()
         step = max(1, chunk_bytes // (4 * max(1, math.prod(shape[1:])))) if shape else 1  # type: ignore[operator]
         for start in range(0, max(1, shape[0]), step) if shape else (0,):
@@ -415,6 +430,40 @@ def _merged_pieces(method: str, task_vectors: Sequence[Any], weights: Sequence[f
                            statistics=statistics, **checked)[key]
             del pieces
             yield key, start, merged if target is None else merged.to(home)
+
+
+def _streamed_matrix(entry: MergeMethod, key: str, shape: tuple[int, int], task_vectors: Sequence[Any],
+                     p: Sequence[float] | None, options: dict[str, Any], target: torch.device | None,
+                     chunk_bytes: int) -> Iterator[tuple[int, Tensor]]:
+    """One 2-D tensor merged by ``entry.streamed`` from pieces of every client's rows (a wide
+    tensor's columns, seen as the rows of its transpose), as (first row, merged rows) in the
+    clients' dtype; a wide tensor's merged columns are gathered and given whole."""
+    m, n = shape
+    wide = m < n
+    origin: dict[str, Any] = {}  # the clients' device and dtype, which the result is given in
+
+    def read(start: int, stop: int) -> list[Tensor]:
+        pieces = [tv.rows(key, 0, m, (start, stop)).mT if wide else tv.rows(key, start, stop) for tv in task_vectors]
+        origin.setdefault("device", pieces[0].device)
+        origin.setdefault("dtype", pieces[0].dtype)
+        return pieces if target is None else [t.to(target) for t in pieces]
+
+    tall = (n, m) if wide else (m, n)
+    matrices = TaskMatrices(tall, len(task_vectors), read, rows_per_piece=max(1, chunk_bytes // (4 * tall[1])),
+                            transposed=wide)
+    assert entry.streamed is not None
+    whole: Tensor | None = None
+    for start, rows in entry.streamed(matrices, p, **options):
+        rows = rows.to(**origin)
+        require_finite(rows, f"{entry.name}: merged tensor {key!r}", "the task vectors' values are too large for this rule")
+        if not wide:
+            yield start, rows
+            continue
+        if whole is None:
+            whole = torch.empty(shape, **origin)
+        whole[:, start:start + len(rows)] = rows.mT
+    if whole is not None:
+        yield 0, whole
 
 
 def piece_rows(shape: tuple[int, ...], chunk_bytes: int) -> int:

@@ -339,16 +339,27 @@ def test_a_recipe_takes_no_other_merge_settings_from_the_command_line(models, tm
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize("method", ["fedavg", "median", "ties", "cclip", "fedgma", "trimmed_mean", "tsv"])
+@pytest.mark.parametrize("method", ["fedavg", "median", "ties", "cclip", "fedgma", "trimmed_mean"])
 def test_merging_in_pieces_of_rows_changes_no_bit(models, added_token, tmp_path, monkeypatch, method):
     """Elementwise rules merge a tensor a few rows at a time (memory bounded by pieces, not by the
     largest tensor); here pieces of 512 bytes per client cut every tensor into many."""
     import fedmerge.offline as offline
-    import fedmerge.io.sharded as sharded
 
     base, tuned = models
     inputs = [added_token, *tuned[1:]]  # one vocabulary with an extra row: shared rows, piece by piece
     merge_models(base, inputs, method, tmp_path / "whole", embeddings="base")
+    pieces = count_written_pieces(monkeypatch)
+    monkeypatch.setattr(offline, "MERGE_PIECE_BYTES", 512)
+    merge_models(base, inputs, method, tmp_path / "pieces", embeddings="base")
+    a, b = state(tmp_path / "whole"), state(tmp_path / "pieces")
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert sum(1 for start in pieces if start > 0) > len(a)
+
+
+def count_written_pieces(monkeypatch) -> list[int]:
+    """The first row of every piece the writer is given, from now on."""
+    import fedmerge.io.sharded as sharded
+
     pieces: list[int] = []
     real_write = sharded.ShardedWriter.write
 
@@ -356,15 +367,44 @@ def test_merging_in_pieces_of_rows_changes_no_bit(models, added_token, tmp_path,
         pieces.append(start)
         real_write(self, name, tensor, start)
 
-    monkeypatch.setattr(offline, "MERGE_PIECE_BYTES", 512)
     monkeypatch.setattr(sharded.ShardedWriter, "write", counted)
-    merge_models(base, inputs, method, tmp_path / "pieces", embeddings="base")
-    a, b = state(tmp_path / "whole"), state(tmp_path / "pieces")
-    assert all(np.array_equal(a[k], b[k]) for k in a)
-    if method != "tsv":  # elementwise: many pieces; TSV-M merges whole matrices
-        assert sum(1 for start in pieces if start > 0) > len(a)
-    else:
-        assert all(start == 0 for start in pieces)
+    return pieces
+
+
+@pytest.mark.parametrize("layout", ["safetensors", "bin"])
+@pytest.mark.parametrize("method", ["tsv", "tsv_compress", "iso_c", "iso_cts"])
+def test_spectral_rules_merge_directories_from_pieces_of_rows_and_columns(models, tmp_path, monkeypatch,
+                                                                         method, layout):
+    """Spectral rules read a model directory's matrices in pieces too (a tall one's rows, a wide one's
+    columns) and never hold one whole: here 512-byte pieces. Every 2-D tensor equals the published,
+    whole-matrix algorithm (full SVDs in float64) on the float64 task matrices; other tensors get
+    the mean."""
+    import fedmerge.offline as offline
+    from fedmerge.merging.spectral.iso import iso_c_matrix, iso_cts_matrix
+    from fedmerge.merging.spectral.tsv import tsv_compress_matrix, tsv_merge_matrix_reference
+
+    base, tuned = models
+    if layout == "bin":
+        tuned = [save_bin_shards(directory, tmp_path / f"{directory.name}-bin") for directory in tuned]
+    pieces = count_written_pieces(monkeypatch)
+    monkeypatch.setattr(offline, "MERGE_PIECE_BYTES", 512)
+    merge_models(base, tuned, method, tmp_path / "out", dtype="float32")
+    theta0, thetas = state(base), [state(d) for d in tuned]
+    got = {k: v.detach().double().numpy() for k, v in transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "out", dtype=torch.float32).state_dict().items()}
+    reference = {"tsv": lambda mats, p: tsv_merge_matrix_reference(mats), "tsv_compress": tsv_compress_matrix,
+                 "iso_c": iso_c_matrix, "iso_cts": iso_cts_matrix}[method]
+    shapes = set()
+    for key, b in theta0.items():
+        taus = [t[key] - b for t in thetas]
+        if b.ndim == 2:
+            shapes.add("tall" if b.shape[0] > b.shape[1] else "wide" if b.shape[0] < b.shape[1] else "square")
+            tau = reference([torch.from_numpy(t) for t in taus], [1 / 3] * 3).numpy()
+        else:
+            tau = sum(taus) / 3
+        np.testing.assert_allclose(got[key], b + tau, rtol=0, atol=1e-6 * np.abs(tau).max() + 1e-7, err_msg=key)
+    assert shapes == {"tall", "wide", "square"}
+    assert sum(1 for start in pieces if start > 0) > 10  # tall matrices come in pieces of rows
 
 
 def test_the_writer_refuses_a_whole_tensor_after_some_of_its_rows(tmp_path):
@@ -403,8 +443,9 @@ def test_each_base_piece_is_read_once_for_every_clients_tau_and_for_the_result(m
 
             class Slice:
                 def __getitem__(self, index):
-                    reads[(str(Path(outer.path).parent.name), key, index.start, index.stop)] = reads.get(
-                        (str(Path(outer.path).parent.name), key, index.start, index.stop), 0) + 1
+                    (rows,) = index  # pieces of rows, all columns
+                    where = (str(Path(outer.path).parent.name), key, rows.start, rows.stop)
+                    reads[where] = reads.get(where, 0) + 1
                     return outer.inner.get_slice(key)[index]
 
                 def get_shape(self):

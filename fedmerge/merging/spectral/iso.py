@@ -11,6 +11,7 @@ from torch import Tensor
 
 from fedmerge.merging.registry import Option, rule
 from fedmerge.merging.spectral.linalg import polar_factor
+from fedmerge.merging.spectral.streamed import iso_c_streamed, iso_cts_streamed
 from fedmerge.merging.spectral.tsv import per_matrix, task_singular_vectors
 from fedmerge.merging.validation import TaskVectors
 
@@ -27,7 +28,7 @@ def iso_c_matrix(matrices: Sequence[Tensor], p: Sequence[float]) -> Tensor:
     return s.mean() * (u @ vh)
 
 
-@rule("iso_c", natural_scale="sum",
+@rule("iso_c", natural_scale="sum", streamed=iso_c_streamed,
       citation="Marczak et al., No Task Left Behind: Isotropic Model Merging with Common and Task-Specific "
                "Subspaces, ICML 2025",
       formula="σ̄ U Vᵀ of the summed task matrix per 2-D tensor, Σ_i p_i τ_i elsewhere")
@@ -66,7 +67,7 @@ def iso_cts_matrix(matrices: Sequence[Tensor], p: Sequence[float], common_space_
     return sigma * (polar_factor(torch.cat(us, dim=1)) @ polar_factor(torch.cat(vs, dim=1)).T)
 
 
-@rule("iso_cts", natural_scale="sum",
+@rule("iso_cts", natural_scale="sum", streamed=iso_cts_streamed,
       options=[Option("common_space_fraction", default=0.8, low=0.0, high=1.0,
                       help="share of the rank given to the summed task matrix's top directions")],
       citation="Marczak et al., No Task Left Behind: Isotropic Model Merging with Common and Task-Specific "

@@ -29,6 +29,7 @@ from fedmerge.merging.registry import rule, uniform_if_none
 from fedmerge.merging.spectral.linalg import (
     polar_by_whitening, polar_factor, rank_tolerance, top_singular_triplets,
 )
+from fedmerge.merging.spectral.streamed import tsv_compress_streamed, tsv_streamed
 from fedmerge.merging.validation import TaskVectors, validate_task_vectors
 from fedmerge.numerics import largest_magnitude, times_power_of_two, unit_exponent
 
@@ -156,7 +157,7 @@ def tsv_merge_matrix_reference(matrices: Sequence[Tensor]) -> Tensor:
 _TSV_BATCH_BYTES = 256 * 2**20  # layers of one shape are merged together up to this much input
 
 
-@rule("tsv", natural_scale="sum",
+@rule("tsv", natural_scale="sum", streamed=tsv_streamed,
       citation="Gargiulo et al., Task Singular Vectors: Reducing Task Interference in Model Merging, CVPR 2025",
       formula="per 2-D tensor: top k = max(1, ⌊min(m,n)/T⌋) singular triplets of each τ_i, concatenated, "
               "U and V replaced by their polar factors, U⊥ diag(σ) V⊥ᵀ; every other tensor: Σ_i p_i τ_i")
@@ -230,7 +231,7 @@ def tsv_compress_matrix(matrices: Sequence[Tensor], p: Sequence[float] = ()) -> 
     return torch.einsum("tmk,tk,tkn->mn", u, s, vh)
 
 
-@rule("tsv_compress", natural_scale="sum",
+@rule("tsv_compress", natural_scale="sum", streamed=tsv_compress_streamed,
       citation="Gargiulo et al., Task Singular Vectors: Reducing Task Interference in Model Merging, CVPR 2025",
       formula="Σ_i of each τ_i's rank-⌊r/T⌋ approximation on 2-D tensors (TSV-C), Σ_i p_i τ_i elsewhere")
 def tsv_compress(task_vectors: TaskVectors, p: Sequence[float] | None = None) -> dict[str, Tensor]:

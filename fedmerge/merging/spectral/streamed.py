@@ -1,0 +1,164 @@
+"""The spectral rules over matrices read in pieces of rows: memory bounded by pieces, not by matrices.
+
+A model directory's matrices can be far larger than a rule's whole-matrix working set allows
+(TSV-M holds about 35 copies of a layer; an LLM's embeddings are 32000 × 4096). Every spectral rule
+here needs, besides pieces of rows, only matrices of the smaller side's size r: each task's top
+singular triplets come from the float64 eigendecomposition of its r × r Gram matrix AᵀA, summed over
+pieces of rows; the left factors U = A V diag(σ)⁻¹ are never stored but recomputed from the pieces
+when they are needed; and the polar factor of the stacked left bases is U (UᵀU)^(-1/2), whose Gram
+matrix is again a sum over pieces (Prop. 4.1 of the TSV paper). A rule reads its inputs in a few
+sweeps (TSV-M three, Iso-CTS five) and gives the merged matrix as pieces of rows.
+
+The matrices are seen tall (m ≥ n): a wide tensor is handed in transposed, its columns read as
+rows. Every rule is homogeneous and computes in float64 from float32 pieces, so no rescaling is
+needed. How these results differ from the whole-matrix paths: directions of a Gram matrix with
+eigenvalue below ``WHITENING_CUTOFF`` · λ_max (σ below 1e-6 · σ_max) count as zero, where the
+whole-matrix paths resolve them by an SVD; at the sizes this path is for, the rank cut-off of
+:func:`~fedmerge.merging.spectral.linalg.rank_tolerance` lies far above that.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from fedmerge.merging.spectral.linalg import polar_factor, rank_tolerance
+from fedmerge.merging.streaming import RowPieces, TaskMatrices
+
+WHITENING_CUTOFF = 1e-12  # Gram eigenvalues at or below this · λ_max count as zero (σ below 1e-6 · σ_max)
+
+def gram_matrices(matrices: TaskMatrices, combine: Callable[[list[Tensor]], list[Tensor]] | None = None) -> Tensor:
+    """Σ over pieces of XᵀX in float64 for each matrix X of ``combine(pieces)`` (default: the tasks')."""
+    grams: Tensor | None = None
+    for _, pieces in matrices.sweep():
+        parts = combine(pieces) if combine else pieces
+        if grams is None:
+            n = parts[0].shape[-1]
+            grams = parts[0].new_zeros(len(parts), n, n)
+        for gram, x in zip(grams, parts):
+            gram.addmm_(x.mT, x)
+    assert grams is not None
+    return grams
+
+
+def top_from_gram(grams: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Top-k σ (…, k), descending, and right singular vectors V (…, n, k) from Gram matrices AᵀA."""
+    lam, q = torch.linalg.eigh(grams)
+    return lam.flip(-1)[..., :k].clamp_min(0).sqrt(), q.flip(-1)[..., :k]
+
+
+def _inverse(s: Tensor) -> Tensor:
+    """1/σ where σ > 0, else 0: a dropped (or zero) triplet's left vector is zero."""
+    return torch.where(s > 0, 1 / s.clamp_min(torch.finfo(s.dtype).tiny), 0.0)
+
+
+def whitening(gram: Tensor) -> Tensor:
+    """(XᵀX)^(-1/2) from XᵀX, eigenvalues at or below ``WHITENING_CUTOFF`` · λ_max taken as zero: X times
+    it is X's polar factor, the partial isometry on X's numerically non-zero directions."""
+    lam, q = torch.linalg.eigh(gram)
+    live = lam > WHITENING_CUTOFF * lam[-1:].clamp_min(torch.finfo(lam.dtype).tiny)
+    return (q * torch.where(live, lam.clamp_min(torch.finfo(lam.dtype).tiny).rsqrt(), 0.0)) @ q.mT
+
+
+def _stacked(v: Tensor) -> Tensor:
+    """Each task's columns side by side: (T, n, k) → (n, T·k)."""
+    t, n, k = v.shape
+    return v.permute(1, 0, 2).reshape(n, t * k)
+
+
+def tsv_streamed(matrices: TaskMatrices, p: Sequence[float] | None = None) -> RowPieces:
+    """TSV-M (see :func:`~fedmerge.merging.spectral.tsv.tsv`) in three sweeps: each task's top
+    k = max(1, ⌊n/T⌋) triplets from its Gram matrix, then the stacked left bases' Gram matrix, then
+    U⊥ diag(σ) V⊥ᵀ = U (UᵀU)^(-1/2) diag(σ) V⊥ᵀ row by row. Triplets below the rank cut-off are
+    dropped, as in the whole-matrix paths. Weights are ignored, as there."""
+    m, n = matrices.shape
+    t = matrices.num_tasks
+    k = max(1, n // t)
+    s, v = top_from_gram(gram_matrices(matrices), k)
+    keep = s > rank_tolerance((m, n)) * s[:, :1]
+    s = s * keep
+    to_u = v * _inverse(s).unsqueeze(-2)  # U_i = A_i V_i diag(σ_i)⁻¹, zero for dropped triplets
+
+    def left(pieces: list[Tensor]) -> list[Tensor]:
+        return [torch.cat([x @ to_u[i] for i, x in enumerate(pieces)], dim=1)]
+
+    right = (whitening(gram_matrices(matrices, left)[0]) * s.reshape(1, t * k)) @ polar_factor(_stacked(v * keep.unsqueeze(-2))).mT
+    for start, pieces in matrices.sweep():
+        yield start, left(pieces)[0] @ right
+
+
+def tsv_compress_streamed(matrices: TaskMatrices, p: Sequence[float] | None = None) -> RowPieces:
+    """TSV-C as a merge in two sweeps: Σ_i A_i V_i V_iᵀ, each task's projection onto its top
+    k = max(1, ⌊n/T⌋) right singular vectors (U_i diag(σ_i) = A_i V_i). Weights are ignored."""
+    k = max(1, matrices.shape[1] // matrices.num_tasks)
+    _, v = top_from_gram(gram_matrices(matrices), k)
+    for start, pieces in matrices.sweep():
+        yield start, sum((x @ v[i]) @ v[i].mT for i, x in enumerate(pieces))  # type: ignore[misc]
+
+
+def _summed(p: Sequence[float] | None, t: int) -> Callable[[list[Tensor]], Tensor]:
+    """Pieces → the same rows of the summed task matrix N Σ_i p_i A_i (Σ_i A_i when uniform)."""
+    weights = [1.0] * t if p is None else [t * pi for pi in p]
+    return lambda pieces: sum(w * x for w, x in zip(weights, pieces))  # type: ignore[return-value]
+
+
+def iso_c_streamed(matrices: TaskMatrices, p: Sequence[float] | None = None) -> RowPieces:
+    """Iso-C (see :func:`~fedmerge.merging.spectral.iso.iso_c`) in two sweeps: σ̄ S (SᵀS)^(-1/2) of the
+    summed task matrix S, σ̄ the mean of all n of its singular values."""
+    summed = _summed(p, matrices.num_tasks)
+    gram = gram_matrices(matrices, lambda pieces: [summed(pieces)])[0]
+    mean_sigma = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt().mean()
+    right = mean_sigma * whitening(gram)
+    for start, pieces in matrices.sweep():
+        yield start, summed(pieces) @ right
+
+
+def iso_cts_streamed(matrices: TaskMatrices, p: Sequence[float] | None = None, *,
+                     common_space_fraction: float = 0.8) -> RowPieces:
+    """Iso-CTS (see :func:`~fedmerge.merging.spectral.iso.iso_cts_matrix`) in four or five sweeps: the
+    summed matrix's Gram (its top c triplets span the common space); for a tall tensor each task's
+    coefficients U_cᵀ A_i on the common left vectors U_c = S V_c diag(σ_c)⁻¹ (a wide one, seen
+    transposed, projects on V_c instead); the residuals' Gram matrices (their top s triplets); the
+    stacked left bases' Gram; then σ̄ U⊥ V⊥ᵀ row by row."""
+    n = matrices.shape[1]
+    t = matrices.num_tasks
+    per_task = min(round((n - math.floor(common_space_fraction * n)) / t), n // t)
+    common = n - per_task * t
+    summed = _summed(p, t)
+    s_common, v_common = top_from_gram(gram_matrices(matrices, lambda pieces: [summed(pieces)])[0], common)
+    to_common = v_common * _inverse(s_common)
+    coefficients: Tensor | None = None  # U_cᵀ A_i, (T, c, n): the common part of a tall tensor's tasks
+    if per_task and not matrices.transposed:
+        for _, pieces in matrices.sweep():
+            u_common = summed(pieces) @ to_common
+            products = torch.stack([u_common.mT @ x for x in pieces])
+            coefficients = products if coefficients is None else coefficients + products
+
+    def residuals(pieces: list[Tensor], u_common: Tensor) -> list[Tensor]:
+        """Each task's rows less their part in the common space (the reference projects out the
+        left singular vectors U_c: for a wide tensor seen transposed, those are V_c)."""
+        if coefficients is None:
+            return [x - (x @ v_common) @ v_common.mT for x in pieces]
+        return [x - u_common @ c for x, c in zip(pieces, coefficients)]
+
+    sigmas, vs, to_tasks = [s_common], [v_common * (s_common > 0)], None  # a zero triplet's pair is dropped
+    if per_task:
+        s_tasks, v_tasks = top_from_gram(
+            gram_matrices(matrices, lambda pieces: residuals(pieces, summed(pieces) @ to_common)), per_task)
+        to_tasks = v_tasks * _inverse(s_tasks).unsqueeze(-2)
+        sigmas += list(s_tasks)
+        vs += list(v_tasks * (s_tasks > 0).unsqueeze(-2))
+
+    def left(pieces: list[Tensor]) -> list[Tensor]:
+        u_common = summed(pieces) @ to_common
+        if to_tasks is None:
+            return [u_common]
+        return [torch.cat([u_common] + [r @ to for r, to in zip(residuals(pieces, u_common), to_tasks)], dim=1)]
+
+    mean_sigma = torch.cat(sigmas).mean()
+    right = mean_sigma * whitening(gram_matrices(matrices, left)[0]) @ polar_factor(torch.cat(vs, dim=1)).mT
+    for start, pieces in matrices.sweep():
+        yield start, left(pieces)[0] @ right
