@@ -32,10 +32,10 @@ class TaskMatrices:
     transposed: bool = False
 
     def sweep(self) -> Iterator[tuple[int, list[Tensor]]]:
-        """(first row, [each task's rows in float64]) over the whole height."""
+        """(first row, [each task's rows]) over the whole height."""
         m = self.shape[0]
         for start in range(0, m, self.rows_per_piece):
-            yield start, [piece.double() for piece in self.read(start, min(start + self.rows_per_piece, m))]
+            yield start, list(self.read(start, min(start + self.rows_per_piece, m)))
 
 
 StreamedRule = Callable[..., RowPieces]

@@ -30,24 +30,31 @@ from fedmerge.merging.streaming import RowPieces, TaskMatrices
 
 WHITENING_CUTOFF = 1e-12  # Gram eigenvalues at or below this · λ_max count as zero (σ below 1e-6 · σ_max)
 
-def gram_matrices(matrices: TaskMatrices, combine: Callable[[list[Tensor]], list[Tensor]] | None = None) -> Tensor:
+
+def gram_matrices(matrices: TaskMatrices, combine: Callable[[list[Tensor]], list[Tensor]] | None = None) -> list[Tensor]:
     """Σ over pieces of XᵀX in float64 for each matrix X of ``combine(pieces)`` (default: the tasks')."""
-    grams: Tensor | None = None
+    grams: list[Tensor] = []
     for _, pieces in matrices.sweep():
         parts = combine(pieces) if combine else pieces
-        if grams is None:
+        if not grams:
             n = parts[0].shape[-1]
-            grams = parts[0].new_zeros(len(parts), n, n)
-        for gram, x in zip(grams, parts):
-            gram.addmm_(x.mT, x)
-    assert grams is not None
+            grams = [parts[0].new_zeros(n, n, dtype=torch.float64) for _ in parts]
+        for i in range(len(parts)):  # one float64 copy of a piece at a time
+            x = parts[i].double()
+            grams[i].addmm_(x.mT, x)
     return grams
 
 
-def top_from_gram(grams: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Top-k σ (…, k), descending, and right singular vectors V (…, n, k) from Gram matrices AᵀA."""
-    lam, q = torch.linalg.eigh(grams)
-    return lam.flip(-1)[..., :k].clamp_min(0).sqrt(), q.flip(-1)[..., :k]
+def top_from_gram(grams: list[Tensor], k: int) -> tuple[Tensor, Tensor]:
+    """Top-k σ (T, k), descending, and right singular vectors V (T, n, k) from Gram matrices AᵀA,
+    one eigendecomposition at a time, each Gram matrix let go once decomposed (the list is emptied)."""
+    sigmas, vectors = [], []
+    while grams:
+        lam, q = torch.linalg.eigh(grams.pop(0))
+        sigmas.append(lam[-k:].flip(-1).clamp_min(0).sqrt())
+        vectors.append(q[:, -k:].flip(-1))
+        del lam, q
+    return torch.stack(sigmas), torch.stack(vectors)
 
 
 def _inverse(s: Tensor) -> Tensor:
@@ -83,7 +90,7 @@ def tsv_streamed(matrices: TaskMatrices, p: Sequence[float] | None = None) -> Ro
     to_u = v * _inverse(s).unsqueeze(-2)  # U_i = A_i V_i diag(σ_i)⁻¹, zero for dropped triplets
 
     def left(pieces: list[Tensor]) -> list[Tensor]:
-        return [torch.cat([x @ to_u[i] for i, x in enumerate(pieces)], dim=1)]
+        return [torch.cat([x.double() @ to_u[i] for i, x in enumerate(pieces)], dim=1)]
 
     right = (whitening(gram_matrices(matrices, left)[0]) * s.reshape(1, t * k)) @ polar_factor(_stacked(v * keep.unsqueeze(-2))).mT
     for start, pieces in matrices.sweep():
@@ -96,13 +103,20 @@ def tsv_compress_streamed(matrices: TaskMatrices, p: Sequence[float] | None = No
     k = max(1, matrices.shape[1] // matrices.num_tasks)
     _, v = top_from_gram(gram_matrices(matrices), k)
     for start, pieces in matrices.sweep():
-        yield start, sum((x @ v[i]) @ v[i].mT for i, x in enumerate(pieces))  # type: ignore[misc]
+        yield start, sum((x.double() @ v[i]) @ v[i].mT for i, x in enumerate(pieces))  # type: ignore[misc]
 
 
 def _summed(p: Sequence[float] | None, t: int) -> Callable[[list[Tensor]], Tensor]:
     """Pieces → the same rows of the summed task matrix N Σ_i p_i A_i (Σ_i A_i when uniform)."""
     weights = [1.0] * t if p is None else [t * pi for pi in p]
-    return lambda pieces: sum(w * x for w, x in zip(weights, pieces))  # type: ignore[return-value]
+
+    def summed(pieces: list[Tensor]) -> Tensor:
+        out = pieces[0].double() * weights[0]
+        for w, x in zip(weights[1:], pieces[1:]):
+            out.add_(x, alpha=w)  # in float64, a float32 piece at a time
+        return out
+
+    return summed
 
 
 def iso_c_streamed(matrices: TaskMatrices, p: Sequence[float] | None = None) -> RowPieces:
@@ -128,21 +142,22 @@ def iso_cts_streamed(matrices: TaskMatrices, p: Sequence[float] | None = None, *
     per_task = min(round((n - math.floor(common_space_fraction * n)) / t), n // t)
     common = n - per_task * t
     summed = _summed(p, t)
-    s_common, v_common = top_from_gram(gram_matrices(matrices, lambda pieces: [summed(pieces)])[0], common)
+    s_common, v_common = (x[0] for x in top_from_gram(gram_matrices(matrices, lambda pieces: [summed(pieces)]),
+                                                        common))
     to_common = v_common * _inverse(s_common)
     coefficients: Tensor | None = None  # U_cᵀ A_i, (T, c, n): the common part of a tall tensor's tasks
     if per_task and not matrices.transposed:
         for _, pieces in matrices.sweep():
             u_common = summed(pieces) @ to_common
-            products = torch.stack([u_common.mT @ x for x in pieces])
+            products = torch.stack([u_common.mT @ x.double() for x in pieces])
             coefficients = products if coefficients is None else coefficients + products
 
     def residuals(pieces: list[Tensor], u_common: Tensor) -> list[Tensor]:
         """Each task's rows less their part in the common space (the reference projects out the
         left singular vectors U_c: for a wide tensor seen transposed, those are V_c)."""
         if coefficients is None:
-            return [x - (x @ v_common) @ v_common.mT for x in pieces]
-        return [x - u_common @ c for x, c in zip(pieces, coefficients)]
+            return [(x.double() @ v_common @ v_common.mT).neg_().add_(x) for x in pieces]
+        return [(u_common @ c).neg_().add_(x) for x, c in zip(pieces, coefficients)]
 
     sigmas, vs, to_tasks = [s_common], [v_common * (s_common > 0)], None  # a zero triplet's pair is dropped
     if per_task:
