@@ -19,6 +19,7 @@ bases merge their image encoders (:func:`merge_pretrained`).
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -166,8 +167,9 @@ def merge_models(
 
     ``base`` and ``models`` are model directories or Hub ids already in the local cache, their
     weights in any layout :class:`~fedmerge.io.sharded.ModelWeights` reads. Memory is bounded by
-    tensors, not by the model: tensors are read, merged and written one at a time, and by the eight
-    elementwise rules a few rows at a time (:func:`~fedmerge.merging.registry.merge_rows`); τ_i, the
+    tensors, not by the model: tensors are read, merged and written one at a time, by the eight
+    elementwise rules a few rows at a time, and by the spectral rules from pieces of rows (or
+    columns) in a few sweeps (:func:`~fedmerge.merging.registry.merge_rows`); τ_i, the
     merge and θ0 + λ·τ in float32, rounded once to the output dtype (``dtype``: the base's per tensor
     unless given). The output holds sharded safetensors of at most
     ``max_shard_size`` with their index, and every other file of the base's directory (config,
@@ -229,22 +231,36 @@ def merge_models(
                     writer.write(key, theta0[key])
                     continue
                 shape = theta0.meta[key][0]
-                while True:  # pieces of rows for an elementwise rule, else the whole tensor at once
+                while True:  # pieces of rows (elementwise and spectral rules), else the whole tensor at once
                     merged_key, start, tau = next(merged)
                     assert merged_key == key
                     stop = start + len(tau) if tau.dim() else 0
-                    theta_rows = theta0.rows(key, start, stop) if tau.dim() else theta0[key]
-                    # θ0 + λτ in float32 (apply), rounded once: to the base's dtype, or from float32 to another
-                    if out_dtypes[key] != theta_rows.dtype:
-                        theta_rows = theta_rows.float()
-                    piece = apply({key: theta_rows}, {key: tau}, scale)[key].to(out_dtypes[key])
-                    writer.write(key, _checked(piece, key, scale), start)
-                    del tau, theta_rows, piece
+                    for first, rows in _pieces_of_rows(tau, start, MERGE_PIECE_BYTES):
+                        theta_rows = theta0.rows(key, first, first + len(rows)) if rows.dim() else theta0[key]
+                        # θ0 + λτ in float32 (apply), rounded once: to the base's dtype, or from float32 to another
+                        if out_dtypes[key] != theta_rows.dtype:
+                            theta_rows = theta_rows.float()
+                        piece = apply({key: theta_rows}, {key: rows}, scale)[key].to(out_dtypes[key])
+                        writer.write(key, _checked(piece, key, scale), first)
+                        del rows, theta_rows, piece
+                    del tau
                     if not shape or stop >= shape[0]:
                         release_free_heap()  # the tensor is written: hand its freed pages back
                         break
     return {"method": method, "scale": scale, "models": len(tuned), "merged": float_keys,
             "copied": [k for k in theta0.meta if k not in float_keys], "out": str(out)}
+
+
+def _pieces_of_rows(tensor: Tensor, start: int, nbytes: int) -> Iterator[tuple[int, Tensor]]:
+    """(first row, rows) of a merged ``tensor`` that starts at row ``start``, about ``nbytes`` of
+    float32 at a time: θ0 + λτ is formed and written a piece at a time even where a rule gave a
+    whole tensor (a wide matrix's spectral merge), so it costs pieces, not copies of the tensor."""
+    if not tensor.dim():
+        yield start, tensor
+        return
+    step = max(1, nbytes // (4 * max(1, math.prod(tensor.shape[1:]))))
+    for first in range(0, max(1, len(tensor)), step):  # an empty tensor is written too
+        yield start + first, tensor[first:first + step]
 
 
 def _checked(tensor: Tensor, key: str, scale: float) -> Tensor:

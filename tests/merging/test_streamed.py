@@ -124,3 +124,17 @@ def test_a_result_beyond_float32_is_one_overflow_error_naming_the_tensor():
     big[:, 0] = 1e38  # finite float32 entries whose four rank-1 projections add up beyond its range
     with pytest.raises(MergeOverflowError, match="tsv_compress: merged tensor 'w' is not finite"):
         merged("tsv_compress", [big, big, big, big])
+
+
+@pytest.mark.parametrize("method", sorted(REFERENCES))
+def test_streamed_rules_create_their_tensors_on_their_inputs_device(method):
+    """Every tensor made without naming a device lands on ``meta`` here: a streamed rule that made
+    one without following its pieces' device (as a merge on the GPU needs) would fail or differ."""
+    mats = [m.float() for m in low_rank_tasks((300, 40))] + [low_rank_tasks((24, 130))[0].float()]
+    tall, wide = mats[:4], [mats[4]] * 4
+    expected = [merged(method, tall), merged(method, wide)]
+    with torch.device("meta"):
+        got = [merged(method, tall), merged(method, wide)]
+    for g, e in zip(got, expected):
+        assert g.device.type == "cpu"
+        torch.testing.assert_close(g, e, rtol=0, atol=0)

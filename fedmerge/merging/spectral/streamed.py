@@ -20,7 +20,7 @@ whole-matrix paths resolve them by an SVD; at the sizes this path is for, the ra
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -31,17 +31,17 @@ from fedmerge.merging.streaming import RowPieces, TaskMatrices
 WHITENING_CUTOFF = 1e-12  # Gram eigenvalues at or below this · λ_max count as zero (σ below 1e-6 · σ_max)
 
 
-def gram_matrices(matrices: TaskMatrices, combine: Callable[[list[Tensor]], list[Tensor]] | None = None) -> list[Tensor]:
-    """Σ over pieces of XᵀX in float64 for each matrix X of ``combine(pieces)`` (default: the tasks')."""
+def gram_matrices(matrices: TaskMatrices, combine: Callable[[list[Tensor]], Iterable[Tensor]] | None = None) -> list[Tensor]:
+    """Σ over pieces of XᵀX in float64 for each matrix X of ``combine(pieces)`` (default: the tasks'),
+    which may give its matrices one at a time (a generator): one float64 piece is held at a time."""
     grams: list[Tensor] = []
     for _, pieces in matrices.sweep():
-        parts = combine(pieces) if combine else pieces
-        if not grams:
-            n = parts[0].shape[-1]
-            grams = [parts[0].new_zeros(n, n, dtype=torch.float64) for _ in parts]
-        for i in range(len(parts)):  # one float64 copy of a piece at a time
-            x = parts[i].double()
+        for i, x in enumerate(combine(pieces) if combine else pieces):
+            x = x.double()
+            if i == len(grams):
+                grams.append(x.new_zeros(x.shape[-1], x.shape[-1]))
             grams[i].addmm_(x.mT, x)
+            del x
     return grams
 
 
@@ -147,17 +147,20 @@ def iso_cts_streamed(matrices: TaskMatrices, p: Sequence[float] | None = None, *
     to_common = v_common * _inverse(s_common)
     coefficients: Tensor | None = None  # U_cᵀ A_i, (T, c, n): the common part of a tall tensor's tasks
     if per_task and not matrices.transposed:
+        coefficients = to_common.new_zeros(t, common, n)
         for _, pieces in matrices.sweep():
             u_common = summed(pieces) @ to_common
-            products = torch.stack([u_common.mT @ x.double() for x in pieces])
-            coefficients = products if coefficients is None else coefficients + products
+            for c, x in zip(coefficients, pieces):
+                c.addmm_(u_common.mT, x.double())
 
-    def residuals(pieces: list[Tensor], u_common: Tensor) -> list[Tensor]:
-        """Each task's rows less their part in the common space (the reference projects out the
-        left singular vectors U_c: for a wide tensor seen transposed, those are V_c)."""
-        if coefficients is None:
-            return [(x.double() @ v_common @ v_common.mT).neg_().add_(x) for x in pieces]
-        return [(u_common @ c).neg_().add_(x) for x, c in zip(pieces, coefficients)]
+    def residuals(pieces: list[Tensor], u_common: Tensor) -> Iterator[Tensor]:
+        """Each task's rows less their part in the common space, one at a time (the reference
+        projects out the left singular vectors U_c: for a wide tensor seen transposed, those are V_c)."""
+        for i, x in enumerate(pieces):
+            if coefficients is None:
+                yield (x.double() @ v_common @ v_common.mT).neg_().add_(x)
+            else:
+                yield (u_common @ coefficients[i]).neg_().add_(x)
 
     sigmas, vs, to_tasks = [s_common], [v_common * (s_common > 0)], None  # a zero triplet's pair is dropped
     if per_task:
