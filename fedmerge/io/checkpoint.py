@@ -104,7 +104,8 @@ class Checkpoint:
             if self._mapped is None:
                 tensor = mapped
             else:
-                tensor = mapped.clone(memory_format=torch.contiguous_format)  # copied out, so that its pages can leave the resident set
+                # copied out (a piece of columns too, contiguous), so that its pages can leave the resident set
+                tensor = mapped.clone(memory_format=torch.contiguous_format)
                 drop_pages(mapped, self._mapped)
         else:
             # A handle per read: a long-lived safetensors mapping keeps every page read in the resident

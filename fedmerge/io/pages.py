@@ -6,7 +6,10 @@ Two needs (measurements in ``docs/performance.md``, "Offline merge memory"):
   :func:`drop_pages` drops a tensor's pages once it has been copied out (``madvise(MADV_DONTNEED)``),
   only from a private file mapping none of whose pages was ever written (torch byte-swaps big-endian
   files in place; such a page is the only copy of its data), found by address in ``/proc/self/smaps``.
-* glibc keeps the pages of freed same-sized tensors: :func:`release_free_heap` trims the heap.
+* glibc keeps the pages of freed same-sized tensors: :func:`release_free_heap` trims the heap, and
+  :func:`map_large_buffers` keeps buffers of a megabyte or more out of it (glibc otherwise raises
+  that threshold to 32 MB as buffers are freed, and a merge's piece-sized temporaries of several
+  sizes then stay in the heap, fragmented, while a tensor is merged).
 
 Every step is best effort. Without ``/proc/self/smaps``, ``madvise`` or ``malloc_trim`` (macOS,
 Windows, a sandbox), or on any error, nothing is dropped and the merge goes on: it can cost memory,
@@ -38,8 +41,19 @@ def _libc_function(name: str, argtypes: list, restype: Any) -> Callable[..., Any
 
 
 _MALLOC_TRIM = _libc_function("malloc_trim", [ctypes.c_size_t], ctypes.c_int)
+_MALLOPT = _libc_function("mallopt", [ctypes.c_int, ctypes.c_int], ctypes.c_int)
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+LARGE_BUFFER = 1 << 20
 _MADVISE = _libc_function("madvise", [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int)
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def map_large_buffers() -> None:
+    """From now on, every buffer of ``LARGE_BUFFER`` bytes or more in this process is its own memory
+    mapping, handed back to the system when freed (glibc's ``mallopt(M_MMAP_THRESHOLD)``; it also
+    stops glibc from raising the threshold). Costs page faults on each such allocation."""
+    if _MALLOPT is not None:
+        _MALLOPT(_M_MMAP_THRESHOLD, LARGE_BUFFER)
 
 
 def release_free_heap() -> None:

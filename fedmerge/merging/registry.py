@@ -436,8 +436,9 @@ def _streamed_matrix(entry: MergeMethod, key: str, shape: tuple[int, int], task_
                      p: Sequence[float] | None, options: dict[str, Any], target: torch.device | None,
                      chunk_bytes: int) -> Iterator[tuple[int, Tensor]]:
     """One 2-D tensor merged by ``entry.streamed`` from pieces of every client's rows (a wide
-    tensor's columns, seen as the rows of its transpose), as (first row, merged rows) in the
-    clients' dtype; a wide tensor's merged columns are gathered and given whole."""
+    tensor's columns, seen as the rows of its transpose), ``chunk_bytes`` / 4 of float32 per client
+    at a time, as (first row, merged rows) in the clients' dtype; a wide tensor's merged columns are
+    gathered and given whole."""
     m, n = shape
     wide = m < n
     origin: dict[str, Any] = {}  # the clients' device and dtype, which the result is given in
@@ -449,13 +450,15 @@ def _streamed_matrix(entry: MergeMethod, key: str, shape: tuple[int, int], task_
         return pieces if target is None else [t.to(target) for t in pieces]
 
     tall = (n, m) if wide else (m, n)
-    matrices = TaskMatrices(tall, len(task_vectors), read, rows_per_piece=max(1, chunk_bytes // (4 * tall[1])),
-                            transposed=wide)
+    # A quarter of an elementwise rule's piece: the spectral rules hold several float64 copies of one
+    per_piece = max(1, chunk_bytes // (4 * 4 * tall[1]))
+    matrices = TaskMatrices(tall, len(task_vectors), read, rows_per_piece=per_piece, transposed=wide)
     assert entry.streamed is not None
     whole: Tensor | None = None
     for start, rows in entry.streamed(matrices, p, **options):
         rows = rows.to(**origin)
-        require_finite(rows, f"{entry.name}: merged tensor {key!r}", "the task vectors' values are too large for this rule")
+        require_finite(rows, f"{entry.name}: merged tensor {key!r}",
+                       "the task vectors' values are too large for this rule")
         if not wide:
             yield start, rows
             continue

@@ -15,7 +15,7 @@ from fedmerge.merging.spectral.tsv import tsv_compress_matrix, tsv_merge_matrix_
 
 REFERENCES = {"tsv": lambda mats, p: tsv_merge_matrix_reference(mats), "tsv_compress": tsv_compress_matrix,
               "iso_c": iso_c_matrix, "iso_cts": iso_cts_matrix}
-PIECE_BYTES = 4 * 40 * 32  # 32 rows of a 40-column matrix per client
+PIECE_BYTES = 4 * 4 * 40 * 32  # spectral rules read a quarter: 32 rows of a 40-column matrix per client
 
 
 class Rows(dict):
@@ -68,7 +68,7 @@ def test_the_pieces_change_the_result_by_rounding_only(method):
     """Gram matrices summed over other pieces add in another order (float64)."""
     mats = low_rank_tasks((300, 40))
     one_piece = merged(method, mats, chunk_bytes=10**9)
-    assert relative_error(merged(method, mats, chunk_bytes=4 * 40 * 7), one_piece) < 1e-9
+    assert relative_error(merged(method, mats, chunk_bytes=4 * 4 * 40 * 7), one_piece) < 1e-9
 
 
 @pytest.mark.parametrize("shape", [(300, 40), (24, 130)], ids=["tall", "wide"])
@@ -80,7 +80,7 @@ def test_no_read_is_more_than_a_piece_and_each_sweep_reads_every_client_once(sha
     list(merge_rows("tsv", [Rows({"w": m}, log) for m in mats], chunk_bytes=PIECE_BYTES))
     m, n = shape
     tall_width = min(m, n)
-    per_piece = PIECE_BYTES // (4 * tall_width)
+    per_piece = PIECE_BYTES // (16 * tall_width)  # a quarter of an elementwise rule's piece
     for _, start, stop, columns in log:
         if m >= n:
             assert columns is None and stop - start <= per_piece

@@ -31,7 +31,8 @@ from fedmerge.merging.streaming import RowPieces, TaskMatrices
 WHITENING_CUTOFF = 1e-12  # Gram eigenvalues at or below this · λ_max count as zero (σ below 1e-6 · σ_max)
 
 
-def gram_matrices(matrices: TaskMatrices, combine: Callable[[list[Tensor]], Iterable[Tensor]] | None = None) -> list[Tensor]:
+def gram_matrices(matrices: TaskMatrices,
+                  combine: Callable[[list[Tensor]], Iterable[Tensor]] | None = None) -> list[Tensor]:
     """Σ over pieces of XᵀX in float64 for each matrix X of ``combine(pieces)`` (default: the tasks'),
     which may give its matrices one at a time (a generator): one float64 piece is held at a time."""
     grams: list[Tensor] = []
@@ -92,7 +93,8 @@ def tsv_streamed(matrices: TaskMatrices, p: Sequence[float] | None = None) -> Ro
     def left(pieces: list[Tensor]) -> list[Tensor]:
         return [torch.cat([x.double() @ to_u[i] for i, x in enumerate(pieces)], dim=1)]
 
-    right = (whitening(gram_matrices(matrices, left)[0]) * s.reshape(1, t * k)) @ polar_factor(_stacked(v * keep.unsqueeze(-2))).mT
+    v_polar = polar_factor(_stacked(v * keep.unsqueeze(-2)))
+    right = (whitening(gram_matrices(matrices, left)[0]) * s.reshape(1, t * k)) @ v_polar.mT
     for start, pieces in matrices.sweep():
         yield start, left(pieces)[0] @ right
 
