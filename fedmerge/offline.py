@@ -18,6 +18,7 @@ bases merge their image encoders (:func:`merge_pretrained`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -34,7 +35,7 @@ from fedmerge.io.atomic import check_output, staged_directory, writing
 from fedmerge.io.checkpoint import Checkpoint, LazyTaskVector, check_compatible
 from fedmerge.io.hub import is_pretrained_source, resolve
 from fedmerge.io.sharded import BIN_INDEX, SAFETENSORS_INDEX, ModelWeights, ShardedWriter, parse_size
-from fedmerge.io.pages import map_large_buffers, release_free_heap
+from fedmerge.io.pages import large_buffers_mapped, release_free_heap
 from fedmerge.io.state import all_finite, save_state
 from fedmerge.merging import METHODS, merge, merge_device
 from fedmerge.merging.registry import merge_rows
@@ -220,8 +221,9 @@ def merge_models(
         unknown = next(k for k, (_, d) in theta0.meta.items() if d is None)
         raise CheckpointError(f"{base_dir}: tensor {unknown!r} has a dtype fedmerge cannot write")
     task_vectors = [_Float32TaskVector(theta0, m, float_keys) for m in tuned]
-    map_large_buffers()  # piece-sized temporaries of many sizes would otherwise stay in the heap
-    with staged_directory(out, replace=overwrite) as staging, torch.no_grad():
+    # the spectral rules' float64 temporaries of several sizes would otherwise stay in the heap
+    mapped = large_buffers_mapped() if METHODS[method].streamed is not None else contextlib.nullcontext()
+    with staged_directory(out, replace=overwrite) as staging, torch.no_grad(), mapped:
         _copy_model_files(base_dir, staging, dtype)
         merged = merge_rows(method, task_vectors, weights, chunk_bytes=MERGE_PIECE_BYTES, device=device,
                             **dict(options or {}))

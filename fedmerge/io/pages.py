@@ -7,7 +7,7 @@ Two needs (measurements in ``docs/performance.md``, "Offline merge memory"):
   only from a private file mapping none of whose pages was ever written (torch byte-swaps big-endian
   files in place; such a page is the only copy of its data), found by address in ``/proc/self/smaps``.
 * glibc keeps the pages of freed same-sized tensors: :func:`release_free_heap` trims the heap, and
-  :func:`map_large_buffers` keeps buffers of a megabyte or more out of it (glibc otherwise raises
+  :func:`large_buffers_mapped` keeps buffers of a megabyte or more out of it (glibc otherwise raises
   that threshold to 32 MB as buffers are freed, and a merge's piece-sized temporaries of several
   sizes then stay in the heap, fragmented, while a tensor is merged).
 
@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import ctypes
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -44,16 +45,25 @@ _MALLOC_TRIM = _libc_function("malloc_trim", [ctypes.c_size_t], ctypes.c_int)
 _MALLOPT = _libc_function("mallopt", [ctypes.c_int, ctypes.c_int], ctypes.c_int)
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 LARGE_BUFFER = 1 << 20
+DYNAMIC_THRESHOLD_MAX = 32 << 20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit systems
 _MADVISE = _libc_function("madvise", [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int)
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
-def map_large_buffers() -> None:
-    """From now on, every buffer of ``LARGE_BUFFER`` bytes or more in this process is its own memory
-    mapping, handed back to the system when freed (glibc's ``mallopt(M_MMAP_THRESHOLD)``; it also
-    stops glibc from raising the threshold). Costs page faults on each such allocation."""
+@contextmanager
+def large_buffers_mapped() -> Iterator[None]:
+    """Within, every buffer of ``LARGE_BUFFER`` bytes or more is its own memory mapping, handed back
+    to the system when freed (glibc's ``mallopt(M_MMAP_THRESHOLD)``); after, the threshold is glibc's
+    largest dynamic one (``DYNAMIC_THRESHOLD_MAX``), where a process that frees large buffers
+    soon has it anyway. Costs a page fault per page of each such allocation: worth it for the
+    spectral rules' float64 temporaries of several sizes, not for the elementwise rules' pieces."""
     if _MALLOPT is not None:
         _MALLOPT(_M_MMAP_THRESHOLD, LARGE_BUFFER)
+    try:
+        yield
+    finally:
+        if _MALLOPT is not None:
+            _MALLOPT(_M_MMAP_THRESHOLD, DYNAMIC_THRESHOLD_MAX)
 
 
 def release_free_heap() -> None:

@@ -13,6 +13,11 @@ from fedmerge.io import load_state, pages
 from fedmerge.offline import merge_checkpoints
 
 
+def rss() -> int:
+    """This process's resident set, in bytes."""
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def _resident_bytes_of(path) -> int:
     """Rss of this process's mappings of ``path`` (/proc/self/smaps), in bytes."""
     total, inside = 0, False
@@ -99,3 +104,22 @@ def test_page_dropping_can_never_fail_a_merge(tmp_path, monkeypatch, platform):
     for key, value in expected.items():
         np.testing.assert_allclose(merged[key].double().numpy(), value, atol=1e-6)
     assert pages.clean_file_mapping([torch.ones(4)], inode=1) is None
+
+
+@pytest.mark.skipif(pages._MALLOPT is None, reason="glibc's mallopt only")
+def test_within_large_buffers_mapped_a_freed_buffer_leaves_the_resident_set_at_once():
+    """Freed buffers in the middle of glibc's heap stay resident until a trim; within
+    ``large_buffers_mapped`` a buffer of a megabyte or more is its own mapping and goes when freed."""
+    def resident_after_freeing_every_other_buffer() -> int:
+        buffers = [torch.ones(2**19) for _ in range(32)]  # 32 buffers of 2 MB, touched
+        before = rss()
+        del buffers[::2]  # holes, not the top of the heap
+        return before - rss()
+
+    pages.release_free_heap()
+    with pages.large_buffers_mapped():
+        freed_mapped = resident_after_freeing_every_other_buffer()
+    assert freed_mapped >= 24 * 2**20  # 16 buffers of 2 MB went back
+    # after it, glibc's largest dynamic threshold: the same buffers come from the heap and stay
+    assert resident_after_freeing_every_other_buffer() <= 8 * 2**20
+    pages.release_free_heap()
