@@ -1,21 +1,22 @@
 """The spectral rules over matrices read in pieces of rows: memory bounded by pieces, not by matrices.
 
-A model directory's matrices can be far larger than a rule's whole-matrix working set allows
-(TSV-M holds about 35 copies of a layer; an LLM's embeddings are 32000 × 4096). Every spectral rule
-here needs, besides pieces of rows, only matrices of the smaller side's size r: each task's top
-singular triplets come from the float64 eigendecomposition of its r × r Gram matrix AᵀA, summed over
-pieces of rows; the left factors U = A V diag(σ)⁻¹ are never stored but recomputed from the pieces
-when they are needed; and the polar factor of the stacked left bases is U (UᵀU)^(-1/2), whose Gram
-matrix is again a sum over pieces (Prop. 4.1 of the TSV paper). A rule reads its inputs in a few
-sweeps (TSV-M three, Iso-CTS five) and gives the merged matrix as pieces of rows.
+A model directory's matrices can be larger than a whole-matrix rule's working set (several float32
+and float64 copies of a layer) allows. Every spectral rule here needs, besides pieces of rows, only
+matrices of the smaller side's size r: each task's top singular triplets come from the float64
+eigendecomposition of its r × r Gram matrix AᵀA, summed over pieces of rows; the left factors
+U = A V diag(σ)⁻¹ are never stored but recomputed from the pieces when they are needed; and the polar
+factor of the stacked left bases is U (UᵀU)^(-1/2), whose Gram matrix is again a sum over pieces
+(Prop. 4.1 of the TSV paper). A rule reads its inputs in a few sweeps (TSV-M three, Iso-CTS up to
+five) and gives the merged matrix as pieces of rows.
 
 The matrices are seen tall (m ≥ n): a wide tensor is handed in transposed, its columns read as
-rows. Every rule is homogeneous and computes in float64 from float32 pieces, so no rescaling is
-needed. How these results differ from the whole-matrix paths: directions of a Gram matrix with
-eigenvalue below ``WHITENING_CUTOFF`` · λ_max (σ below 1e-6 · σ_max) count as zero, where the
-whole-matrix paths resolve them by an SVD; at the sizes this path is for, the rank cut-off of
-:func:`~fedmerge.merging.spectral.linalg.rank_tolerance` lies far above that.
-"""
+rows. Every rule is homogeneous and computes in float64 from the pieces, so no rescaling is
+needed. Where the results differ from the whole-matrix paths beyond rounding: directions of a Gram
+matrix with eigenvalue at or below ``WHITENING_CUTOFF`` · λ_max (σ below 1e-6 · σ_max) count as
+zero, and a zero singular value's vectors are left out, where the whole-matrix paths keep the SVD's
+arbitrary completion (Iso-C and Iso-CTS of rank-deficient sums); TSV-M's rank cut-off
+(:func:`~fedmerge.merging.spectral.linalg.rank_tolerance`) lies above 1e-6 once a side has 9 entries, so it
+agrees with the published algorithm."""
 
 from __future__ import annotations
 
