@@ -34,6 +34,25 @@ def unit_exponent(values: Iterable[float | Tensor]) -> int:
     return math.frexp(largest_magnitude(values))[1]
 
 
+_UNSCALED_WITHIN = 32  # layers whose largest |entry| lies in [2^-32, 2^32] are merged as they are
+
+
+def balancing_exponent(tensors: Iterable[float | Tensor]) -> int:
+    """The e by which a layer, whose tasks' tensors (or their largest magnitudes) are ``tensors``,
+    is scaled, as 2^-e, before a rule that is homogeneous (merge(c·Δ) = c·merge(Δ)) merges it, and
+    its result scaled back by 2^e.
+
+    0 within [2^-32, 2^32], where singular values, their squares and Gram matrices stay well inside
+    float32's range, so ordinary task vectors are merged exactly as they are; elsewhere the power of
+    two that brings the largest entry to [0.5, 1). Powers of two scale without rounding, so a result
+    is non-finite only where the merged values themselves leave the dtype's range.
+    """
+    largest = largest_magnitude(tensors)
+    if largest == 0 or 2.0**-_UNSCALED_WITHIN <= largest <= 2.0**_UNSCALED_WITHIN:
+        return 0
+    return unit_exponent([largest])
+
+
 def scaled_to_unit(values: Sequence[float]) -> list[float]:
     """``values`` · 2^-e with e = :func:`unit_exponent` of them: exact, and the largest magnitude in
     [0.5, 1), so that sums and ratios neither overflow nor underflow."""

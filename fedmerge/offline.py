@@ -70,7 +70,8 @@ def merge_checkpoints(
     A ``base`` that is a Hugging Face Hub id or model directory merges whole models into a new
     directory ``out`` (:func:`merge_models`, which takes ``model_options``: ``dtype``,
     ``max_shard_size``, ``embeddings``), or CLIP image encoders for a CLIP base (:func:`merge_pretrained`).
-    ``on_read`` is called once per tensor read from disk (a progress hook). ``device``: where the
+    ``on_read`` is called once per tensor read from disk (a progress hook; a rule that reads a tensor
+    in several sweeps, as the spectral rules over model directories do, counts each). ``device``: where the
     rule computes (``"auto"``: the GPU when there is one), tensor by tensor as they are read; the
     result is written from the CPU. Returns a summary:
     method, scale, number of models, merged and copied tensor names.

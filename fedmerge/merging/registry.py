@@ -29,6 +29,7 @@ from torch import Tensor
 from fedmerge.errors import MergeError, PluginError
 from fedmerge.merging.streaming import StreamedRule, TaskMatrices
 from fedmerge.merging.validation import TaskVectors, normalised_weights, per_client_values, validate_task_vectors
+from fedmerge.numerics import balancing_exponent, largest_magnitude, times_power_of_two
 from fedmerge.registry import Registry
 from fedmerge.spec import Str
 from fedmerge.task_vector import NORM_CHUNK, TaskVector, require_finite
@@ -442,11 +443,13 @@ def _streamed_matrix(entry: MergeMethod, key: str, shape: tuple[int, int], task_
     m, n = shape
     wide = m < n
     origin: dict[str, Any] = {}  # the clients' device and dtype, which the result is given in
+    exponent = 0  # float64 pieces of extreme magnitude are merged at unit scale, 2^-exponent
 
     def read(start: int, stop: int) -> list[Tensor]:
         pieces = [tv.rows(key, 0, m, (start, stop)).mT if wide else tv.rows(key, start, stop) for tv in task_vectors]
         origin.setdefault("device", pieces[0].device)
         origin.setdefault("dtype", pieces[0].dtype)
+        pieces = [times_power_of_two(t, -exponent) for t in pieces] if exponent else pieces
         return pieces if target is None else [t.to(target) for t in pieces]
 
     tall = (n, m) if wide else (m, n)
@@ -454,9 +457,11 @@ def _streamed_matrix(entry: MergeMethod, key: str, shape: tuple[int, int], task_
     per_piece = max(1, chunk_bytes // (4 * 4 * tall[1]))
     matrices = TaskMatrices(tall, len(task_vectors), read, rows_per_piece=per_piece, transposed=wide)
     assert entry.streamed is not None
+    if read(0, 1)[0].dtype == torch.float64:  # squares of float32 values never leave float64's range
+        exponent = balancing_exponent([largest_magnitude(pieces) for _, pieces in matrices.sweep()])
     whole: Tensor | None = None
-    for start, rows in entry.streamed(matrices, p, **options):
-        rows = rows.to(**origin)
+    for start, rows in entry.streamed(matrices, p, **options):  # every spectral rule is homogeneous
+        rows = times_power_of_two(rows, exponent).to(**origin)
         require_finite(rows, f"{entry.name}: merged tensor {key!r}",
                        "the task vectors' values are too large for this rule")
         if not wide:

@@ -40,4 +40,5 @@ class TaskMatrices:
 
 StreamedRule = Callable[..., RowPieces]
 """A rule's form over one 2-D tensor's :class:`TaskMatrices`: ``(matrices, p, **options)`` → the
-merged matrix (tall view) as pieces of rows."""
+merged matrix (tall view) as pieces of rows. It must be homogeneous of degree 1 (merging c·A gives
+c times the result): float64 pieces of extreme magnitude are handed in scaled by a power of two."""

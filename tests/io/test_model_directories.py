@@ -376,7 +376,7 @@ def count_written_pieces(monkeypatch) -> list[int]:
 def test_spectral_rules_merge_directories_from_pieces_of_rows_and_columns(models, tmp_path, monkeypatch,
                                                                          method, layout):
     """Spectral rules read a model directory's matrices in pieces too (a tall one's rows, a wide one's
-    columns) and never hold one whole: here 512-byte pieces. Every 2-D tensor equals the published,
+    columns; a wide result is gathered whole): here 512-byte pieces. Every 2-D tensor equals the published,
     whole-matrix algorithm (full SVDs in float64) on the float64 task matrices; other tensors get
     the mean."""
     import fedmerge.offline as offline

@@ -74,13 +74,16 @@ def test_the_pieces_change_the_result_by_rounding_only(method):
 @pytest.mark.parametrize("shape", [(300, 40), (24, 130)], ids=["tall", "wide"])
 def test_no_read_is_more_than_a_piece_and_each_sweep_reads_every_client_once(shape):
     """A tall matrix is read as pieces of rows, a wide one as pieces of its columns (the rows of its
-    transpose); TSV-M goes through the inputs three times."""
+    transpose); TSV-M goes through the inputs three times, after one row read for the dtype (float64
+    pieces would take one more sweep, for their magnitude)."""
     log: list = []
-    mats = low_rank_tasks(shape, t=3)
+    mats = [m.float() for m in low_rank_tasks(shape, t=3)]
     list(merge_rows("tsv", [Rows({"w": m}, log) for m in mats], chunk_bytes=PIECE_BYTES))
     m, n = shape
     tall_width = min(m, n)
     per_piece = PIECE_BYTES // (16 * tall_width)  # a quarter of an elementwise rule's piece
+    probe, log = log[:len(mats)], log[len(mats):]
+    assert probe == [("w", 0, m, (0, 1)) if m < n else ("w", 0, 1, None)] * len(mats)
     for _, start, stop, columns in log:
         if m >= n:
             assert columns is None and stop - start <= per_piece
@@ -138,3 +141,37 @@ def test_streamed_rules_create_their_tensors_on_their_inputs_device(method):
     for g, e in zip(got, expected):
         assert g.device.type == "cpu"
         torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(300, 40), (24, 130), (1, 50), (50, 1)], ids=["tall", "wide", "row", "column"])
+def test_iso_cts_with_an_empty_common_space_or_one_task_is_the_published_one(shape):
+    """A small common-space fraction leaves no common directions (c = r − sT = 0), as does one task
+    of a matrix with one row or column."""
+    mats = low_rank_tasks(shape)
+    for tasks, fraction in ((mats, 0.0), (mats[:1], 0.8)):
+        expected = iso_cts_matrix(tasks, [1 / len(tasks)] * len(tasks), fraction)
+        got = merged("iso_cts", tasks, common_space_fraction=fraction)
+        assert relative_error(got, expected) < 1e-8, (len(tasks), fraction)
+
+
+@pytest.mark.parametrize("method", ["tsv", "iso_cts"])
+def test_clients_closer_than_the_cut_off_count_as_duplicates_on_both_sides(method):
+    """The published algorithm jumps between exact duplicates and clients 1e-7 apart (its polar
+    factors keep every direction above rounding); pieces of rows resolve no better than σ ≈ 1e-6 ·
+    σ_max, and drop the same directions from the left and the right bases: the duplicates' result."""
+    gen = torch.Generator().manual_seed(2)
+    a, b, noise = (torch.randn(300, 40, generator=gen, dtype=torch.float64) for _ in range(3))
+    close = [a, a + 1e-7 * noise, b, b + 1e-7 * noise]
+    duplicates = REFERENCES[method]([a, a, b, b], [0.25] * 4)
+    assert relative_error(REFERENCES[method](close, [0.25] * 4), duplicates) > 0.1  # the jump
+    assert relative_error(merged(method, close), duplicates) < 1e-5
+
+
+@pytest.mark.parametrize("scale", [1e200, 1e-170])
+@pytest.mark.parametrize("method", sorted(REFERENCES))
+def test_float64_values_of_extreme_magnitude_are_merged_at_unit_scale(method, scale):
+    """Their squares would leave float64's range (Gram matrices overflow, or underflow to zero)."""
+    mats = low_rank_tasks((300, 40))
+    expected = REFERENCES[method](mats, [0.25] * 4)
+    got = merged(method, [m * scale for m in mats])
+    assert torch.isfinite(got).all() and relative_error(got / scale, expected) < 1e-8

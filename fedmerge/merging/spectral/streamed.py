@@ -11,12 +11,16 @@ five) and gives the merged matrix as pieces of rows.
 
 The matrices are seen tall (m ≥ n): a wide tensor is handed in transposed, its columns read as
 rows. Every rule is homogeneous and computes in float64 from the pieces, so no rescaling is
-needed. Where the results differ from the whole-matrix paths beyond rounding: directions of a Gram
-matrix with eigenvalue at or below ``WHITENING_CUTOFF`` · λ_max (σ below 1e-6 · σ_max) count as
-zero, and a zero singular value's vectors are left out, where the whole-matrix paths keep the SVD's
-arbitrary completion (Iso-C and Iso-CTS of rank-deficient sums); TSV-M's rank cut-off
-(:func:`~fedmerge.merging.spectral.linalg.rank_tolerance`) lies above 1e-6 once a side has 9 entries, so it
-agrees with the published algorithm."""
+needed (for float64 pieces, ``merge_rows`` scales extreme values first). Where the results differ
+from the whole-matrix paths beyond rounding: directions of a Gram matrix with eigenvalue at or below
+``WHITENING_CUTOFF`` · λ_max (σ below 1e-6 · σ_max) count as zero, on both sides of a merge, so
+clients closer than about 1e-6 (relative) count as duplicates, where the whole-matrix paths resolve
+them by an SVD (the published algorithm is discontinuous there: exact duplicates and clients 1e-7
+apart give results 0.3-0.7 apart); and a zero singular value's vectors are left out, where the
+whole-matrix paths keep the SVD's arbitrary completion (Iso-C of a rank-deficient sum, Iso-CTS with
+a task whose residual is rank-deficient, as a client that sent back the base's weights). TSV-M's
+own rank cut-off (:func:`~fedmerge.merging.spectral.linalg.rank_tolerance`) lies above 1e-6 once a
+side has 9 entries."""
 
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from fedmerge.merging.spectral.linalg import polar_factor, rank_tolerance
+from fedmerge.merging.spectral.linalg import rank_tolerance
 from fedmerge.merging.streaming import RowPieces, TaskMatrices
 
 WHITENING_CUTOFF = 1e-12  # Gram eigenvalues at or below this · λ_max count as zero (σ below 1e-6 · σ_max)
@@ -53,8 +57,9 @@ def top_from_gram(grams: list[Tensor], k: int) -> tuple[Tensor, Tensor]:
     sigmas, vectors = [], []
     while grams:
         lam, q = torch.linalg.eigh(grams.pop(0))
-        sigmas.append(lam[-k:].flip(-1).clamp_min(0).sqrt())
-        vectors.append(q[:, -k:].flip(-1))
+        first = len(lam) - k  # the top k: none when k = 0 (an empty common space)
+        sigmas.append(lam[first:].flip(-1).clamp_min(0).sqrt())
+        vectors.append(q[:, first:].flip(-1))
         del lam, q
     return torch.stack(sigmas), torch.stack(vectors)
 
@@ -70,6 +75,13 @@ def whitening(gram: Tensor) -> Tensor:
     lam, q = torch.linalg.eigh(gram)
     live = lam > WHITENING_CUTOFF * lam[-1:].clamp_min(torch.finfo(lam.dtype).tiny)
     return (q * torch.where(live, lam.clamp_min(torch.finfo(lam.dtype).tiny).rsqrt(), 0.0)) @ q.mT
+
+
+def small_polar_factor(x: Tensor) -> Tensor:
+    """The polar factor x (xᵀx)^(-1/2) of a matrix held whole (the stacked right bases, n × T·k), with
+    the cut-off :func:`whitening` gives the left ones: both sides of a merge drop the same nearly
+    dependent directions (clients closer than about 1e-6 count as duplicates on both)."""
+    return x @ whitening(x.mT @ x)
 
 
 def _stacked(v: Tensor) -> Tensor:
@@ -94,7 +106,7 @@ def tsv_streamed(matrices: TaskMatrices, p: Sequence[float] | None = None) -> Ro
     def left(pieces: list[Tensor]) -> list[Tensor]:
         return [torch.cat([x.double() @ to_u[i] for i, x in enumerate(pieces)], dim=1)]
 
-    v_polar = polar_factor(_stacked(v * keep.unsqueeze(-2)))
+    v_polar = small_polar_factor(_stacked(v * keep.unsqueeze(-2)))
     right = (whitening(gram_matrices(matrices, left)[0]) * s.reshape(1, t * k)) @ v_polar.mT
     for start, pieces in matrices.sweep():
         yield start, left(pieces)[0] @ right
@@ -180,6 +192,6 @@ def iso_cts_streamed(matrices: TaskMatrices, p: Sequence[float] | None = None, *
         return [torch.cat([u_common] + [r @ to for r, to in zip(residuals(pieces, u_common), to_tasks)], dim=1)]
 
     mean_sigma = torch.cat(sigmas).mean()
-    right = mean_sigma * whitening(gram_matrices(matrices, left)[0]) @ polar_factor(torch.cat(vs, dim=1)).mT
+    right = mean_sigma * whitening(gram_matrices(matrices, left)[0]) @ small_polar_factor(torch.cat(vs, dim=1)).mT
     for start, pieces in matrices.sweep():
         yield start, left(pieces)[0] @ right

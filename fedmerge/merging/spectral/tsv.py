@@ -31,26 +31,10 @@ from fedmerge.merging.spectral.linalg import (
 )
 from fedmerge.merging.spectral.streamed import tsv_compress_streamed, tsv_streamed
 from fedmerge.merging.validation import TaskVectors, validate_task_vectors
-from fedmerge.numerics import largest_magnitude, times_power_of_two, unit_exponent
+from fedmerge.numerics import balancing_exponent, times_power_of_two
 
-_UNSCALED_WITHIN = 32  # layers whose largest |entry| lies in [2^-32, 2^32] are merged as they are
 _REFINE_BELOW = 1e-4  # stacked bases with σ_min below this get float64 triplets (see _tsv_merge_batch)
 _ALIKE_TASKS = 0.3  # layers whose tasks' mean pairwise cosine exceeds this get float64 triplets at once
-
-
-def balancing_exponent(tensors: Sequence[Tensor]) -> int:
-    """The e by which a layer, whose tasks' tensors are ``tensors``, is scaled, as 2^-e, before a rule
-    that is homogeneous (merge(c·Δ) = c·merge(Δ)) merges it, and its result scaled back by 2^e.
-
-    0 within [2^-32, 2^32], where singular values, their squares and Gram matrices stay well inside
-    float32's range, so ordinary task vectors are merged exactly as they are; elsewhere the power of
-    two that brings the largest entry to [0.5, 1). Powers of two scale without rounding, so a result
-    is non-finite only where the merged values themselves leave the dtype's range.
-    """
-    largest = largest_magnitude(tensors)
-    if largest == 0 or 2.0**-_UNSCALED_WITHIN <= largest <= 2.0**_UNSCALED_WITHIN:
-        return 0
-    return unit_exponent([largest])
 
 
 def to_unit_scale(tensor: Tensor, e: int) -> Tensor:
