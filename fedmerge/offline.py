@@ -100,13 +100,7 @@ def merge_checkpoints(
     if any(out.resolve() == p.resolve() for p in inputs):
         raise CheckpointError(f"{out}: the output would overwrite one of the input checkpoints")
     check_output(out, directory=False, overwrite=overwrite)
-    # The base is read once per tensor name and pass: the moment to hand freed memory back.
-    def on_base_read() -> None:  # the base is read once per tensor name and pass: trim the heap there
-        release_free_heap()
-        if on_read is not None:
-            on_read()
-
-    theta0 = Checkpoint(base, on_base_read)
+    theta0 = Checkpoint(base, _trimming_heap(on_read))
     tuned = [Checkpoint(p, on_read) for p in models]
     for model in tuned:
         check_compatible(theta0, model)
@@ -202,13 +196,7 @@ def merge_models(
     base_config = _model_config(base_dir)
     for d in model_dirs:
         _check_architecture(base_dir, base_config, d, _model_config(d))
-
-    def on_base_read() -> None:
-        release_free_heap()
-        if on_read is not None:
-            on_read()
-
-    theta0 = ModelWeights(base_dir, on_base_read)
+    theta0 = ModelWeights(base_dir, _trimming_heap(on_read))
     tuned = [ModelWeights(d, on_read, keep_last=False) for d in model_dirs]
     for model in tuned:
         _check_tensors(theta0, model, embeddings)
@@ -253,6 +241,17 @@ def merge_models(
                         break
     return {"method": method, "scale": scale, "models": len(tuned), "merged": float_keys,
             "copied": [k for k in theta0.meta if k not in float_keys], "out": str(out)}
+
+
+def _trimming_heap(on_read: Callable[[], None] | None) -> Callable[[], None]:
+    """The hook a base's reads call: the base is read once per tensor name and pass, the moment to
+    hand the heap's freed pages back; then the caller's ``on_read``, if any."""
+    def on_base_read() -> None:
+        release_free_heap()
+        if on_read is not None:
+            on_read()
+
+    return on_base_read
 
 
 def _pieces_of_rows(tensor: Tensor, start: int, nbytes: int) -> Iterator[tuple[int, Tensor]]:

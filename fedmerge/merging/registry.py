@@ -415,13 +415,13 @@ def _merged_pieces(method: str, task_vectors: Sequence[Any], weights: Sequence[f
         statistics = entry.statistics.compute([v if target is None else _OnDevice(v, target) for v in views],
                                               p, **checked)
     for key in list(task_vectors[0]):
-        if chunk_bytes is not None and entry.streamed is not None:
-            shape = task_vectors[0].shape(key)
-            if len(shape) == 2 and math.prod(shape):
-                for start, rows in _streamed_matrix(entry, key, shape, task_vectors, p, checked, target, chunk_bytes):
-                    yield key, start, rows
-                continue
-        shape = task_vectors[0].shape(key) if in_rows else ()
+        shape = task_vectors[0].shape(key) if chunk_bytes is not None else ()
+        if entry.streamed is not None and len(shape) == 2 and math.prod(shape):
+            assert chunk_bytes is not None
+            for start, rows in _streamed_matrix(entry, key, tuple(shape), task_vectors, p, checked, target, chunk_bytes):
+                yield key, start, rows
+            continue
+        shape = shape if in_rows else ()
         step = max(1, chunk_bytes // (4 * max(1, math.prod(shape[1:])))) if shape else 1  # type: ignore[operator]
         for start in range(0, max(1, shape[0]), step) if shape else (0,):
             # each client's tensor, or piece, read once, where it is

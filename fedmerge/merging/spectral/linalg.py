@@ -111,6 +111,19 @@ def _exact_top_k(a: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     return u.reshape(*batch, m, k), s.reshape(*batch, k), vh.reshape(*batch, k, n)
 
 
+def top_from_gram(grams: list[Tensor], k: int) -> tuple[Tensor, Tensor]:
+    """Top-k σ (T, k), descending, and right singular vectors V (T, n, k) from Gram matrices AᵀA,
+    one eigendecomposition at a time, each Gram matrix let go once decomposed (the list is emptied)."""
+    sigmas, vectors = [], []
+    while grams:
+        lam, q = torch.linalg.eigh(grams.pop(0))
+        first = len(lam) - k  # the top k: none when k = 0 (an empty common space)
+        sigmas.append(lam[first:].flip(-1).clamp_min(0).sqrt())
+        vectors.append(q[:, first:].flip(-1))
+        del lam, q
+    return torch.stack(sigmas), torch.stack(vectors)
+
+
 def _gram_top_k(a: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     """Top-k triplets of a batch (B, m, n), m ≥ n, from the float64 eigendecomposition of AᵀA.
 
@@ -124,8 +137,7 @@ def _gram_top_k(a: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     v = a.new_empty(batch, n, k, dtype=torch.float64)
     for i, ai in enumerate(a):  # one float64 copy of a matrix at a time, not of the batch
         ai = ai.double()
-        lam, q = torch.linalg.eigh(ai.mT @ ai)
-        s[i], v[i] = lam.flip(-1)[:k].clamp_min(0).sqrt(), q.flip(-1)[:, :k]
+        s[i:i + 1], v[i:i + 1] = top_from_gram([ai.mT @ ai], k)
         u[i] = (ai @ v[i]) / s[i].clamp_min(torch.finfo(torch.float64).tiny)
     relative = s / s[..., :1].clamp_min(torch.finfo(torch.float64).tiny)
     unresolved = ((relative < _GRAM_MIN_RATIO) & (relative > rank_tolerance((m, n)))).any(dim=-1)

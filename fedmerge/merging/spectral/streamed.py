@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from fedmerge.merging.spectral.linalg import rank_tolerance
+from fedmerge.merging.spectral.linalg import rank_tolerance, top_from_gram
 from fedmerge.merging.streaming import RowPieces, TaskMatrices
 
 WHITENING_CUTOFF = 1e-12  # Gram eigenvalues at or below this · λ_max count as zero (σ below 1e-6 · σ_max)
@@ -51,17 +51,9 @@ def gram_matrices(matrices: TaskMatrices,
     return grams
 
 
-def top_from_gram(grams: list[Tensor], k: int) -> tuple[Tensor, Tensor]:
-    """Top-k σ (T, k), descending, and right singular vectors V (T, n, k) from Gram matrices AᵀA,
-    one eigendecomposition at a time, each Gram matrix let go once decomposed (the list is emptied)."""
-    sigmas, vectors = [], []
-    while grams:
-        lam, q = torch.linalg.eigh(grams.pop(0))
-        first = len(lam) - k  # the top k: none when k = 0 (an empty common space)
-        sigmas.append(lam[first:].flip(-1).clamp_min(0).sqrt())
-        vectors.append(q[:, first:].flip(-1))
-        del lam, q
-    return torch.stack(sigmas), torch.stack(vectors)
+def gram_matrix(matrices: TaskMatrices, rows: Callable[[list[Tensor]], Tensor]) -> Tensor:
+    """Σ over pieces of XᵀX in float64 for the one matrix X whose rows ``rows(pieces)`` gives."""
+    return gram_matrices(matrices, lambda pieces: [rows(pieces)])[0]
 
 
 def _inverse(s: Tensor) -> Tensor:
@@ -103,13 +95,13 @@ def tsv_streamed(matrices: TaskMatrices, p: Sequence[float] | None = None) -> Ro
     s = s * keep
     to_u = v * _inverse(s).unsqueeze(-2)  # U_i = A_i V_i diag(σ_i)⁻¹, zero for dropped triplets
 
-    def left(pieces: list[Tensor]) -> list[Tensor]:
-        return [torch.cat([x.double() @ to_u[i] for i, x in enumerate(pieces)], dim=1)]
+    def left(pieces: list[Tensor]) -> Tensor:
+        return torch.cat([x.double() @ to_u[i] for i, x in enumerate(pieces)], dim=1)
 
     v_polar = small_polar_factor(_stacked(v * keep.unsqueeze(-2)))
-    right = (whitening(gram_matrices(matrices, left)[0]) * s.reshape(1, t * k)) @ v_polar.mT
+    right = (whitening(gram_matrix(matrices, left)) * s.reshape(1, t * k)) @ v_polar.mT
     for start, pieces in matrices.sweep():
-        yield start, left(pieces)[0] @ right
+        yield start, left(pieces) @ right
 
 
 def tsv_compress_streamed(matrices: TaskMatrices, p: Sequence[float] | None = None) -> RowPieces:
@@ -138,7 +130,7 @@ def iso_c_streamed(matrices: TaskMatrices, p: Sequence[float] | None = None) -> 
     """Iso-C (see :func:`~fedmerge.merging.spectral.iso.iso_c`) in two sweeps: σ̄ S (SᵀS)^(-1/2) of the
     summed task matrix S, σ̄ the mean of all n of its singular values."""
     summed = _summed(p, matrices.num_tasks)
-    gram = gram_matrices(matrices, lambda pieces: [summed(pieces)])[0]
+    gram = gram_matrix(matrices, summed)
     mean_sigma = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt().mean()
     right = mean_sigma * whitening(gram)
     for start, pieces in matrices.sweep():
@@ -157,8 +149,7 @@ def iso_cts_streamed(matrices: TaskMatrices, p: Sequence[float] | None = None, *
     per_task = min(round((n - math.floor(common_space_fraction * n)) / t), n // t)
     common = n - per_task * t
     summed = _summed(p, t)
-    s_common, v_common = (x[0] for x in top_from_gram(gram_matrices(matrices, lambda pieces: [summed(pieces)]),
-                                                        common))
+    s_common, v_common = (x[0] for x in top_from_gram([gram_matrix(matrices, summed)], common))
     to_common = v_common * _inverse(s_common)
     coefficients: Tensor | None = None  # U_cᵀ A_i, (T, c, n): the common part of a tall tensor's tasks
     if per_task and not matrices.transposed:
@@ -185,13 +176,13 @@ def iso_cts_streamed(matrices: TaskMatrices, p: Sequence[float] | None = None, *
         sigmas += list(s_tasks)
         vs += list(v_tasks * (s_tasks > 0).unsqueeze(-2))
 
-    def left(pieces: list[Tensor]) -> list[Tensor]:
+    def left(pieces: list[Tensor]) -> Tensor:
         u_common = summed(pieces) @ to_common
         if to_tasks is None:
-            return [u_common]
-        return [torch.cat([u_common] + [r @ to for r, to in zip(residuals(pieces, u_common), to_tasks)], dim=1)]
+            return u_common
+        return torch.cat([u_common] + [r @ to for r, to in zip(residuals(pieces, u_common), to_tasks)], dim=1)
 
     mean_sigma = torch.cat(sigmas).mean()
-    right = mean_sigma * whitening(gram_matrices(matrices, left)[0]) @ small_polar_factor(torch.cat(vs, dim=1)).mT
+    right = mean_sigma * whitening(gram_matrix(matrices, left)) @ small_polar_factor(torch.cat(vs, dim=1)).mT
     for start, pieces in matrices.sweep():
-        yield start, left(pieces)[0] @ right
+        yield start, left(pieces) @ right
