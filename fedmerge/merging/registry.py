@@ -418,8 +418,8 @@ def _merged_pieces(method: str, task_vectors: Sequence[Any], weights: Sequence[f
         shape = task_vectors[0].shape(key) if chunk_bytes is not None else ()
         if entry.streamed is not None and len(shape) == 2 and math.prod(shape):
             assert chunk_bytes is not None
-            pieces = _streamed_matrix(entry, key, tuple(shape), task_vectors, p, checked, target, chunk_bytes)
-            for start, rows in pieces:
+            matrix = _streamed_matrix(entry, key, tuple(shape), task_vectors, p, checked, target, chunk_bytes)
+            for start, rows in matrix:
                 yield key, start, rows
             continue
         shape = shape if in_rows else ()
